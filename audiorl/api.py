@@ -1,0 +1,221 @@
+"""What the CLI does, one import away:
+
+    import audiorl
+    cfg = audiorl.load_config("examples/whisper-dpo.yaml", ["train.max_steps=50"])
+    outcome = audiorl.train(cfg)
+    result = audiorl.evaluate(outcome.final_model_dir, "data/test.jsonl")
+    print(result.wer)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from audiorl.audio import AudioLimits
+from audiorl.config import ModelConfig, RunConfig, TextNormalization, load_config
+from audiorl.data.records import Record, Rejected, fingerprint, read_records, validate_records
+from audiorl.errors import ConfigError, DataError
+from audiorl.models.base import ModelAdapter
+from audiorl.models.registry import load_adapter
+from audiorl.progress import console
+from audiorl.tracking import Tracker
+from audiorl.trainer import TrainResult, resolve_device, seed_everything
+
+
+@dataclass
+class TrainOutcome:
+    output_dir: Path
+    final_model_dir: Path
+    result: TrainResult
+    run_id: str | None
+    tracking: str
+    skipped: list[Rejected] = field(default_factory=list)
+    eval_before: dict[str, float] = field(default_factory=dict)
+
+
+def _text_check(adapter: ModelAdapter, max_tokens: int, kind: str):
+    def check(record: Record) -> None:
+        texts = [record.chosen, record.rejected] if kind == "preference" else [record.reference]
+        for text, ids in zip(texts, adapter.target_ids(texts)):
+            if len(ids) > max_tokens:
+                raise DataError(
+                    f"{record.source}: transcript {text[:30]!r}... is {len(ids)} tokens, over the limit of "
+                    f"{max_tokens} (data.max_target_tokens / the model's maximum)"
+                )
+
+    return check
+
+
+def load_records(
+    path: str, adapter: ModelAdapter, limits: AudioLimits, kind: str, *, on_bad: str, max_tokens: int | None, label: str
+) -> tuple[list[Record], list[Rejected]]:
+    records = read_records(path, kind)  # type: ignore[arg-type]
+    limit = min(max_tokens or adapter.max_target_tokens, adapter.max_target_tokens)
+    good, bad = validate_records(
+        records, limits, on_bad=on_bad, text_check=_text_check(adapter, limit, kind), description=f"checking {label}"  # type: ignore[arg-type]
+    )
+    if bad:
+        console.print(f"[yellow]{label}: skipped {len(bad)} of {len(records)} records (data.on_bad_record=skip)[/]")
+    return good, bad
+
+
+def _build_reference(cfg: RunConfig, adapter, dataset, collate, data_fp: str):
+    from audiorl.reference import AdapterDisabledReference, FrozenReference, precompute_reference, reference_cache_key
+
+    if cfg.objective.precompute_reference:
+        return precompute_reference(
+            adapter,
+            dataset,
+            collate,
+            batch_size=cfg.train.per_device_eval_batch_size,
+            cache_dir=Path(cfg.train.output_dir) / "cache",
+            key=reference_cache_key(adapter, data_fp),
+            num_workers=cfg.data.num_workers,
+        )
+    if adapter.uses_lora:
+        return AdapterDisabledReference(adapter)
+    return FrozenReference(adapter)
+
+
+def train(config: RunConfig | str | Path, overrides: list[str] | None = None) -> TrainOutcome:
+    """Train as the config says; returns where the final model and the MLflow run are."""
+    from audiorl.data.collate import PreferenceCollator, RecordDataset, TranscriptCollator
+    from audiorl.evaluation import evaluate as run_eval
+    from audiorl.recipes import PreferenceRecipe, SFTRecipe, disable_dropout
+    from audiorl.trainer import Trainer
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    if cfg.data.train is None:
+        raise ConfigError("data.train: required for training (a JSONL manifest or a saved dataset)")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    adapter = load_adapter(cfg.model, device)
+    limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=cfg.data.max_audio_seconds)
+    preference = cfg.objective.name == "dpo"
+    kind = "preference" if preference else "transcript"
+    records, skipped = load_records(
+        cfg.data.train, adapter, limits, kind, on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens, label="train data"
+    )
+    eval_records: list[Record] = []
+    if cfg.data.eval:
+        eval_records, eval_skipped = load_records(
+            cfg.data.eval, adapter, limits, "transcript", on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens, label="eval data"
+        )
+        skipped += eval_skipped
+    data_fp = fingerprint(records)
+
+    tracker = Tracker(cfg.tracking)
+    run_id = tracker.start(
+        cfg,
+        tags={
+            "audiorl.base_model": cfg.model.name_or_path,
+            "audiorl.family": cfg.model.family,
+            "audiorl.objective": f"{cfg.objective.name}:{'+'.join(cfg.objective.loss_type)}" if preference else cfg.objective.name,
+            "audiorl.data_fingerprint": data_fp,
+            "audiorl.config_fingerprint": cfg.fingerprint(),
+        },
+    )
+    if skipped:
+        lines = "\n".join(json.dumps({"source": r.source, "reason": r.reason}) for r in skipped)
+        (output_dir / "skipped_records.jsonl").write_text(lines + "\n")
+        tracker.log_metrics({"data/skipped_records": len(skipped)}, step=0)
+        tracker.log_artifact(output_dir / "skipped_records.jsonl", "data")
+
+    status = "FAILED"
+    try:
+        dataset = RecordDataset(records, limits)
+        if preference:
+            if cfg.objective.disable_dropout:
+                disable_dropout(adapter.model)
+            collate = PreferenceCollator(adapter)
+            reference = _build_reference(cfg, adapter, dataset, collate, data_fp)
+            recipe = PreferenceRecipe(adapter, cfg.objective, reference)
+        else:
+            collate = TranscriptCollator(adapter)
+            recipe = SFTRecipe(adapter)
+
+        eval_before: dict[str, float] = {}
+
+        def evaluate_now(step: int) -> dict[str, float]:
+            result = run_eval(
+                adapter,
+                eval_records,
+                limits,
+                normalization=cfg.data.normalize,
+                batch_size=cfg.train.per_device_eval_batch_size,
+                max_new_tokens=cfg.train.generation_max_new_tokens,
+                description=f"eval @ step {step}",
+            )
+            metrics = result.metrics("eval/")
+            if step == 0 and not eval_before:
+                eval_before.update(metrics)
+            tracker.log_dict(result.to_dict(), f"eval/step-{step:06d}.json")
+            console.print(f"eval @ step {step}: WER {result.wer:.3f}  CER {result.cer:.3f}")
+            return metrics
+
+        trainer = Trainer(
+            cfg.train,
+            recipe,
+            dataset,
+            collate,
+            device=device,
+            num_workers=cfg.data.num_workers,
+            evaluate=evaluate_now if eval_records else None,
+            log=tracker.log_metrics,
+            fingerprint=cfg.fingerprint(),
+        )
+        result = trainer.train()
+        final_dir = output_dir / "final"
+        adapter.save_pretrained(str(final_dir))
+        (output_dir / "config.yaml").write_text(cfg.to_yaml())
+        if cfg.tracking.log_model:
+            tracker.log_artifacts(final_dir, "model")
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    return TrainOutcome(
+        output_dir=output_dir,
+        final_model_dir=final_dir,
+        result=result,
+        run_id=run_id,
+        tracking=tracker.where(),
+        skipped=skipped,
+        eval_before=eval_before,
+    )
+
+
+def evaluate(
+    model: str | Path | ModelAdapter,
+    data: str | Path,
+    *,
+    family: str = "whisper",
+    language: str | None = "en",
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    normalization: TextNormalization | None = None,
+    max_audio_seconds: float = 30.0,
+    on_bad_record: str = "error",
+    device: str = "auto",
+):
+    """Greedy-decode a manifest with a model and score it (WER, CER, per-utterance results)."""
+    from audiorl.evaluation import evaluate as run_eval
+
+    adapter = model if isinstance(model, ModelAdapter) else load_adapter(
+        ModelConfig(family=family, name_or_path=str(model), language=language), resolve_device(device)
+    )
+    limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=max_audio_seconds)
+    records, _ = load_records(
+        str(data), adapter, limits, "transcript", on_bad=on_bad_record, max_tokens=None, label="eval data"
+    )
+    return run_eval(
+        adapter, records, limits, normalization=normalization, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )

@@ -1,0 +1,299 @@
+"""One run, one YAML file: the pydantic schema and its loader.
+
+The schema has five sections (`model`, `data`, `objective`, `train`, `tracking`). Unknown keys and
+wrong types are errors that name the key path and the file. `--set a.b=value` overrides are applied
+to the parsed YAML before validation, so they are checked exactly like the file itself.
+
+Knob names follow Hugging Face TrainingArguments and TRL where those have the knob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from audiorl.errors import ConfigError
+
+# The DPO loss family, with TRL's names (trl.DPOConfig.loss_type).
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Section):
+    """LoRA through peft. When set, only the adapter weights train and the reference model is the
+    same network with the adapter disabled (no second copy in memory)."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class ModelConfig(_Section):
+    family: str = "whisper"
+    name_or_path: str = Field(..., description="local directory written by save_pretrained, or a hub id")
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    language: str | None = "en"
+    task: Literal["transcribe", "translate"] = "transcribe"
+    freeze_encoder: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraSettings | None = None
+
+
+class TextNormalization(_Section):
+    """How hypotheses and references are normalised before WER/CER."""
+
+    lowercase: bool = True
+    remove_punctuation: bool = True
+
+
+class DataConfig(_Section):
+    train: str | None = Field(None, description="JSONL manifest or a Hugging Face dataset saved with save_to_disk")
+    eval: str | None = None
+    max_audio_seconds: float = Field(30.0, gt=0)
+    max_target_tokens: int | None = Field(None, gt=0, description="default: the model's own limit")
+    on_bad_record: Literal["error", "skip"] = "error"
+    num_workers: int = Field(0, ge=0)
+    normalize: TextNormalization = Field(default_factory=TextNormalization)
+
+
+class ObjectiveConfig(_Section):
+    name: Literal["dpo", "sft"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    discopop_tau: float = Field(0.05, gt=0)
+    bco_running_mean: bool = Field(
+        False,
+        description="shift bco_pair rewards by a running mean of past rewards, as in the MPO paper's code",
+    )
+    precompute_reference: bool = False
+    disable_dropout: bool = True
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _split_loss_type(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_losses(self) -> ObjectiveConfig:
+        unknown = [name for name in self.loss_type if name not in DPO_LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"unknown loss_type {unknown}; choose from {list(DPO_LOSS_TYPES)}")
+        if not self.loss_type:
+            raise ValueError("loss_type must name at least one loss")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} entries but loss_type has {len(self.loss_type)}"
+            )
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
+            raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper suggests 1e-3)")
+        return self
+
+    @property
+    def weights(self) -> list[float]:
+        return self.loss_weights if self.loss_weights is not None else [1.0] * len(self.loss_type)
+
+
+class TrainConfig(_Section):
+    output_dir: str = "runs/audiorl"
+    seed: int = 42
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides num_train_epochs")
+    per_device_train_batch_size: int = Field(4, gt=0)
+    per_device_eval_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA devices that support it, none on CPU"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="evaluate every N optimizer steps (and at the end)")
+    eval_before_training: bool = True
+    save_steps: int | None = Field(500, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+    resume: str = Field("auto", description="auto, never, or a checkpoint directory")
+    generation_max_new_tokens: int = Field(128, gt=0)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(
+        None, description="default: $MLFLOW_TRACKING_URI, else a local SQLite store under ./mlruns"
+    )
+    experiment_name: str = "audiorl"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    log_model: bool = True
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes what training computes."""
+        payload = self.to_dict()
+        payload.pop("tracking", None)
+        for key in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "output_dir"):
+            payload["train"].pop(key, None)
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value), the value parsed as YAML (so 1e-5, true, [a, b] work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set train.learning_rate=1e-5")
+    key, raw = item.split("=", 1)
+    path = [part for part in key.strip().split(".")]
+    if not key.strip() or any(not part for part in path):
+        raise ConfigError(f"--set {item!r}: the key must be a dotted path such as train.max_steps")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.problem})") from exc
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"--set {item!r}: {where} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against `audiorl config show`)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("value_error",):
+            msg = f"{msg} (got {err['input']!r})"
+        problems.append(f"{loc}: {msg}")
+    return f"{source}: invalid config: " + "; ".join(problems)
+
+
+def validate_config(data: Any, source: str = "<config>") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a run config must be a mapping with sections model, data, objective, train, tracking")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file, apply `--set` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config must be a mapping with sections model, data, objective, train, tracking")
+    apply_overrides(data, overrides or [])
+    return validate_config(data, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets never reach MLflow params or logs
+
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|access[_-]?key|credential)", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.IGNORECASE)
+
+
+def redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+    return value
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested sections to dotted keys, dropping secret-looking keys and URI passwords."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if _SECRET_KEY.search(str(key)):
+            continue
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        elif isinstance(value, list):
+            flat[name] = json.dumps([redact_value(v) for v in value])
+        else:
+            flat[name] = redact_value(value)
+    return flat

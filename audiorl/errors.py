@@ -1,0 +1,43 @@
+"""AudioRL's exception family.
+
+Every message says what went wrong, where (file, line, record or config key) and what to do.
+The CLI prints the message on one line and exits non-zero; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+
+class AudioRLError(Exception):
+    """Base class for every error AudioRL raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(AudioRLError):
+    """A run config (or a `--set` override) is malformed or invalid."""
+
+    exit_code = 2
+
+
+class DataError(AudioRLError):
+    """A manifest, dataset or audio file cannot be used."""
+
+    exit_code = 3
+
+
+class ModelError(AudioRLError):
+    """A model cannot be loaded, built or saved."""
+
+    exit_code = 4
+
+
+class TrainingError(AudioRLError):
+    """Training cannot continue (diverged, bad checkpoint, ...)."""
+
+    exit_code = 5
+
+
+class ToolMissingError(AudioRLError):
+    """An external program AudioRL needs (for example espeak-ng) is not installed."""
+
+    exit_code = 6

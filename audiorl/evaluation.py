@@ -1,0 +1,159 @@
+"""Batched transcription and WER/CER scoring (jiwer).
+
+Clips are sorted by length before batching so that padding and decoding steps are not wasted;
+results come back in the original order. Decoding is greedy (one beam) unless told otherwise, and
+the result says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import jiwer
+import torch
+
+from audiorl.audio import AudioLimits
+from audiorl.config import TextNormalization
+from audiorl.data.records import Record
+from audiorl.models.base import ModelAdapter
+
+
+def _transform(normalization: TextNormalization, unit: str) -> jiwer.Compose:
+    steps: list[Any] = []
+    if normalization.lowercase:
+        steps.append(jiwer.ToLowerCase())
+    if normalization.remove_punctuation:
+        steps.append(jiwer.RemovePunctuation())
+    steps += [jiwer.RemoveMultipleSpaces(), jiwer.Strip()]
+    steps.append(jiwer.ReduceToListOfListOfWords() if unit == "word" else jiwer.ReduceToListOfListOfChars())
+    return jiwer.Compose(steps)
+
+
+@dataclass
+class Utterance:
+    source: str
+    reference: str
+    hypothesis: str
+    errors: int
+    reference_words: int
+
+    @property
+    def wer(self) -> float:
+        return self.errors / self.reference_words if self.reference_words else float(self.errors > 0)
+
+
+@dataclass
+class EvalResult:
+    wer: float
+    cer: float
+    substitutions: int
+    deletions: int
+    insertions: int
+    hits: int
+    sentence_error_rate: float
+    num_utterances: int
+    decoding: str = "greedy"
+    utterances: list[Utterance] = field(default_factory=list)
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        keys = ("wer", "cer", "substitutions", "deletions", "insertions", "sentence_error_rate")
+        return {f"{prefix}{k}": float(getattr(self, k)) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["utterances"] = [dict(asdict(u), wer=u.wer) for u in self.utterances]
+        return out
+
+
+def score(
+    references: list[str],
+    hypotheses: list[str],
+    normalization: TextNormalization | None = None,
+    sources: list[str] | None = None,
+) -> EvalResult:
+    """Corpus WER/CER (errors summed over utterances, divided by reference words/characters)."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    if not references:
+        raise ValueError("nothing to score")
+    norm = normalization or TextNormalization()
+    words = _transform(norm, "word")
+    chars = _transform(norm, "char")
+    out = jiwer.process_words(references, hypotheses, reference_transform=words, hypothesis_transform=words)
+    cer = jiwer.process_characters(references, hypotheses, reference_transform=chars, hypothesis_transform=chars).cer
+    utterances = []
+    for i, (ref, hyp) in enumerate(zip(references, hypotheses)):
+        errors = sum(
+            (chunk.ref_end_idx - chunk.ref_start_idx) if chunk.type in ("substitute", "delete") else
+            (chunk.hyp_end_idx - chunk.hyp_start_idx) if chunk.type == "insert" else 0
+            for chunk in out.alignments[i]
+        )
+        utterances.append(
+            Utterance(
+                source=sources[i] if sources else str(i),
+                reference=ref,
+                hypothesis=hyp,
+                errors=errors,
+                reference_words=len(out.references[i]),
+            )
+        )
+    return EvalResult(
+        wer=float(out.wer),
+        cer=float(cer),
+        substitutions=out.substitutions,
+        deletions=out.deletions,
+        insertions=out.insertions,
+        hits=out.hits,
+        sentence_error_rate=sum(u.errors > 0 for u in utterances) / len(utterances),
+        num_utterances=len(utterances),
+        utterances=utterances,
+    )
+
+
+@torch.no_grad()
+def transcribe(
+    adapter: ModelAdapter,
+    records: list[Record],
+    limits: AudioLimits,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    description: str = "transcribing",
+) -> list[str]:
+    """Greedy transcripts for `records`, in their order."""
+    from audiorl.progress import progress_bar
+
+    waveforms = [record.load(limits) for record in records]
+    order = sorted(range(len(records)), key=lambda i: len(waveforms[i]))
+    texts: list[str] = [""] * len(records)
+    was_training = adapter.model.training
+    adapter.model.eval()
+    try:
+        with progress_bar(description, total=len(records)) as advance:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                context = adapter.encode(adapter.features([waveforms[i] for i in rows]))
+                generated = adapter.generate(context, max_new_tokens=max_new_tokens)
+                for row, text in zip(rows, generated.texts):
+                    texts[row] = text
+                advance(len(rows))
+    finally:
+        adapter.model.train(was_training)
+    return texts
+
+
+def evaluate(
+    adapter: ModelAdapter,
+    records: list[Record],
+    limits: AudioLimits,
+    *,
+    normalization: TextNormalization | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    description: str = "evaluating",
+) -> EvalResult:
+    hypotheses = transcribe(
+        adapter, records, limits, batch_size=batch_size, max_new_tokens=max_new_tokens, description=description
+    )
+    return score([r.reference for r in records], hypotheses, normalization, sources=[r.source for r in records])

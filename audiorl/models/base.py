@@ -1,0 +1,167 @@
+"""The model adapter contract.
+
+Objectives, the reference model, evaluation and the trainer talk to a model family only through
+this surface, so none of them branches on a family. A family implements:
+
+- `from_pretrained` / `save_pretrained` through transformers' own loaders;
+- `features`: waveforms -> model inputs, via the family's own processor;
+- `encode`: inputs -> an `AudioContext` (the expensive audio encoder runs once per clip);
+- `target_ids`: transcripts -> completion token ids (ending with the end-of-text token);
+- `sequence_logps`: context + completions -> per-token log-probs of the completion only,
+  never of the prompt/prefix tokens the model is conditioned on;
+- `generate`: context -> completions (greedy or sampled);
+- which parameters train (full, frozen encoder, LoRA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from audiorl.config import ModelConfig
+
+
+class AudioContext(ABC):
+    """Encoded audio for a batch of clips; rows can be repeated to score many targets per clip."""
+
+    @abstractmethod
+    def select(self, index: torch.Tensor) -> AudioContext:
+        """Rows `index` of this context (index may repeat rows)."""
+
+    @property
+    @abstractmethod
+    def batch_size(self) -> int: ...
+
+
+@dataclass
+class SequenceLogps:
+    """Log-probabilities of completions given their audio context.
+
+    token_logps: (N, L) log-prob of each completion token, 0 where `mask` is 0.
+    mask:        (N, L) 1 for completion tokens (including the final end-of-text), 0 for padding.
+    """
+
+    token_logps: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self.token_logps.sum(dim=-1)
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        return self.mask.sum(dim=-1)
+
+
+@dataclass
+class Generation:
+    token_ids: list[list[int]]
+    texts: list[str]
+
+
+class ModelAdapter(ABC):
+    """One model family behind the contract above. `model` is the trainable `nn.Module`."""
+
+    family: ClassVar[str]
+
+    def __init__(self, model: nn.Module, config: ModelConfig):
+        self.model = model
+        self.config = config
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> ModelAdapter: ...
+
+    @abstractmethod
+    def save_pretrained(self, directory: str) -> None: ...
+
+    # -- data --------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def sampling_rate(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def max_target_tokens(self) -> int:
+        """The longest completion (in tokens) the model can score after its prefix."""
+
+    @abstractmethod
+    def features(self, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def target_ids(self, texts: list[str]) -> list[list[int]]: ...
+
+    @abstractmethod
+    def decode(self, token_ids: list[list[int]]) -> list[str]: ...
+
+    # -- compute -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode(self, features: dict[str, torch.Tensor], model: nn.Module | None = None) -> AudioContext: ...
+
+    @abstractmethod
+    def sequence_logps(
+        self,
+        context: AudioContext,
+        targets: list[list[int]],
+        index: torch.Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> SequenceLogps:
+        """Score `targets[i]` against clip `index[i]` of `context` (default: row i)."""
+
+    @abstractmethod
+    def generate(
+        self,
+        context: AudioContext,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        num_return_sequences: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Generation: ...
+
+    # -- parameters --------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def encoder_trainable(self) -> bool:
+        """True when any audio-encoder parameter receives gradients (then the reference must
+        encode the audio with its own weights; otherwise it can reuse the policy's context)."""
+
+    @property
+    def uses_lora(self) -> bool:
+        return getattr(self.model, "peft_config", None) is not None
+
+    def disabled_adapter(self) -> contextlib.AbstractContextManager[Any]:
+        """Context in which the model computes as the base model (LoRA adapter off)."""
+        if not self.uses_lora:
+            raise RuntimeError("disabled_adapter() needs a LoRA model")
+        return self.model.disable_adapter()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> ModelAdapter:
+        self.model.to(device)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        return {"family": self.family, "parameters": total, "trainable_parameters": trainable}

@@ -1,0 +1,35 @@
+"""Choosing the next token from logits: greedy, or sampled with temperature, top-k and top-p.
+
+The warpers are transformers' own, so sampling behaves as `generate` users expect.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+    scores = logits
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k and top_k > 0:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -1,0 +1,369 @@
+"""Whisper (encoder-decoder) behind the adapter contract.
+
+The decoder is conditioned on Whisper's prefix (start of transcript, language, task,
+no-timestamps); those tokens are never scored. A completion is ` <transcript><|endoftext|>`, with
+the leading space Whisper's own transcripts carry. The encoder runs once per clip: `encode` returns
+its hidden states, and `sequence_logps` indexes them for every target scored against that clip.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from audiorl.config import ModelConfig
+from audiorl.errors import ModelError
+from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps
+from audiorl.models.sampling import next_tokens
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class WhisperContext(AudioContext):
+    def __init__(self, hidden_states: torch.Tensor):
+        self.hidden_states = hidden_states  # (B, T, D)
+
+    def select(self, index: torch.Tensor) -> WhisperContext:
+        return WhisperContext(self.hidden_states.index_select(0, index.to(self.hidden_states.device)))
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden_states.shape[0]
+
+
+def _core(model: nn.Module) -> nn.Module:
+    """The WhisperForConditionalGeneration inside a possible peft wrapper (LoRA layers are injected
+    in place, so calling the core still uses them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class WhisperAdapter(ModelAdapter):
+    family = "whisper"
+
+    def __init__(self, model: nn.Module, processor, config: ModelConfig):
+        super().__init__(model, config)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.feature_extractor = processor.feature_extractor
+        try:
+            self.tokenizer.set_prefix_tokens(language=config.language, task=config.task, predict_timestamps=False)
+        except ValueError as exc:
+            raise ModelError(f"model.language={config.language!r}: {exc}") from None
+        self.prefix_ids: list[int] = list(self.tokenizer.prefix_tokens)
+        self.eos_id: int = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.pad_id: int = pad if pad is not None else self.eos_id
+        self._suppress = self._suppressed_ids()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> WhisperAdapter:
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        source = config.name_or_path
+        try:
+            model = WhisperForConditionalGeneration.from_pretrained(
+                source, revision=config.revision, dtype=_DTYPES[config.dtype]
+            )
+            processor = WhisperProcessor.from_pretrained(source, revision=config.revision)
+        except (OSError, ValueError) as exc:
+            hint = "a directory written by save_pretrained (or `audiorl models tiny`), or a hub id"
+            raise ModelError(f"model.name_or_path={source!r}: cannot load a Whisper model ({exc}); expected {hint}") from None
+        model.to(device)
+        if config.freeze_encoder:
+            model.model.encoder.requires_grad_(False)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if config.lora is not None:
+            model = _with_lora(model, config)
+        return cls(model, processor, config)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write a plain Whisper directory (LoRA merged into the weights) with its processor."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if self.uses_lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(out)
+        self.processor.save_pretrained(out)
+
+    # -- data --------------------------------------------------------------------------------
+
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.feature_extractor.sampling_rate)
+
+    @property
+    def max_target_tokens(self) -> int:
+        return int(_core(self.model).config.max_target_positions) - len(self.prefix_ids) + 1
+
+    def features(self, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        out = self.feature_extractor(
+            waveforms, sampling_rate=self.sampling_rate, return_tensors="pt", padding="max_length"
+        )
+        return {"input_features": out["input_features"]}
+
+    def target_ids(self, texts: list[str]) -> list[list[int]]:
+        encoded = self.tokenizer([" " + text.strip() for text in texts], add_special_tokens=False)
+        return [ids + [self.eos_id] for ids in encoded["input_ids"]]
+
+    def decode(self, token_ids: list[list[int]]) -> list[str]:
+        return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+    # -- compute -----------------------------------------------------------------------------
+
+    def encode(self, features: dict[str, torch.Tensor], model: nn.Module | None = None) -> WhisperContext:
+        core = _core(model if model is not None else self.model)
+        feats = features["input_features"].to(self.device, dtype=core.dtype)
+        return WhisperContext(core.model.encoder(input_features=feats).last_hidden_state)
+
+    def sequence_logps(
+        self,
+        context: AudioContext,
+        targets: list[list[int]],
+        index: torch.Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> SequenceLogps:
+        core = _core(model if model is not None else self.model)
+        assert isinstance(context, WhisperContext)
+        if index is not None:
+            context = context.select(index)
+        if context.batch_size != len(targets):
+            raise ValueError(f"{len(targets)} targets for {context.batch_size} context rows")
+        device = context.hidden_states.device
+        n_prefix = len(self.prefix_ids)
+        longest = max(len(t) for t in targets)
+        if longest > self.max_target_tokens:
+            raise ValueError(f"a target has {longest} tokens; this model scores at most {self.max_target_tokens}")
+        # decoder input: prefix + target[:-1]; output position n_prefix-1+j predicts target[j]
+        inputs = torch.full((len(targets), n_prefix + longest - 1), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(targets), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(targets), longest), dtype=torch.float32)
+        inputs[:, :n_prefix] = torch.tensor(self.prefix_ids)
+        for row, ids in enumerate(targets):
+            inputs[row, n_prefix : n_prefix + len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+            labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, : len(ids)] = 1.0
+        inputs, labels, mask = inputs.to(device), labels.to(device), mask.to(device)
+        hidden = core.model.decoder(
+            input_ids=inputs, encoder_hidden_states=context.hidden_states, use_cache=False
+        ).last_hidden_state
+        logits = core.proj_out(hidden[:, n_prefix - 1 :])
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        token_logps = logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask
+        return SequenceLogps(token_logps=token_logps, mask=mask)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        context: AudioContext,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        num_return_sequences: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        core = _core(self.model)
+        assert isinstance(context, WhisperContext)
+        if num_return_sequences > 1:
+            rows = torch.arange(context.batch_size).repeat_interleave(num_return_sequences)
+            context = context.select(rows)
+        hidden = context.hidden_states
+        batch, device = hidden.shape[0], hidden.device
+        max_new_tokens = min(max_new_tokens, self.max_target_tokens)
+        encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
+        step_input = torch.tensor([self.prefix_ids] * batch, device=device)
+        suppress = torch.tensor(sorted(self._suppress), device=device, dtype=torch.long)
+        tokens = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
+        past = None
+        was_training = core.training
+        core.eval()
+        try:
+            for step in range(max_new_tokens):
+                out = core(
+                    encoder_outputs=encoder_outputs,
+                    decoder_input_ids=step_input,
+                    cache=past,
+                    use_cache=True,
+                )
+                past = out.cache
+                logits = out.logits[:, -1, :].float()
+                if suppress.numel():
+                    logits[:, suppress] = float("-inf")
+                chosen = next_tokens(
+                    logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+                )
+                chosen = torch.where(finished, torch.full_like(chosen, self.pad_id), chosen)
+                tokens[:, step] = chosen
+                just_done = (chosen == self.eos_id) & ~finished
+                lengths = torch.where(just_done, torch.full_like(lengths, step + 1), lengths)
+                finished |= just_done
+                if bool(finished.all()):
+                    break
+                step_input = chosen.unsqueeze(1)
+        finally:
+            core.train(was_training)
+        token_ids = [tokens[row, : int(lengths[row])].tolist() for row in range(batch)]
+        return Generation(token_ids=token_ids, texts=self.decode(token_ids))
+
+    # -- parameters --------------------------------------------------------------------------
+
+    @property
+    def encoder_trainable(self) -> bool:
+        return any(p.requires_grad for p in _core(self.model).model.encoder.parameters())
+
+    def _suppressed_ids(self) -> set[int]:
+        """Tokens a transcript never contains: special tokens (but end-of-text) and timestamps."""
+        tok = self.tokenizer
+        suppress = set(tok.all_special_ids) - {self.eos_id}
+        no_ts = tok.convert_tokens_to_ids("<|notimestamps|>")
+        vocab = _core(self.model).config.vocab_size
+        if isinstance(no_ts, int) and no_ts >= 0:
+            suppress.update(range(no_ts, vocab))
+        for token in ("<|startoftranscript|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>"):
+            tid = tok.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid >= 0 and tid != tok.unk_token_id:
+                suppress.add(tid)
+        extra = getattr(_core(self.model).generation_config, "suppress_tokens", None) or []
+        suppress.update(int(t) for t in extra)
+        suppress.discard(self.eos_id)
+        return {t for t in suppress if 0 <= t < vocab}
+
+
+def _with_lora(model: nn.Module, config: ModelConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    assert lora is not None
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise ModelError(f"model.lora.target_modules={lora.target_modules}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny models for tests, examples and the quickstart
+
+
+def build_tiny_whisper(
+    output_dir: str | Path,
+    texts: list[str],
+    *,
+    vocab_size: int = 1000,
+    d_model: int = 64,
+    encoder_layers: int = 2,
+    decoder_layers: int = 2,
+    attention_heads: int = 4,
+    ffn_dim: int = 256,
+    num_mel_bins: int = 80,
+    chunk_seconds: int = 5,
+    max_target_positions: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Build a small Whisper with random weights and a byte-level BPE trained on `texts`, and
+    save it (model, processor, generation config) so that `from_pretrained` loads it back.
+
+    Short windows (`chunk_seconds`) keep the encoder small: 5 s gives 250 encoder positions.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    if not texts:
+        raise ModelError("build_tiny_whisper needs some texts to train its tokenizer on")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    bpe.train_from_iterator([" " + t.strip() for t in texts], trainer=trainer)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bpe.json"
+        bpe.save(str(path))
+        spec = json.loads(path.read_text())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tokenizer = WhisperTokenizer(vocab=spec["vocab"], merges=merges)
+    # The language tokens must follow <|startoftranscript|> directly: the tokenizer derives a
+    # language's id from its offset after that token.
+    specials = ["<|startoftranscript|>"] + [f"<|{code}|>" for code in LANGUAGES] + [
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nospeech|>",
+        "<|notimestamps|>",
+    ]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    extractor = WhisperFeatureExtractor(feature_size=num_mel_bins, chunk_length=chunk_seconds)
+    frames = extractor.nb_max_frames
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        num_mel_bins=num_mel_bins,
+        d_model=d_model,
+        encoder_layers=encoder_layers,
+        decoder_layers=decoder_layers,
+        encoder_attention_heads=attention_heads,
+        decoder_attention_heads=attention_heads,
+        encoder_ffn_dim=ffn_dim,
+        decoder_ffn_dim=ffn_dim,
+        max_source_positions=frames // 2,
+        max_target_positions=max_target_positions,
+        pad_token_id=eot,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config)
+    # A fresh GenerationConfig: one derived from the model config is saved with
+    # `_from_model_config` and Whisper's fields would be dropped on reload.
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        max_length=max_target_positions,
+        is_multilingual=True,
+        lang_to_id={f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+    )
+    model.save_pretrained(out)
+    WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
+    return out

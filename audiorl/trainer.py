@@ -1,0 +1,310 @@
+"""The training loop. It knows a recipe (batch -> loss), the trainable module, a dataset and a
+collator; it knows nothing about model families.
+
+Order of data is a seeded permutation per epoch, and the loop counts micro-batches, so a resumed
+run sees exactly the batches an uninterrupted one would. Checkpoints hold the model, optimizer,
+scheduler, step, RNG states and the recipe's own state; they are written to a temporary folder
+and renamed, so a crash never leaves a half-written checkpoint that `resume: auto` would pick.
+
+Seams for distributed training: `resolve_device` and `Trainer.wrap_model` (identity in a single
+process).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from audiorl.config import TrainConfig
+from audiorl.errors import TrainingError
+from audiorl.recipes import Recipe
+
+CHECKPOINTS = "checkpoints"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name!r} but CUDA is not available on this machine; use cpu or auto")
+    return device
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast only where the hardware does it well (bf16 matmul on CPU is ~90x slower)."""
+    if setting == "no":
+        return None
+    if setting == "fp16":
+        return torch.float16
+    if setting == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: str | None = None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        recipe: Recipe,
+        dataset: Dataset,
+        collate_fn: Callable,
+        *,
+        device: torch.device,
+        num_workers: int = 0,
+        evaluate: Callable[[int], dict[str, float]] | None = None,
+        log: Callable[[dict[str, float], int], None] | None = None,
+        fingerprint: str = "",
+    ):
+        self.config = config
+        self.recipe = recipe
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.device = device
+        self.num_workers = num_workers
+        self.evaluate = evaluate
+        self.log = log or (lambda metrics, step: None)
+        self.fingerprint = fingerprint
+        self.output_dir = Path(config.output_dir)
+        self.model = self.wrap_model(recipe.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError("no trainable parameters: check model.freeze_encoder / model.lora")
+        self.params = params
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
+        bs = config.per_device_train_batch_size
+        self.batches_per_epoch = math.ceil(len(dataset) / bs)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
+        warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.total_steps)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+        )
+        self.autocast = autocast_dtype(config.mixed_precision, device)
+        self.step = 0
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Hook for DDP/FSDP wrapping; a single process trains the module as is."""
+        return model
+
+    # -- data order ----------------------------------------------------------------------------
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.config.seed + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        bs = self.config.per_device_train_batch_size
+        return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+    def _micro_batches(self, start_micro: int):
+        micro = start_micro
+        while True:
+            epoch, position = divmod(micro, self.batches_per_epoch)
+            batches = self._epoch_batches(epoch)[position:]
+            loader = DataLoader(
+                self.dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=self.num_workers
+            )
+            for batch in loader:
+                yield epoch, batch
+                micro += 1
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def checkpoint_dirs(self) -> list[Path]:
+        root = self.output_dir / CHECKPOINTS
+        if not root.is_dir():
+            return []
+        found = [p for p in root.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").exists()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def save_checkpoint(self) -> Path:
+        root = self.output_dir / CHECKPOINTS
+        final = root / f"checkpoint-{self.step}"
+        tmp = root / f".checkpoint-{self.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(self.recipe.model.state_dict(), tmp / "model.pt")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"rng": _rng_state(), "recipe": self.recipe.state_dict()}, tmp / "state.pt")
+        state = {
+            "global_step": self.step,
+            "micro_batches": self.step * self.config.gradient_accumulation_steps,
+            "total_steps": self.total_steps,
+            "config_fingerprint": self.fingerprint,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        limit = self.config.save_total_limit
+        if limit:
+            for old in self.checkpoint_dirs()[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _resume_target(self) -> Path | None:
+        resume = self.config.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            found = self.checkpoint_dirs()
+            return found[-1] if found else None
+        path = Path(resume)
+        if not (path / "trainer_state.json").exists():
+            raise TrainingError(f"train.resume={resume!r}: not a checkpoint folder (no trainer_state.json)")
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if self.fingerprint and state.get("config_fingerprint") not in (None, self.fingerprint):
+            raise TrainingError(
+                f"{path}: this checkpoint was written by a run with a different config; "
+                "use a new train.output_dir, or train.resume=never to start over"
+            )
+        self.recipe.model.load_state_dict(torch.load(path / "model.pt", map_location=self.device))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
+        extra = torch.load(path / "state.pt", weights_only=False)
+        _set_rng_state(extra["rng"])
+        self.recipe.load_state_dict(extra["recipe"])
+        self.step = int(state["global_step"])
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _forward(self, batch: dict[str, Any]):
+        if self.autocast is None:
+            return self.recipe(batch)
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast):
+            return self.recipe(batch)
+
+    def train(self) -> TrainResult:
+        from audiorl.progress import make_progress
+
+        cfg = self.config
+        seed_everything(cfg.seed)
+        result = TrainResult(global_step=0)
+        target = self._resume_target()
+        if target is not None:
+            self.load_checkpoint(target)
+            result.resumed_from = str(target)
+        if self.evaluate and cfg.eval_before_training and self.step == 0:
+            self._run_eval(result)
+        accum = cfg.gradient_accumulation_steps
+        self.model.train()
+        window: dict[str, list[float]] = defaultdict(list)
+        window_samples, window_start = 0, time.perf_counter()
+        with make_progress() as progress:
+            task = progress.add_task("training", total=self.total_steps, completed=self.step, status="")
+            micro_in_step = 0
+            batches = self._micro_batches(self.step * accum)
+            while self.step < self.total_steps:
+                epoch, batch = next(batches)
+                out = self._forward(batch)
+                if not torch.isfinite(out.loss):
+                    raise TrainingError(f"loss is {out.loss.item()} at step {self.step + 1}; lower train.learning_rate")
+                (out.loss / accum).backward()
+                window["loss"].append(out.loss.item())
+                for key, value in out.metrics.items():
+                    window[key].append(float(value))
+                window_samples += len(batch["index"])
+                micro_in_step += 1
+                if micro_in_step < accum:
+                    continue
+                micro_in_step = 0
+                grad_norm = self._optimizer_step()
+                window["grad_norm"].append(grad_norm)
+                self.step += 1
+                progress.update(task, completed=self.step, status=f"loss {window['loss'][-1]:.4f}")
+                if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    metrics = {k: float(np.mean(v)) for k, v in window.items()}
+                    metrics.update(
+                        learning_rate=self.scheduler.get_last_lr()[0],
+                        samples_per_second=window_samples / elapsed,
+                        epoch=epoch + 1,
+                    )
+                    self.log(metrics, self.step)
+                    result.last_metrics = metrics
+                    window.clear()
+                    window_samples, window_start = 0, time.perf_counter()
+                if self.evaluate and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
+                    self._run_eval(result)
+                    self.model.train()
+                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step != self.total_steps:
+                    self.save_checkpoint()
+        if cfg.save_steps:
+            self.save_checkpoint()
+        if self.evaluate:
+            self._run_eval(result)
+        result.global_step = self.step
+        return result
+
+    def _optimizer_step(self) -> float:
+        if self.config.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in self.params if p.grad is not None])
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _run_eval(self, result: TrainResult) -> None:
+        metrics = self.evaluate(self.step)
+        self.log(metrics, self.step)
+        result.eval_metrics = metrics

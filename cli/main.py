@@ -1,0 +1,160 @@
+"""The `audiorl` command: parse, call the library, print.
+
+Heavy imports (torch, transformers, mlflow) happen inside the commands that need them, so
+`audiorl --help` and `audiorl config show` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="audiorl",
+    help="Preference tuning and RL for speech recognition and audio language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+_state = {"debug": False}
+
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key before validation: --set train.max_steps=100 (repeatable)."),
+]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _out():
+    from rich.console import Console
+
+    return Console()
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[Path, typer.Argument(help="YAML run file.")],
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False,
+) -> None:
+    """Print the resolved config: the file, overrides applied, every default filled in."""
+    from audiorl.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    typer.echo(json.dumps(cfg.to_dict(), indent=2) if as_json else cfg.to_yaml().rstrip())
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML run file.")],
+    set_: SetOption = None,
+) -> None:
+    """Train a model as the run file says."""
+    from audiorl.api import train as run_train
+
+    outcome = run_train(config, set_ or [])
+    out = _out()
+    out.print(f"final model: {outcome.final_model_dir}")
+    if outcome.result.eval_metrics:
+        out.print(f"eval: WER {outcome.result.eval_metrics['eval/wer']:.3f}  CER {outcome.result.eval_metrics['eval/cer']:.3f}")
+    out.print(outcome.tracking)
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model directory (save_pretrained) or hub id.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL manifest or saved dataset with audio and text.")],
+    family: Annotated[str, typer.Option(help="Model family.")] = "whisper",
+    language: Annotated[str, typer.Option(help="Language of the speech.")] = "en",
+    batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest transcript to generate.")] = 128,
+    lowercase: Annotated[bool, typer.Option("--lowercase/--keep-case", help="Lower-case before scoring.")] = True,
+    remove_punctuation: Annotated[
+        bool, typer.Option("--remove-punctuation/--keep-punctuation", help="Strip punctuation before scoring.")
+    ] = True,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad-records", help="Skip unusable records instead of stopping.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the full result (per utterance) as JSON.")] = None,
+    worst: Annotated[int, typer.Option(help="How many of the worst utterances to print.")] = 5,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+) -> None:
+    """Transcribe a manifest (greedy decoding) and report WER and CER."""
+    from audiorl.api import evaluate as run_eval
+    from audiorl.config import TextNormalization
+
+    result = run_eval(
+        model,
+        data,
+        family=family,
+        language=language,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        normalization=TextNormalization(lowercase=lowercase, remove_punctuation=remove_punctuation),
+        on_bad_record="skip" if skip_bad else "error",
+        device=device,
+    )
+    out = _out()
+    out.print(
+        f"WER {result.wer:.4f}  CER {result.cer:.4f}  (S {result.substitutions}, D {result.deletions}, "
+        f"I {result.insertions}; sentence error rate {result.sentence_error_rate:.3f}; "
+        f"{result.num_utterances} utterances, {result.decoding} decoding)"
+    )
+    for utt in sorted(result.utterances, key=lambda u: -u.wer)[:worst]:
+        out.print(f"  {utt.wer:5.2f}  {utt.source}\n         ref: {utt.reference}\n         hyp: {utt.hypothesis}")
+    if output:
+        output.write_text(json.dumps(result.to_dict(), indent=2))
+        out.print(f"full result: {output}")
+
+
+@app.command()
+def quickstart(
+    workdir: Annotated[Path, typer.Option(help="Where data, model, run and config go.")] = Path("audiorl-quickstart"),
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 240,
+    seed: Annotated[int, typer.Option(help="Seed for data and model.")] = 0,
+) -> None:
+    """Speak a small dataset with espeak-ng, build a tiny Whisper, train it with DPO (MPO weights),
+    evaluate before and after, and log it all to the local MLflow store."""
+    from audiorl.quickstart import run
+
+    config_path, outcome = run(workdir, max_steps=max_steps, seed=seed)
+    out = _out()
+    before, after = outcome.eval_before, outcome.result.eval_metrics
+    last = outcome.result.last_metrics
+    out.print("\n[bold]AudioRL quickstart done[/]")
+    if before and after:
+        out.print(f"  held-out voice WER: {before['eval/wer']:.3f} before -> {after['eval/wer']:.3f} after")
+        out.print(f"  held-out voice CER: {before['eval/cer']:.3f} before -> {after['eval/cer']:.3f} after")
+    if "rewards/accuracies" in last:
+        out.print(f"  reward accuracy (last logging window): {last['rewards/accuracies']:.2f}")
+    out.print(f"  final model: {outcome.final_model_dir}")
+    out.print(f"  run config:  {config_path}  (re-run with: audiorl train {config_path})")
+    out.print(f"  {outcome.tracking}")
+
+
+def main() -> None:
+    from audiorl.errors import AudioRLError
+
+    try:
+        app()
+    except AudioRLError as exc:
+        if _state["debug"]:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
