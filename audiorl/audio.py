@@ -58,11 +58,11 @@ def check_waveform(samples: np.ndarray, sampling_rate: int, limits: AudioLimits,
 def decode(source: str | Path | bytes, where: str | None = None) -> tuple[np.ndarray, int]:
     """Decode WAV/FLAC/OGG (anything libsndfile reads) to float32 mono and its sampling rate."""
     label = where or (str(source) if not isinstance(source, bytes) else "<audio bytes>")
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise DataError(f"{label}: audio file not found ({source})")
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
         samples, rate = sf.read(handle, dtype="float32", always_2d=True)
-    except FileNotFoundError:
-        raise DataError(f"{label}: audio file not found") from None
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise DataError(f"{label}: cannot decode audio ({exc}); supported: WAV, FLAC, OGG/Vorbis, MP3") from None
     return to_mono(samples), int(rate)

@@ -55,12 +55,14 @@ class AdapterDisabledReference(Reference):
     @torch.no_grad()
     def logps(self, batch, policy_context, targets, index):
         module = self.adapter.model
+        # asked before disabling: peft turns requires_grad off on the adapter while it is disabled
+        reencode = self.adapter.encoder_trainable
         was_training = module.training
         module.eval()
         try:
             with self.adapter.disabled_adapter():
                 context = policy_context
-                if self.adapter.encoder_trainable:
+                if reencode:
                     context = self.adapter.encode(batch["features"])
                 return self.adapter.sequence_logps(context, targets, index).sum
         finally:

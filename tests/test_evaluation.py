@@ -1,0 +1,40 @@
+import pytest
+
+from audiorl.config import TextNormalization
+from audiorl.evaluation import score
+
+
+def test_wer_counts_by_hand():
+    # ref 1: 5 words, hyp drops one and substitutes one -> 1 D + 1 S
+    # ref 2: 3 words, hyp adds one -> 1 I
+    result = score(["Turn on the kitchen lights.", "call my sister"], ["turn the kitchen nights", "call my sister now"])
+    assert (result.substitutions, result.deletions, result.insertions) == (1, 1, 1)
+    assert result.wer == pytest.approx(3 / 8)
+    assert result.sentence_error_rate == 1.0
+    assert [u.errors for u in result.utterances] == [2, 1]
+    assert result.utterances[0].wer == pytest.approx(2 / 5)
+
+
+def test_normalisation_is_configurable():
+    refs, hyps = ["Hello, World!"], ["hello world"]
+    assert score(refs, hyps).wer == 0.0
+    assert score(refs, hyps, TextNormalization(lowercase=False, remove_punctuation=True)).wer == pytest.approx(1.0)
+    assert score(refs, hyps, TextNormalization(lowercase=True, remove_punctuation=False)).wer == pytest.approx(1.0)
+
+
+def test_cer_and_empty_hypothesis():
+    result = score(["abc"], [""])
+    assert result.wer == 1.0 and result.deletions == 1
+    assert result.cer == 1.0
+    assert score(["abcd"], ["abed"]).cer == pytest.approx(0.25)
+
+
+def test_non_latin_script():
+    result = score(["привет мир"], ["привет мир"])
+    assert result.wer == 0.0
+    assert score(["你好世界"], ["你好世"]).cer == pytest.approx(0.25)
+
+
+def test_mismatched_lengths_are_refused():
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        score(["a", "b"], ["a"])

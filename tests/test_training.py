@@ -1,0 +1,167 @@
+"""Training through the Python API on real speech and a tiny Whisper."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import audiorl
+from audiorl.config import RunConfig
+from audiorl.errors import TrainingError
+
+
+def make_config(tmp_path: Path, tiny_whisper: Path, speech_dir: Path, **sections) -> RunConfig:
+    base = {
+        "model": {"name_or_path": str(tiny_whisper)},
+        "data": {"train": str(speech_dir / "pairs.jsonl"), "max_audio_seconds": 5},
+        "objective": {"loss_type": ["sigmoid"], "beta": 0.1},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "max_steps": 6,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "save_total_limit": None,
+            "resume": "never",
+            "num_threads": 1,
+        },
+        "tracking": {"enabled": False},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return RunConfig.model_validate(base)
+
+
+def final_weights(outcome) -> dict[str, torch.Tensor]:
+    return load_file(str(outcome.final_model_dir / "model.safetensors"))
+
+
+def test_dpo_loss_falls_and_chosen_wins_on_a_fixed_batch(tmp_path, tiny_whisper, speech_dir):
+    cfg = make_config(
+        tmp_path, tiny_whisper, speech_dir,
+        objective={"beta": 0.5},
+        train={"per_device_train_batch_size": 12, "max_steps": 12, "save_steps": None, "learning_rate": 3e-3},
+        tracking={"enabled": True},
+    )
+    outcome = audiorl.train(cfg)
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient().get_metric_history(outcome.run_id, "loss")
+    losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(losses) == 12
+    assert losses[0] == pytest.approx(0.6931, abs=0.01)  # policy == reference at the start: log 2
+    assert losses[-1] < losses[0] - 0.2
+    acc = MlflowClient().get_metric_history(outcome.run_id, "rewards/accuracies")
+    assert max(m.step for m in acc) == 12 and sorted(acc, key=lambda m: m.step)[-1].value == 1.0
+
+
+def test_resume_from_checkpoint_gives_the_same_weights(tmp_path, tiny_whisper, speech_dir):
+    cfg = make_config(tmp_path, tiny_whisper, speech_dir)
+    straight = final_weights(audiorl.train(cfg))
+    run_dir = Path(cfg.train.output_dir)
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-3", "checkpoint-6"]
+    # as if the job died after step 3: drop what came later and resume
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(run_dir / "final")
+    cfg.train.resume = "auto"
+    outcome = audiorl.train(cfg)
+    assert outcome.result.resumed_from.endswith("checkpoint-3")
+    resumed = final_weights(outcome)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path, tiny_whisper, speech_dir):
+    cfg = make_config(tmp_path, tiny_whisper, speech_dir, train={"max_steps": 3})
+    audiorl.train(cfg)
+    other = make_config(tmp_path, tiny_whisper, speech_dir, train={"max_steps": 3, "learning_rate": 5e-4, "resume": "auto"})
+    with pytest.raises(TrainingError, match="different config"):
+        audiorl.train(other)
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path, tiny_whisper, speech_dir):
+    one = make_config(tmp_path / "a", tiny_whisper, speech_dir, train={"per_device_train_batch_size": 4, "max_steps": 1, "learning_rate": 1e-4, "save_steps": None})
+    two = make_config(
+        tmp_path / "b", tiny_whisper, speech_dir,
+        train={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 1, "learning_rate": 1e-4, "save_steps": None},
+    )
+    a, b = final_weights(audiorl.train(one)), final_weights(audiorl.train(two))
+    start = load_file(str(Path(one.model.name_or_path) / "model.safetensors"))
+    moved = [n for n in a if not torch.equal(a[n], start[n])]
+    assert moved  # the step changed the weights
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_precomputed_reference_trains_like_a_frozen_copy(tmp_path, tiny_whisper, speech_dir, capsys):
+    frozen = make_config(tmp_path / "f", tiny_whisper, speech_dir, train={"max_steps": 3, "save_steps": None})
+    pre = make_config(tmp_path / "p", tiny_whisper, speech_dir, objective={"precompute_reference": True}, train={"max_steps": 3, "save_steps": None})
+    a = final_weights(audiorl.train(frozen))
+    out = audiorl.train(pre)
+    b = final_weights(out)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    cache = list((out.output_dir / "cache").glob("reference-logps-*.pt"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    capsys.readouterr()
+    audiorl.train(pre)  # same model and data: the cache is reused, not recomputed
+    assert cache[0].stat().st_mtime_ns == stamp
+    assert "reusing" in capsys.readouterr().err
+    # other data -> another key
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text("".join((speech_dir / "pairs.jsonl").read_text().splitlines(keepends=True)[:5]).replace('"clips/', f'"{speech_dir}/clips/'))
+    pre.data.train = str(subset)
+    audiorl.train(pre)
+    assert len(list((out.output_dir / "cache").glob("reference-logps-*.pt"))) == 2
+
+
+def test_mpo_with_eval_logs_to_mlflow(tmp_path, tiny_whisper, speech_dir):
+    cfg = make_config(
+        tmp_path, tiny_whisper, speech_dir,
+        data={"eval": str(speech_dir / "transcripts.jsonl")},
+        objective={"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0], "bco_running_mean": True},
+        train={"max_steps": 4, "eval_steps": 2, "generation_max_new_tokens": 8, "save_steps": None, "per_device_eval_batch_size": 12},
+        tracking={"enabled": True, "experiment_name": "unit", "tags": {"team": "asr"}},
+    )
+    outcome = audiorl.train(cfg)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["objective.loss_type"] == '["sigmoid", "bco_pair", "sft"]'
+    assert run.data.params["train.max_steps"] == "4"
+    assert run.data.tags["team"] == "asr"
+    assert run.data.tags["audiorl.objective"] == "dpo:sigmoid+bco_pair+sft"
+    assert {m.step for m in client.get_metric_history(outcome.run_id, "eval/wer")} == {0, 2, 4}
+    for key in ("loss/sigmoid", "loss/bco_pair", "loss/sft", "bco/delta", "grad_norm", "learning_rate", "samples_per_second"):
+        assert client.get_metric_history(outcome.run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
+    assert "model/model.safetensors" in artifacts and "model/tokenizer.json" in artifacts
+    evals = {a.path for a in client.list_artifacts(outcome.run_id, "eval")}
+    assert "eval/step-000000.json" in evals
+    # the exported model loads back through the family's loader and transcribes
+    result = audiorl.evaluate(outcome.final_model_dir, speech_dir / "transcripts.jsonl", max_new_tokens=8)
+    assert result.num_utterances == 12
+
+
+def test_bad_record_skipped_and_counted(tmp_path, tiny_whisper, speech_dir):
+    manifest = tmp_path / "pairs.jsonl"
+    lines = (speech_dir / "pairs.jsonl").read_text().replace('"clips/', f'"{speech_dir}/clips/')
+    manifest.write_text(lines + '{"audio": "missing.wav", "chosen": "a", "rejected": "b"}\n')
+    cfg = make_config(tmp_path, tiny_whisper, speech_dir, data={"train": str(manifest)}, train={"max_steps": 1, "save_steps": None})
+    from audiorl.errors import DataError
+
+    with pytest.raises(DataError, match=r"pairs\.jsonl:13: audio file not found"):
+        audiorl.train(cfg)
+    cfg.data.on_bad_record = "skip"
+    outcome = audiorl.train(cfg)
+    assert [r.source for r in outcome.skipped] == [f"{manifest}:13"]
+    assert "missing.wav" in (outcome.output_dir / "skipped_records.jsonl").read_text()
