@@ -68,6 +68,16 @@ def decode(source: str | Path | bytes, where: str | None = None) -> tuple[np.nda
     return to_mono(samples), int(rate)
 
 
+def duration_seconds(source: str | Path | bytes | np.ndarray, source_rate: int | None = None) -> float:
+    """Length of a clip from its header (no decoding); 0.0 when it cannot be read."""
+    if isinstance(source, np.ndarray):
+        return source.shape[0] / float(source_rate or 1)
+    try:
+        return float(sf.info(io.BytesIO(source) if isinstance(source, bytes) else source).duration)
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError):
+        return 0.0
+
+
 def load_audio(
     source: str | Path | bytes | np.ndarray,
     limits: AudioLimits,

@@ -124,8 +124,8 @@ def transcribe(
     """Greedy transcripts for `records`, in their order."""
     from audiorl.progress import progress_bar
 
-    waveforms = [record.load(limits) for record in records]
-    order = sorted(range(len(records)), key=lambda i: len(waveforms[i]))
+    # sort by length (from the headers) so each batch pads little; decode one batch at a time
+    order = sorted(range(len(records)), key=lambda i: records[i].duration())
     texts: list[str] = [""] * len(records)
     was_training = adapter.model.training
     adapter.model.eval()
@@ -133,7 +133,7 @@ def transcribe(
         with progress_bar(description, total=len(records)) as advance:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                context = adapter.encode(adapter.features([waveforms[i] for i in rows]))
+                context = adapter.encode(adapter.features([records[i].load(limits) for i in rows]))
                 generated = adapter.generate(context, max_new_tokens=max_new_tokens)
                 for row, text in zip(rows, generated.texts):
                     texts[row] = text

@@ -40,7 +40,10 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"train.device={name!r} but CUDA is not available on this machine; use cpu or auto")
     return device
@@ -135,6 +138,8 @@ class Trainer:
             config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
         self.autocast = autocast_dtype(config.mixed_precision, device)
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
         self.step = 0
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -179,7 +184,9 @@ class Trainer:
         torch.save(self.recipe.model.state_dict(), tmp / "model.pt")
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"rng": _rng_state(), "recipe": self.recipe.state_dict()}, tmp / "state.pt")
+        torch.save(
+            {"rng": _rng_state(), "recipe": self.recipe.state_dict(), "scaler": self.scaler.state_dict()}, tmp / "state.pt"
+        )
         state = {
             "global_step": self.step,
             "micro_batches": self.step * self.config.gradient_accumulation_steps,
@@ -220,6 +227,8 @@ class Trainer:
         extra = torch.load(path / "state.pt", weights_only=False)
         _set_rng_state(extra["rng"])
         self.recipe.load_state_dict(extra["recipe"])
+        if extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
         self.step = int(state["global_step"])
 
     # -- the loop ------------------------------------------------------------------------------
@@ -255,7 +264,7 @@ class Trainer:
                 out = self._forward(batch)
                 if not torch.isfinite(out.loss):
                     raise TrainingError(f"loss is {out.loss.item()} at step {self.step + 1}; lower train.learning_rate")
-                (out.loss / accum).backward()
+                self.scaler.scale(out.loss / accum).backward()
                 window["loss"].append(out.loss.item())
                 for key, value in out.metrics.items():
                     window[key].append(float(value))
@@ -293,13 +302,15 @@ class Trainer:
         return result
 
     def _optimizer_step(self) -> float:
+        self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         else:
             norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in self.params if p.grad is not None])
             )
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)

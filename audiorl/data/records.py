@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from audiorl.audio import AudioLimits, load_audio
+from audiorl.audio import AudioLimits, duration_seconds, load_audio
 from audiorl.errors import DataError
 
 Kind = Literal["preference", "transcript"]
@@ -44,6 +44,9 @@ class Record:
         if ref is None:
             raise DataError(f"{self.source}: record has neither 'text' nor 'chosen' to score against")
         return ref
+
+    def duration(self) -> float:
+        return duration_seconds(self.audio, self.sampling_rate)
 
     def load(self, limits: AudioLimits) -> np.ndarray:
         return load_audio(self.audio, limits, source_rate=self.sampling_rate, where=self.source)

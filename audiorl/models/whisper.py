@@ -276,12 +276,15 @@ def build_tiny_whisper(
     num_mel_bins: int = 80,
     chunk_seconds: int = 5,
     max_target_positions: int = 128,
+    pad_vocab_to: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Build a small Whisper with random weights and a byte-level BPE trained on `texts`, and
     save it (model, processor, generation config) so that `from_pretrained` loads it back.
 
     Short windows (`chunk_seconds`) keep the encoder small: 5 s gives 250 encoder positions.
+    `pad_vocab_to` grows the output layer to a real model's vocabulary (51865 for Whisper) for
+    benchmarks; the extra ids are never generated.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import (
@@ -331,7 +334,7 @@ def build_tiny_whisper(
     extractor = WhisperFeatureExtractor(feature_size=num_mel_bins, chunk_length=chunk_seconds)
     frames = extractor.nb_max_frames
     config = WhisperConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), pad_vocab_to or 0),
         num_mel_bins=num_mel_bins,
         d_model=d_model,
         encoder_layers=encoder_layers,

@@ -1,0 +1,208 @@
+"""DPO step time and peak memory: encoder shared per clip against the naive way.
+
+The naive way (what TRL's encoder-decoder DPO path did) runs chosen and rejected through the full
+model, encoder included, for the policy and again for the reference: four encoder passes per clip.
+AudioRL encodes each clip once for the policy and once for the reference. With a frozen encoder
+the one pass serves both; with a precomputed reference only the policy runs.
+
+    python bench/dpo_step.py                      # whisper-base size, 4 pairs of 30 s clips
+    python bench/dpo_step.py --size tiny --steps 1 # a quick look
+
+Each variant runs in its own process (peak RSS is per process); the parent checks first that the
+naive and shared paths give the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SIZES = {
+    # whisper-base: 6+6 layers, d_model 512, 30 s windows (1500 encoder positions), 51865 tokens
+    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, attention_heads=8, ffn_dim=2048,
+                 chunk_seconds=30, max_target_positions=448, pad_vocab_to=51865),
+    "tiny": dict(d_model=64, encoder_layers=2, decoder_layers=2, attention_heads=4, ffn_dim=256,
+                 chunk_seconds=5, max_target_positions=128, pad_vocab_to=None),
+}
+VARIANTS = ["naive", "shared", "frozen_encoder", "precomputed_reference", "frozen_encoder+precomputed"]
+WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing matches".split()
+
+
+def build(size: str, root: Path) -> Path:
+    from audiorl.models.whisper import build_tiny_whisper
+
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    return build_tiny_whisper(root / f"whisper-{size}", texts, vocab_size=600, seed=0, **SIZES[size])
+
+
+def make_batch(adapter, pairs: int, seconds: float, tokens: int):
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    waves = [(0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32) for _ in range(pairs)]
+    g = torch.Generator().manual_seed(0)
+    vocab = len(adapter.tokenizer) - 200
+
+    def target(n):
+        return torch.randint(0, vocab, (n,), generator=g).tolist() + [adapter.eos_id]
+
+    return {
+        "index": torch.arange(pairs),
+        "features": adapter.features(waves),
+        "chosen_ids": [target(tokens) for _ in range(pairs)],
+        "rejected_ids": [target(tokens - 3) for _ in range(pairs)],
+    }
+
+
+def make_step(variant: str, adapter, batch):
+    """A function running one forward+backward of the given variant; returns the loss."""
+    import torch
+
+    from audiorl.config import ObjectiveConfig
+    from audiorl.recipes import PreferenceRecipe
+    from audiorl.reference import FrozenReference, PrecomputedReference
+
+    objective = ObjectiveConfig(loss_type=["sigmoid"])
+    if variant.startswith("frozen_encoder"):
+        adapter.model.model.encoder.requires_grad_(False)
+    reference = FrozenReference(adapter)
+    if "precomputed" in variant:
+        n = len(batch["chosen_ids"])
+        with torch.no_grad():
+            ctx = adapter.encode(batch["features"], model=reference.module)
+            sums = adapter.sequence_logps(ctx, batch["chosen_ids"] + batch["rejected_ids"], torch.arange(n).repeat(2), model=reference.module).sum
+        reference = PrecomputedReference(sums[:n].clone(), sums[n:].clone())
+    recipe = PreferenceRecipe(adapter, objective, reference)
+
+    if variant != "naive":
+        return lambda: recipe(batch).loss
+
+    from audiorl.objectives import PreferenceLogps
+
+    ref_module = reference.module
+
+    def naive():
+        n = len(batch["chosen_ids"])
+        targets = batch["chosen_ids"] + batch["rejected_ids"]
+        doubled = {"input_features": batch["features"]["input_features"].repeat(2, 1, 1)}
+        policy = adapter.sequence_logps(adapter.encode(doubled), targets)
+        with torch.no_grad():
+            ref = adapter.sequence_logps(adapter.encode(doubled, model=ref_module), targets, model=ref_module).sum
+        s, c = policy.sum, policy.num_tokens
+        return recipe.loss(PreferenceLogps(s[:n], s[n:], c[:n], c[n:]), ref[:n], ref[n:]).loss
+
+    return naive
+
+
+def load(model_dir: Path, threads: int):
+    import torch
+
+    from audiorl.config import ModelConfig
+    from audiorl.models.registry import load_adapter
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return load_adapter(ModelConfig(name_or_path=str(model_dir)))
+
+
+def worker(args) -> None:
+    import psutil
+
+    adapter = load(Path(args.model_dir), args.threads)
+    batch = make_batch(adapter, args.pairs, args.seconds, args.tokens)
+    step = make_step(args.worker, adapter, batch)
+    proc = psutil.Process()
+    baseline = proc.memory_info().rss
+    peak = [baseline]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    times = []
+    for _ in range(args.steps):
+        adapter.model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        loss = step()
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    stop.set()
+    sampler.join()
+    print(json.dumps({"variant": args.worker, "seconds": min(times), "all": times, "peak_mb": (peak[0] - baseline) / 2**20, "loss": float(loss)}))
+
+
+def parity(model_dir: Path, args) -> tuple[float, float, float]:
+    """Loss and gradient difference between the naive and the shared step."""
+    import torch
+
+    adapter = load(model_dir, args.threads)
+    batch = make_batch(adapter, min(args.pairs, 2), args.seconds, args.tokens)
+    results = []
+    for variant in ("naive", "shared"):
+        adapter.model.zero_grad(set_to_none=True)
+        loss = make_step(variant, adapter, batch)()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.detach().clone() for p in adapter.model.parameters() if p.grad is not None]))
+    (l1, g1), (l2, g2) = results
+    grad_diff = max(float((a - b).abs().max()) for a, b in zip(g1, g2))
+    grad_scale = max(float(a.abs().max()) for a in g1)
+    return abs(float(l1 - l2)), grad_diff, grad_scale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="base")
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=None, help="clip length (default: the model's window)")
+    parser.add_argument("--tokens", type=int, default=40, help="chosen transcript length in tokens")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (the fastest is reported)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in this process
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.seconds is None:
+        args.seconds = float(SIZES[args.size]["chunk_seconds"])
+    os.environ.setdefault("AUDIORL_NO_PROGRESS", "1")
+    if args.worker:
+        worker(args)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build(args.size, Path(tmp))
+        loss_diff, grad_diff, grad_scale = parity(model_dir, args)
+        ok = loss_diff <= 1e-5 and grad_diff <= 1e-5
+        print(f"parity naive vs shared: |loss diff| {loss_diff:.2e}, max |grad diff| {grad_diff:.2e} "
+              f"(largest grad {grad_scale:.2e}) -> {'OK' if ok else 'MISMATCH'}")
+        rows = {}
+        for variant in args.variants:
+            cmd = [sys.executable, __file__, "--worker", variant, "--model-dir", str(model_dir), "--size", args.size,
+                   "--pairs", str(args.pairs), "--seconds", str(args.seconds), "--tokens", str(args.tokens),
+                   "--steps", str(args.steps), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  {variant:>26}: {rows[variant]['seconds']:7.2f} s/step  peak +{rows[variant]['peak_mb']:8.0f} MB", flush=True)
+    base = rows.get("naive")
+    print(f"\nDPO step, whisper-{args.size} size, {args.pairs} pairs of {args.seconds:g} s clips, {args.threads} thread(s):")
+    print(f"{'variant':>26} {'s/step':>8} {'speed-up vs naive':>18} {'peak MB':>9}")
+    for variant, row in rows.items():
+        ratio = f"{base['seconds'] / row['seconds']:.2f}x" if base else "-"
+        print(f"{variant:>26} {row['seconds']:8.2f} {ratio:>18} {row['peak_mb']:9.0f}")
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
