@@ -1,7 +1,7 @@
 """What the CLI does, one import away:
 
     import audiorl
-    cfg = audiorl.load_config("examples/whisper-dpo.yaml", ["train.max_steps=50"])
+    cfg = audiorl.load_config("examples/my-run.yaml", ["train.max_steps=50"])
     outcome = audiorl.train(cfg)
     result = audiorl.evaluate(outcome.final_model_dir, "data/test.jsonl")
     print(result.wer)
@@ -20,7 +20,7 @@ from audiorl.config import ModelConfig, RunConfig, TextNormalization, load_confi
 from audiorl.data.records import Record, Rejected, fingerprint, read_records, validate_records
 from audiorl.errors import ConfigError, DataError
 from audiorl.models.base import ModelAdapter
-from audiorl.models.registry import load_adapter
+from audiorl.models.registry import detect_family, load_adapter
 from audiorl.progress import console
 from audiorl.tracking import Tracker
 from audiorl.trainer import TrainResult, resolve_device, seed_everything
@@ -197,7 +197,7 @@ def evaluate(
     model: str | Path | ModelAdapter,
     data: str | Path,
     *,
-    family: str = "whisper",
+    family: str | None = None,
     language: str | None = "en",
     batch_size: int = 8,
     max_new_tokens: int = 128,
@@ -206,12 +206,17 @@ def evaluate(
     on_bad_record: str = "error",
     device: str = "auto",
 ):
-    """Greedy-decode a manifest with a model and score it (WER, CER, per-utterance results)."""
+    """Greedy-decode a manifest with a model and score it (WER, CER, per-utterance results).
+    The family is read from the model directory's config.json unless given."""
     from audiorl.evaluation import evaluate as run_eval
 
-    adapter = model if isinstance(model, ModelAdapter) else load_adapter(
-        ModelConfig(family=family, name_or_path=str(model), language=language), resolve_device(device)
-    )
+    if isinstance(model, ModelAdapter):
+        adapter = model
+    else:
+        family = family or detect_family(str(model))
+        if family is None:
+            raise ConfigError(f"{model}: cannot tell the model family from its config.json; name it (--family)")
+        adapter = load_adapter(ModelConfig(family=family, name_or_path=str(model), language=language), resolve_device(device))
     limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=max_audio_seconds)
     records, _ = load_records(
         str(data), adapter, limits, "transcript", on_bad=on_bad_record, max_tokens=None, label="eval data"

@@ -55,13 +55,18 @@ class LoraSettings(_Section):
 
 
 class ModelConfig(_Section):
-    family: str = "whisper"
+    family: str = Field("whisper", description="whisper, qwen2_audio, qwen3_asr, step_audio2, or module:Class")
     name_or_path: str = Field(..., description="local directory written by save_pretrained, or a hub id")
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     language: str | None = "en"
     task: Literal["transcribe", "translate"] = "transcribe"
+    prompt_format: Literal["auto", "base", "chat"] = Field(
+        "auto", description="audio LLMs: the base model's ASR prompt or the instruct model's chat template"
+    )
+    instruction: str | None = Field(None, description="audio LLMs: replaces the family's default ASR instruction")
     freeze_encoder: bool = False
+    freeze_projector: bool = Field(False, description="audio LLMs: freeze the adapter/projector after the encoder")
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = None
 
@@ -106,9 +111,15 @@ class ObjectiveConfig(_Section):
 
     @model_validator(mode="after")
     def _check_losses(self) -> ObjectiveConfig:
-        unknown = [name for name in self.loss_type if name not in DPO_LOSS_TYPES]
+        unknown = [name for name in self.loss_type if name not in DPO_LOSS_TYPES and ":" not in name]
         if unknown:
-            raise ValueError(f"unknown loss_type {unknown}; choose from {list(DPO_LOSS_TYPES)}")
+            from audiorl.plugins import LOSS_GROUP, entry_point_names
+
+            unknown = [name for name in unknown if name not in entry_point_names(LOSS_GROUP)]
+        if unknown:
+            raise ValueError(
+                f"unknown loss_type {unknown}; choose from {list(DPO_LOSS_TYPES)}, or name your own as package.module:function"
+            )
         if not self.loss_type:
             raise ValueError("loss_type must name at least one loss")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):

@@ -137,7 +137,7 @@ def quickstart_config(workdir: Path, model_dir: Path, data: QuickstartData, max_
                 "warmup_ratio": 0.05,
                 "lr_scheduler_type": "cosine",
                 "logging_steps": 10,
-                "eval_steps": max(max_steps // 2, 1),
+                "eval_steps": max(max_steps // 4, 1),
                 "save_steps": max_steps,
                 "resume": "never",
                 "generation_max_new_tokens": 24,
@@ -148,7 +148,7 @@ def quickstart_config(workdir: Path, model_dir: Path, data: QuickstartData, max_
     )
 
 
-def run(workdir: str | Path = "audiorl-quickstart", max_steps: int = 240, seed: int = 0):
+def run(workdir: str | Path = "audiorl-quickstart", max_steps: int = 600, seed: int = 0):
     from audiorl.api import train
     from audiorl.models.whisper import build_tiny_whisper
     from audiorl.progress import console

@@ -22,6 +22,23 @@ def disable_dropout(module: nn.Module) -> None:
             child.p = 0.0
 
 
+def custom_losses(names: list[str]) -> dict:
+    """Resolve the loss names that are not built in (package.module:function or entry points)."""
+    from audiorl.config import DPO_LOSS_TYPES
+    from audiorl.errors import ConfigError
+    from audiorl.plugins import LOSS_GROUP, resolve
+
+    found = {}
+    for name in names:
+        if name in DPO_LOSS_TYPES:
+            continue
+        fn = resolve(name, LOSS_GROUP, "objective.loss_type")
+        if not callable(fn):
+            raise ConfigError(f"objective.loss_type: {name!r} is not a callable loss")
+        found[name] = fn
+    return found
+
+
 class Recipe:
     adapter: ModelAdapter
 
@@ -52,6 +69,7 @@ class PreferenceRecipe(Recipe):
             label_smoothing=objective.label_smoothing,
             discopop_tau=objective.discopop_tau,
             bco_running_mean=objective.bco_running_mean,
+            custom=custom_losses(objective.loss_type),
         )
 
     def __call__(self, batch: dict[str, Any]) -> LossOutput:

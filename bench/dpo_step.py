@@ -1,4 +1,4 @@
-"""DPO step time and peak memory: encoder shared per clip against the naive way.
+"""DPO step time and peak memory: the audio encoder shared per clip against the naive way.
 
 The naive way (what TRL's encoder-decoder DPO path did) runs chosen and rejected through the full
 model, encoder included, for the policy and again for the reference: four encoder passes per clip.
@@ -7,6 +7,8 @@ the one pass serves both; with a precomputed reference only the policy runs.
 
     python bench/dpo_step.py                      # whisper-base size, 4 pairs of 30 s clips
     python bench/dpo_step.py --size tiny --steps 1 # a quick look
+    python bench/dpo_step.py --size qwen2-audio-small --seconds 10
+                                                  # Qwen2-Audio: audio tower once per clip vs per sequence
 
 Each variant runs in its own process (peak RSS is per process); the parent checks first that the
 naive and shared paths give the same loss and gradients.
@@ -26,20 +28,28 @@ from pathlib import Path
 
 SIZES = {
     # whisper-base: 6+6 layers, d_model 512, 30 s windows (1500 encoder positions), 51865 tokens
-    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, attention_heads=8, ffn_dim=2048,
-                 chunk_seconds=30, max_target_positions=448, pad_vocab_to=51865),
-    "tiny": dict(d_model=64, encoder_layers=2, decoder_layers=2, attention_heads=4, ffn_dim=256,
-                 chunk_seconds=5, max_target_positions=128, pad_vocab_to=None),
+    "base": ("whisper", dict(d_model=512, encoder_layers=6, decoder_layers=6, attention_heads=8, ffn_dim=2048,
+                             chunk_seconds=30, max_target_positions=448, pad_vocab_to=51865)),
+    "tiny": ("whisper", dict(d_model=64, encoder_layers=2, decoder_layers=2, attention_heads=4, ffn_dim=256,
+                             chunk_seconds=5, max_target_positions=128, pad_vocab_to=None)),
+    # a small Qwen2-Audio: a Whisper-base-sized audio tower over 30 s windows, a 4-layer LLM
+    "qwen2-audio-small": ("qwen2_audio", dict(audio_d_model=512, audio_layers=6, hidden_size=512, text_layers=4,
+                                              heads=8, chunk_seconds=30)),
 }
 VARIANTS = ["naive", "shared", "frozen_encoder", "precomputed_reference", "frozen_encoder+precomputed"]
 WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing matches".split()
 
 
 def build(size: str, root: Path) -> Path:
-    from audiorl.models.whisper import build_tiny_whisper
-
+    family, dims = SIZES[size]
     texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
-    return build_tiny_whisper(root / f"whisper-{size}", texts, vocab_size=600, seed=0, **SIZES[size])
+    if family == "whisper":
+        from audiorl.models.whisper import build_tiny_whisper
+
+        return build_tiny_whisper(root / size, texts, vocab_size=600, seed=0, **dims)
+    from audiorl.models.qwen2_audio import build_tiny_qwen2_audio
+
+    return build_tiny_qwen2_audio(root / size, texts, vocab_size=600, seed=0, **dims)
 
 
 def make_batch(adapter, pairs: int, seconds: float, tokens: int):
@@ -49,10 +59,11 @@ def make_batch(adapter, pairs: int, seconds: float, tokens: int):
     rng = np.random.default_rng(0)
     waves = [(0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32) for _ in range(pairs)]
     g = torch.Generator().manual_seed(0)
-    vocab = len(adapter.tokenizer) - 200
+    vocab = min(len(adapter.tokenizer), 500)  # ordinary text tokens, below the special ones
+    end = adapter.target_ids([""])[0][-1]
 
     def target(n):
-        return torch.randint(0, vocab, (n,), generator=g).tolist() + [adapter.eos_id]
+        return torch.randint(0, vocab, (n,), generator=g).tolist() + [end]
 
     return {
         "index": torch.arange(pairs),
@@ -71,8 +82,6 @@ def make_step(variant: str, adapter, batch):
     from audiorl.reference import FrozenReference, PrecomputedReference
 
     objective = ObjectiveConfig(loss_type=["sigmoid"])
-    if variant.startswith("frozen_encoder"):
-        adapter.model.model.encoder.requires_grad_(False)
     reference = FrozenReference(adapter)
     if "precomputed" in variant:
         n = len(batch["chosen_ids"])
@@ -92,7 +101,7 @@ def make_step(variant: str, adapter, batch):
     def naive():
         n = len(batch["chosen_ids"])
         targets = batch["chosen_ids"] + batch["rejected_ids"]
-        doubled = {"input_features": batch["features"]["input_features"].repeat(2, 1, 1)}
+        doubled = {k: torch.cat([v, v]) for k, v in batch["features"].items()}
         policy = adapter.sequence_logps(adapter.encode(doubled), targets)
         with torch.no_grad():
             ref = adapter.sequence_logps(adapter.encode(doubled, model=ref_module), targets, model=ref_module).sum
@@ -102,21 +111,22 @@ def make_step(variant: str, adapter, batch):
     return naive
 
 
-def load(model_dir: Path, threads: int):
+def load(model_dir: Path, threads: int, freeze_encoder: bool = False):
     import torch
 
     from audiorl.config import ModelConfig
-    from audiorl.models.registry import load_adapter
+    from audiorl.models.registry import detect_family, load_adapter
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    return load_adapter(ModelConfig(name_or_path=str(model_dir)))
+    family = detect_family(str(model_dir))
+    return load_adapter(ModelConfig(family=family, name_or_path=str(model_dir), freeze_encoder=freeze_encoder))
 
 
 def worker(args) -> None:
     import psutil
 
-    adapter = load(Path(args.model_dir), args.threads)
+    adapter = load(Path(args.model_dir), args.threads, freeze_encoder=args.worker.startswith("frozen_encoder"))
     batch = make_batch(adapter, args.pairs, args.seconds, args.tokens)
     step = make_step(args.worker, adapter, batch)
     proc = psutil.Process()
@@ -174,7 +184,7 @@ def main() -> None:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seconds is None:
-        args.seconds = float(SIZES[args.size]["chunk_seconds"])
+        args.seconds = float(SIZES[args.size][1]["chunk_seconds"])
     os.environ.setdefault("AUDIORL_NO_PROGRESS", "1")
     if args.worker:
         worker(args)
@@ -195,7 +205,7 @@ def main() -> None:
             rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"  {variant:>26}: {rows[variant]['seconds']:7.2f} s/step  peak +{rows[variant]['peak_mb']:8.0f} MB", flush=True)
     base = rows.get("naive")
-    print(f"\nDPO step, whisper-{args.size} size, {args.pairs} pairs of {args.seconds:g} s clips, {args.threads} thread(s):")
+    print(f"\nDPO step, {args.size} size, {args.pairs} pairs of {args.seconds:g} s clips, {args.threads} thread(s):")
     print(f"{'variant':>26} {'s/step':>8} {'speed-up vs naive':>18} {'peak MB':>9}")
     for variant, row in rows.items():
         ratio = f"{base['seconds'] / row['seconds']:.2f}x" if base else "-"

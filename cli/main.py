@@ -77,7 +77,7 @@ def train(
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="Model directory (save_pretrained) or hub id.")],
     data: Annotated[Path, typer.Option("--data", "-d", help="JSONL manifest or saved dataset with audio and text.")],
-    family: Annotated[str, typer.Option(help="Model family.")] = "whisper",
+    family: Annotated[Optional[str], typer.Option(help="Model family (default: read from the model's config.json).")] = None,
     language: Annotated[str, typer.Option(help="Language of the speech.")] = "en",
     batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Longest transcript to generate.")] = 128,
@@ -121,7 +121,7 @@ def evaluate(
 @app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="Where data, model, run and config go.")] = Path("audiorl-quickstart"),
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 240,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 600,
     seed: Annotated[int, typer.Option(help="Seed for data and model.")] = 0,
 ) -> None:
     """Speak a small dataset with espeak-ng, build a tiny Whisper, train it with DPO (MPO weights),

@@ -82,3 +82,19 @@ def write_config(path: Path, data: dict) -> Path:
 
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_whisper) -> dict[str, Path]:
+    """One tiny model per family, each saved and loaded back through its real loader."""
+    from audiorl.models.qwen2_audio import build_tiny_qwen2_audio
+    from audiorl.models.qwen3_asr import build_tiny_qwen3_asr
+    from audiorl.models.step_audio2 import build_tiny_step_audio2
+
+    texts = SENTENCES + REJECTED
+    return {
+        "whisper": tiny_whisper,
+        "qwen2_audio": build_tiny_qwen2_audio(tmp_path_factory.mktemp("qwen2-audio"), texts),
+        "qwen3_asr": build_tiny_qwen3_asr(tmp_path_factory.mktemp("qwen3-asr"), texts),
+        "step_audio2": build_tiny_step_audio2(tmp_path_factory.mktemp("step-audio2"), texts),
+    }

@@ -81,4 +81,4 @@ def test_quickstart_on_a_fresh_directory(tmp_path):
     experiment = client.get_experiment_by_name("audiorl-quickstart")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert {m.step for m in client.get_metric_history(run.info.run_id, "eval/wer")} == {0, 2, 4}
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "eval/wer")} == {0, 1, 2, 3, 4}

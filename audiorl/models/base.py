@@ -165,3 +165,20 @@ class ModelAdapter(ABC):
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.trainable_parameters())
         return {"family": self.family, "parameters": total, "trainable_parameters": trainable}
+
+
+def with_lora(model: nn.Module, config: ModelConfig) -> nn.Module:
+    """Wrap `model` with peft LoRA adapters as `config.lora` says; only adapter weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    from audiorl.errors import ModelError
+
+    lora = config.lora
+    assert lora is not None
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise ModelError(f"model.lora.target_modules={lora.target_modules}: {exc}") from None

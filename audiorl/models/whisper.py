@@ -9,8 +9,6 @@ its hidden states, and `sequence_logps` indexes them for every target scored aga
 from __future__ import annotations
 
 import copy
-import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,10 @@ import torch
 from torch import nn
 
 from audiorl.config import ModelConfig
-from audiorl.errors import ModelError
-from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps
+from audiorl.errors import ConfigError, ModelError
+from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps, with_lora
 from audiorl.models.sampling import next_tokens
+from audiorl.models.tiny import train_byte_bpe
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,12 +76,14 @@ class WhisperAdapter(ModelAdapter):
             hint = "a directory written by save_pretrained (or `audiorl models tiny`), or a hub id"
             raise ModelError(f"model.name_or_path={source!r}: cannot load a Whisper model ({exc}); expected {hint}") from None
         model.to(device)
+        if config.freeze_projector:
+            raise ConfigError("model.freeze_projector: Whisper has no projector (use model.freeze_encoder)")
         if config.freeze_encoder:
             model.model.encoder.requires_grad_(False)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if config.lora is not None:
-            model = _with_lora(model, config)
+            model = with_lora(model, config)
         return cls(model, processor, config)
 
     def save_pretrained(self, directory: str) -> None:
@@ -245,20 +246,6 @@ class WhisperAdapter(ModelAdapter):
         return {t for t in suppress if 0 <= t < vocab}
 
 
-def _with_lora(model: nn.Module, config: ModelConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lora = config.lora
-    assert lora is not None
-    peft_config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
-    )
-    try:
-        return get_peft_model(model, peft_config)
-    except ValueError as exc:
-        raise ModelError(f"model.lora.target_modules={lora.target_modules}: {exc}") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # tiny models for tests, examples and the quickstart
 
@@ -286,7 +273,6 @@ def build_tiny_whisper(
     `pad_vocab_to` grows the output layer to a real model's vocabulary (51865 for Whisper) for
     benchmarks; the extra ids are never generated.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import (
         GenerationConfig,
         WhisperConfig,
@@ -302,21 +288,8 @@ def build_tiny_whisper(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-    )
-    bpe.train_from_iterator([" " + t.strip() for t in texts], trainer=trainer)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bpe.json"
-        bpe.save(str(path))
-        spec = json.loads(path.read_text())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
-    tokenizer = WhisperTokenizer(vocab=spec["vocab"], merges=merges)
+    vocab, merges = train_byte_bpe(texts, vocab_size, ["<|endoftext|>"])
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges)
     # The language tokens must follow <|startoftranscript|> directly: the tokenizer derives a
     # language's id from its offset after that token.
     specials = ["<|startoftranscript|>"] + [f"<|{code}|>" for code in LANGUAGES] + [

@@ -21,12 +21,15 @@ Members (beta = β, label_smoothing = ε, Δ = chosen log-ratio − rejected log
 - sft           negative log-likelihood of the chosen completions, per token
 - sigmoid_norm  DPO on per-token-averaged log-ratios (SimPO-style length normalisation)
 
+Any other name is a user loss passed in `custom` (see audiorl.plugins).
+
 MPO (Wang et al. 2024, arXiv 2411.10442) is `loss_type=[sigmoid, bco_pair, sft]` with
 `loss_weights=[0.8, 0.2, 1.0]`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +86,7 @@ class PreferenceLoss:
         label_smoothing: float = 0.0,
         discopop_tau: float = 0.05,
         bco_running_mean: bool = False,
+        custom: dict[str, Callable[..., torch.Tensor]] | None = None,
     ):
         self.loss_type = list(loss_type)
         self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * len(self.loss_type)
@@ -92,6 +96,8 @@ class PreferenceLoss:
         self.label_smoothing = label_smoothing
         self.discopop_tau = discopop_tau
         self.running = RunningMean() if bco_running_mean else None
+        # user losses: fn(policy: PreferenceLogps, ref_chosen, ref_rejected, beta) -> per-pair loss (B,)
+        self.custom = dict(custom or {})
 
     def __call__(self, policy: PreferenceLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> LossOutput:
         beta, eps = self.beta, self.label_smoothing
@@ -123,6 +129,8 @@ class PreferenceLoss:
         return LossOutput(loss=total, metrics=metrics)
 
     def _loss(self, name, policy, ref_chosen, ref_rejected, chosen_ratio, rejected_ratio, delta, beta, eps):
+        if name in self.custom:
+            return self.custom[name](policy, ref_chosen, ref_rejected, beta)
         if name == "sigmoid":
             return -F.logsigmoid(beta * delta)
         if name == "hinge":

@@ -1,0 +1,96 @@
+"""A user's own model family and loss, in their own package, used with no change to AudioRL."""
+
+import sys
+import textwrap
+
+import pytest
+
+import audiorl
+from audiorl.config import RunConfig
+from audiorl.errors import ConfigError
+
+PACKAGE = {
+    "my_asr_ext/__init__.py": "",
+    "my_asr_ext/adapters.py": '''
+        from audiorl.models.whisper import WhisperAdapter
+
+        class ShoutingWhisper(WhisperAdapter):
+            """A Whisper whose transcripts come out in capitals (a stand-in for a real new family)."""
+            family = "shouting_whisper"
+
+            def decode(self, token_ids):
+                return [t.upper() for t in super().decode(token_ids)]
+    ''',
+    "my_asr_ext/losses.py": '''
+        import torch.nn.functional as F
+
+        def wide_margin(policy, ref_chosen, ref_rejected, beta):
+            """Sigmoid DPO that only stops pushing once the margin exceeds 2 (per pair)."""
+            margin = beta * ((policy.chosen - ref_chosen) - (policy.rejected - ref_rejected))
+            return F.softplus(2.0 - margin)
+    ''',
+    "my_asr_ext-0.1.dist-info/METADATA": "Metadata-Version: 2.1\\nName: my-asr-ext\\nVersion: 0.1\\n",
+    "my_asr_ext-0.1.dist-info/entry_points.txt": """
+        [audiorl.model_families]
+        shouting = my_asr_ext.adapters:ShoutingWhisper
+
+        [audiorl.losses]
+        wide_margin = my_asr_ext.losses:wide_margin
+    """,
+}
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    for name, text in PACKAGE.items():
+        path = tmp_path / "site" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).replace("\\\\n", "\\n").lstrip())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    yield
+    for module in [m for m in sys.modules if m.startswith("my_asr_ext")]:
+        del sys.modules[module]
+
+
+def _config(tmp_path, tiny_whisper, speech_dir, family, loss):
+    return RunConfig.model_validate(
+        {
+            "model": {"family": family, "name_or_path": str(tiny_whisper)},
+            "data": {"train": str(speech_dir / "pairs.jsonl"), "eval": str(speech_dir / "transcripts.jsonl"), "max_audio_seconds": 5},
+            "objective": {"loss_type": [loss, "sft"], "beta": 0.5},
+            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "per_device_train_batch_size": 6, "learning_rate": 1e-3,
+                      "logging_steps": 1, "save_steps": None, "generation_max_new_tokens": 5, "per_device_eval_batch_size": 12},
+            "tracking": {"enabled": True},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "family,loss",
+    [("my_asr_ext.adapters:ShoutingWhisper", "my_asr_ext.losses:wide_margin"), ("shouting", "wide_margin")],
+    ids=["module-path", "entry-points"],
+)
+def test_user_family_and_loss_train_and_evaluate(user_package, tmp_path, tiny_whisper, speech_dir, family, loss):
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, family, loss)
+    outcome = audiorl.train(cfg)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    values = [m.value for m in client.get_metric_history(outcome.run_id, f"loss/{loss}")]
+    assert len(values) == 2 and values[0] == pytest.approx(2.1269, abs=1e-3)  # softplus(2) with a zero margin at step 1
+    artifact = client.download_artifacts(outcome.run_id, "eval/step-000002.json", str(tmp_path))
+    import json
+
+    hypotheses = [u["hypothesis"] for u in json.load(open(artifact))["utterances"]]
+    assert all(h == h.upper() for h in hypotheses)  # the user's decode() was used
+
+
+def test_unknown_plugins_fail_clearly(user_package, tmp_path, tiny_whisper, speech_dir):
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        _config(tmp_path, tiny_whisper, speech_dir, "whisper", "no_such_loss")
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, "my_asr_ext.adapters:Missing", "sigmoid")
+    with pytest.raises(ConfigError, match="has no 'Missing'"):
+        audiorl.train(cfg)
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, "my_asr_ext.losses:wide_margin", "sigmoid")
+    with pytest.raises(ConfigError, match="not a subclass of audiorl.models.ModelAdapter"):
+        audiorl.train(cfg)
