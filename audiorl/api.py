@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
 
 def evaluate(
     model: str | Path | ModelAdapter,
-    data: str | Path,
+    data: str | Path | Mapping[str, str | Path],
     *,
     family: str | None = None,
     language: str | None = "en",
@@ -207,7 +208,10 @@ def evaluate(
     device: str = "auto",
 ):
     """Greedy-decode a manifest with a model and score it (WER, CER, per-utterance results).
-    The family is read from the model directory's config.json unless given."""
+
+    `data` is one manifest (returns one EvalResult) or a mapping of test-set names to manifests
+    (returns {name: EvalResult}; the model is loaded once). The family is read from the model
+    directory's config.json unless given."""
     from audiorl.evaluation import evaluate as run_eval
 
     if isinstance(model, ModelAdapter):
@@ -218,9 +222,14 @@ def evaluate(
             raise ConfigError(f"{model}: cannot tell the model family from its config.json; name it (--family)")
         adapter = load_adapter(ModelConfig(family=family, name_or_path=str(model), language=language), resolve_device(device))
     limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=max_audio_seconds)
-    records, _ = load_records(
-        str(data), adapter, limits, "transcript", on_bad=on_bad_record, max_tokens=None, label="eval data"
-    )
-    return run_eval(
-        adapter, records, limits, normalization=normalization, batch_size=batch_size, max_new_tokens=max_new_tokens
-    )
+
+    def one(path: str | Path, label: str):
+        records, _ = load_records(str(path), adapter, limits, "transcript", on_bad=on_bad_record, max_tokens=None, label=label)
+        return run_eval(
+            adapter, records, limits, normalization=normalization, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, description=f"evaluating {label}",
+        )
+
+    if isinstance(data, Mapping):
+        return {name: one(path, name) for name, path in data.items()}
+    return one(data, "eval data")

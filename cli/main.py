@@ -73,10 +73,29 @@ def train(
     out.print(outcome.tracking)
 
 
+def _test_sets(specs: list[str]) -> dict[str, Path]:
+    """`name=path` or `path` (named after the file) -> {name: path}."""
+    from audiorl.errors import ConfigError
+
+    sets: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        if not name or not path:
+            raise ConfigError(f"--data {spec!r}: expected NAME=MANIFEST or MANIFEST")
+        if name in sets:
+            raise ConfigError(f"--data {spec!r}: test set name {name!r} given twice; use NAME=MANIFEST")
+        sets[name] = Path(path)
+    return sets
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="Model directory (save_pretrained) or hub id.")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL manifest or saved dataset with audio and text.")],
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="Test set: MANIFEST or NAME=MANIFEST (JSONL or saved dataset); repeatable.")
+    ],
     family: Annotated[Optional[str], typer.Option(help="Model family (default: read from the model's config.json).")] = None,
     language: Annotated[str, typer.Option(help="Language of the speech.")] = "en",
     batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
@@ -86,17 +105,17 @@ def evaluate(
         bool, typer.Option("--remove-punctuation/--keep-punctuation", help="Strip punctuation before scoring.")
     ] = True,
     skip_bad: Annotated[bool, typer.Option("--skip-bad-records", help="Skip unusable records instead of stopping.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the full result (per utterance) as JSON.")] = None,
-    worst: Annotated[int, typer.Option(help="How many of the worst utterances to print.")] = 5,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the full results (per utterance) as JSON.")] = None,
+    worst: Annotated[int, typer.Option(help="How many of the worst utterances to print per test set.")] = 5,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
-    """Transcribe a manifest (greedy decoding) and report WER and CER."""
+    """Transcribe one or more test sets (greedy decoding) and report WER and CER for each."""
     from audiorl.api import evaluate as run_eval
     from audiorl.config import TextNormalization
 
-    result = run_eval(
+    results = run_eval(
         model,
-        data,
+        _test_sets(data),
         family=family,
         language=language,
         batch_size=batch_size,
@@ -106,16 +125,17 @@ def evaluate(
         device=device,
     )
     out = _out()
-    out.print(
-        f"WER {result.wer:.4f}  CER {result.cer:.4f}  (S {result.substitutions}, D {result.deletions}, "
-        f"I {result.insertions}; sentence error rate {result.sentence_error_rate:.3f}; "
-        f"{result.num_utterances} utterances, {result.decoding} decoding)"
-    )
-    for utt in sorted(result.utterances, key=lambda u: -u.wer)[:worst]:
-        out.print(f"  {utt.wer:5.2f}  {utt.source}\n         ref: {utt.reference}\n         hyp: {utt.hypothesis}")
+    for name, result in results.items():
+        out.print(
+            f"{name}: WER {result.wer:.4f}  CER {result.cer:.4f}  (S {result.substitutions}, D {result.deletions}, "
+            f"I {result.insertions}; sentence error rate {result.sentence_error_rate:.3f}; "
+            f"{result.num_utterances} utterances, {result.decoding} decoding)"
+        )
+        for utt in sorted(result.utterances, key=lambda u: -u.wer)[:worst]:
+            out.print(f"  {utt.wer:5.2f}  {utt.source}\n         ref: {utt.reference}\n         hyp: {utt.hypothesis}")
     if output:
-        output.write_text(json.dumps(result.to_dict(), indent=2))
-        out.print(f"full result: {output}")
+        output.write_text(json.dumps({name: r.to_dict() for name, r in results.items()}, indent=2))
+        out.print(f"full results: {output}")
 
 
 @app.command()

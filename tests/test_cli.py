@@ -45,12 +45,19 @@ def test_train_then_eval_from_the_command_line(tmp_path, tiny_whisper, speech_di
     assert (out / "config.yaml").exists()
 
     result_file = tmp_path / "eval.json"
-    proc = audiorl("eval", "--model", out / "final", "--data", speech_dir / "transcripts.jsonl", "--max-new-tokens", 6, "--output", result_file)
+    proc = audiorl(
+        "eval", "--model", out / "final", "--data", speech_dir / "transcripts.jsonl",
+        "--data", f"pairs={speech_dir / 'pairs.jsonl'}", "--max-new-tokens", 6, "--output", result_file,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("WER ")
-    result = json.loads(result_file.read_text())
-    assert result["num_utterances"] == 12 and len(result["utterances"]) == 12
-    assert result["decoding"] == "greedy"
+    assert proc.stdout.startswith("transcripts: WER ") and "\npairs: WER " in proc.stdout
+    results = json.loads(result_file.read_text())
+    assert set(results) == {"transcripts", "pairs"}
+    for result in results.values():
+        assert result["num_utterances"] == 12 and len(result["utterances"]) == 12
+        assert result["decoding"] == "greedy"
+    # the same clips and references: the same scores
+    assert results["transcripts"]["wer"] == results["pairs"]["wer"]
 
 
 def test_train_with_a_missing_manifest_fails_in_one_line(tmp_path, tiny_whisper):

@@ -1,0 +1,62 @@
+"""Weighted composition of rewards, and custom rewards named as `package.module:function` (or
+registered under the `audiorl.rewards` entry point group), with TRL's reward signature."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from audiorl.errors import ConfigError
+
+REWARD_GROUP = "audiorl.rewards"
+
+
+@dataclass
+class RewardSpec:
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_reward(name: str) -> Callable[..., list]:
+    from audiorl.plugins import resolve
+    from audiorl.rewards.asr import REWARDS
+
+    if name in REWARDS:
+        return REWARDS[name]
+    fn = resolve(name, REWARD_GROUP, "objective.rewards")
+    if fn is None:
+        raise ConfigError(f"objective.rewards: unknown reward {name!r}; built in: {sorted(REWARDS)}, or package.module:function")
+    if not callable(fn):
+        raise ConfigError(f"objective.rewards: {name!r} is not callable")
+    return fn
+
+
+class ComposedReward:
+    """sum_j weight_j * reward_j per completion; rewards that return None for a completion do
+    not count for it (as TRL's nansum)."""
+
+    def __init__(self, specs: list[RewardSpec]):
+        if not specs:
+            raise ConfigError("objective.rewards: name at least one reward (for example wer)")
+        self.specs = specs
+        self.fns = [resolve_reward(spec.name) for spec in specs]
+
+    def __call__(self, completions: list[str], **columns: Any) -> tuple[list[float], dict[str, list[float | None]]]:
+        per_reward: dict[str, list[float | None]] = {}
+        total = [0.0] * len(completions)
+        for spec, fn in zip(self.specs, self.fns):
+            values = list(fn(completions, **columns, **spec.kwargs))
+            if len(values) != len(completions):
+                raise ValueError(f"reward {spec.name!r} returned {len(values)} values for {len(completions)} completions")
+            per_reward[spec.name] = values
+            for i, value in enumerate(values):
+                if value is not None and not math.isnan(value):
+                    total[i] += spec.weight * float(value)
+        return total, per_reward
+
+
+def build_reward(specs: list[dict[str, Any] | RewardSpec]) -> ComposedReward:
+    return ComposedReward([s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in specs])
