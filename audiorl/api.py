@@ -102,6 +102,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     adapter = load_adapter(cfg.model, device)
     limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=cfg.data.max_audio_seconds)
     preference = cfg.objective.name == "dpo"
+    grpo = cfg.objective.name == "grpo"
     kind = "preference" if preference else "transcript"
     records, skipped = load_records(
         cfg.data.train, adapter, limits, kind, on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens, label="train data"
@@ -120,7 +121,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         tags={
             "audiorl.base_model": cfg.model.name_or_path,
             "audiorl.family": cfg.model.family,
-            "audiorl.objective": f"{cfg.objective.name}:{'+'.join(cfg.objective.loss_type)}" if preference else cfg.objective.name,
+            "audiorl.objective": cfg.objective.name if cfg.objective.name == "sft" else f"{cfg.objective.name}:{'+'.join(cfg.objective.loss_type)}",
             "audiorl.data_fingerprint": data_fp,
             "audiorl.config_fingerprint": cfg.fingerprint(),
         },
@@ -140,6 +141,17 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
             collate = PreferenceCollator(adapter)
             reference = _build_reference(cfg, adapter, dataset, collate, data_fp)
             recipe = PreferenceRecipe(adapter, cfg.objective, reference)
+        elif grpo:
+            from audiorl.recipes import GRPORecipe
+            from audiorl.reference import AdapterDisabledReference, FrozenReference
+            from audiorl.rewards import build_reward
+
+            collate = TranscriptCollator(adapter)
+            reference = None
+            if cfg.objective.beta != 0.0:  # TRL's convention: beta 0 loads no reference model
+                reference = AdapterDisabledReference(adapter) if adapter.uses_lora else FrozenReference(adapter)
+            reward = build_reward([r.model_dump() for r in cfg.objective.rewards])
+            recipe = GRPORecipe(adapter, cfg.objective, reference, reward)
         else:
             collate = TranscriptCollator(adapter)
             recipe = SFTRecipe(adapter)

@@ -88,9 +88,21 @@ class DataConfig(_Section):
     normalize: TextNormalization = Field(default_factory=TextNormalization)
 
 
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
+
+
+class RewardConfig(_Section):
+    """One term of the composed reward: a built-in (wer, cer, hotword, hallucination, language,
+    length), `package.module:function`, or an `audiorl.rewards` entry point."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class ObjectiveConfig(_Section):
-    name: Literal["dpo", "sft"] = "dpo"
-    beta: float = Field(0.1, gt=0)
+    name: Literal["dpo", "sft", "grpo"] = "dpo"
+    beta: float = Field(0.1, ge=0, description="DPO's β (default 0.1); GRPO's KL weight (default 0: no reference)")
     loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])
     loss_weights: list[float] | None = None
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
@@ -101,6 +113,19 @@ class ObjectiveConfig(_Section):
     )
     precompute_reference: bool = False
     disable_dropout: bool = True
+    # GRPO
+    num_generations: int = Field(8, ge=2)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_completion_length: int = Field(128, gt=0)
+    epsilon: float = Field(0.2, gt=0)
+    epsilon_high: float | None = Field(None, gt=0)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    num_iterations: int = Field(1, ge=1)
+    mask_truncated_completions: bool = False
+    rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig(name="wer")])
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -111,6 +136,8 @@ class ObjectiveConfig(_Section):
 
     @model_validator(mode="after")
     def _check_losses(self) -> ObjectiveConfig:
+        if self.name == "grpo":
+            return self._check_grpo()
         unknown = [name for name in self.loss_type if name not in DPO_LOSS_TYPES and ":" not in name]
         if unknown:
             from audiorl.plugins import LOSS_GROUP, entry_point_names
@@ -128,6 +155,20 @@ class ObjectiveConfig(_Section):
             )
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper suggests 1e-3)")
+        return self
+
+    def _check_grpo(self) -> ObjectiveConfig:
+        # TRL's GRPO defaults where the user left a knob unset
+        if "loss_type" not in self.model_fields_set:
+            object.__setattr__(self, "loss_type", ["dapo"])
+        if "beta" not in self.model_fields_set:
+            object.__setattr__(self, "beta", 0.0)
+        if len(self.loss_type) != 1 or self.loss_type[0] not in GRPO_LOSS_TYPES:
+            raise ValueError(f"GRPO takes one loss_type from {list(GRPO_LOSS_TYPES)}, got {self.loss_type}")
+        if self.precompute_reference:
+            raise ValueError("precompute_reference does not apply to GRPO (its completions are sampled during training)")
+        if not self.rewards:
+            raise ValueError("GRPO needs at least one reward in rewards")
         return self
 
     @property

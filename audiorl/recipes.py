@@ -41,6 +41,8 @@ def custom_losses(names: list[str]) -> dict:
 
 class Recipe:
     adapter: ModelAdapter
+    #: how many optimizer steps each batch is used for (GRPO's num_iterations)
+    batch_repeats: int = 1
 
     @property
     def model(self) -> nn.Module:
@@ -98,3 +100,98 @@ class SFTRecipe(Recipe):
         context = self.adapter.encode(batch["features"])
         scored = self.adapter.sequence_logps(context, batch["target_ids"])
         return sft_loss(scored.token_logps, scored.mask)
+
+
+class GRPORecipe(Recipe):
+    """GRPO: sample G transcripts per clip with the current policy (audio encoded once per clip),
+    score them with the composed reward, normalise the rewards within each group, then take the
+    clipped-surrogate loss on the policy's log-probs of those transcripts.
+
+    With `num_iterations` > 1 the same rollouts serve that many optimizer steps (the trainer
+    repeats the batch), and the log-probs at sampling time are the "old" policy of the ratio.
+    """
+
+    def __init__(self, adapter: ModelAdapter, objective: ObjectiveConfig, reference: Reference | None, reward):
+        from audiorl.rollout import SamplingSettings
+
+        self.adapter = adapter
+        self.objective = objective
+        self.reference = reference
+        self.reward = reward
+        self.batch_repeats = objective.num_iterations
+        self.settings = SamplingSettings(
+            num_generations=objective.num_generations,
+            temperature=objective.temperature,
+            top_p=objective.top_p,
+            top_k=objective.top_k,
+            max_new_tokens=objective.max_completion_length,
+        )
+        self._cached: tuple[int, dict[str, Any]] | None = None
+
+    def _rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from audiorl.objectives.grpo import group_advantages
+        from audiorl.rollout import sample
+
+        key = id(batch)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        g = self.settings.num_generations
+        with torch.no_grad():
+            context = self.adapter.encode(batch["features"])
+            rollout = sample(self.adapter, context, self.settings, with_logps=self.objective.num_iterations > 1)
+            columns = {k: [v for v in values for _ in range(g)] for k, values in batch["columns"].items()}
+            total, parts = self.reward(rollout.texts, **columns)
+            rewards = torch.tensor(total, dtype=torch.float32)
+            advantages = group_advantages(rewards, g, self.objective.scale_rewards)
+        data = {"rollout": rollout, "rewards": rewards, "parts": parts, "advantages": advantages}
+        self._cached = (key, data)
+        return data
+
+    def __call__(self, batch: dict[str, Any]) -> LossOutput:
+        from audiorl.objectives.grpo import grpo_loss
+
+        data = self._rollout(batch)
+        rollout = data["rollout"]
+        context = self.adapter.encode(batch["features"])
+        scored = self.adapter.sequence_logps(context, rollout.token_ids, rollout.clip_index)
+        mask = scored.mask
+        if self.objective.mask_truncated_completions:
+            keep = torch.tensor([not t for t in rollout.truncated], dtype=mask.dtype, device=mask.device)
+            mask = mask * keep.unsqueeze(-1)
+        old = rollout.token_logps.to(mask.device) if rollout.token_logps is not None else scored.token_logps.detach()
+        ref = None
+        if self.objective.beta != 0.0 and self.reference is not None:
+            ref = self.reference.score(batch, context, rollout.token_ids, rollout.clip_index).token_logps
+        out = grpo_loss(
+            scored.token_logps,
+            old,
+            data["advantages"].to(mask.device),
+            mask,
+            ref_token_logps=ref,
+            beta=self.objective.beta,
+            epsilon=self.objective.epsilon,
+            epsilon_high=self.objective.epsilon_high,
+            loss_type=self.objective.loss_type[0],
+            importance_sampling_level=self.objective.importance_sampling_level,
+            max_completion_length=self.objective.max_completion_length,
+        )
+        out.metrics.update(self._reward_metrics(data, scored.mask, rollout))
+        return out
+
+    def _reward_metrics(self, data, mask, rollout) -> dict[str, torch.Tensor]:
+        g = self.settings.num_generations
+        rewards = data["rewards"]
+        metrics = {
+            "reward": rewards.mean(),
+            "reward_std": rewards.view(-1, g).std(dim=1).mean(),
+            "frac_reward_zero_std": (rewards.view(-1, g).std(dim=1) == 0).float().mean(),
+            "advantages/mean_abs": data["advantages"].abs().mean(),
+            "completions/mean_length": mask.sum(-1).float().mean().detach().cpu(),
+            "completions/clipped_ratio": torch.tensor(sum(rollout.truncated) / len(rollout.truncated)),
+        }
+        for name, values in data["parts"].items():
+            present = torch.tensor([v for v in values if v is not None], dtype=torch.float32)
+            if present.numel():
+                metrics[f"rewards/{name}/mean"] = present.mean()
+                metrics[f"rewards/{name}/std"] = present.std() if present.numel() > 1 else torch.tensor(0.0)
+        return metrics

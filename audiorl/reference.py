@@ -23,13 +23,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from audiorl.models.base import AudioContext, ModelAdapter
+from audiorl.models.base import AudioContext, ModelAdapter, SequenceLogps
 
 
 class Reference(ABC):
-    @abstractmethod
     def logps(self, batch: dict[str, Any], policy_context: AudioContext, targets: list[list[int]], index: torch.Tensor) -> torch.Tensor:
         """Summed reference log-probs of `targets` (N,), without gradients."""
+        return self.score(batch, policy_context, targets, index).sum
+
+    @abstractmethod
+    def score(self, batch: dict[str, Any], policy_context: AudioContext, targets: list[list[int]], index: torch.Tensor) -> SequenceLogps:
+        """Per-token reference log-probs of `targets`, without gradients."""
 
 
 class FrozenReference(Reference):
@@ -39,11 +43,11 @@ class FrozenReference(Reference):
         self.module.requires_grad_(False)
 
     @torch.no_grad()
-    def logps(self, batch, policy_context, targets, index):
+    def score(self, batch, policy_context, targets, index):
         context = policy_context
         if self.adapter.encoder_trainable:
             context = self.adapter.encode(batch["features"], model=self.module)
-        return self.adapter.sequence_logps(context, targets, index, model=self.module).sum
+        return self.adapter.sequence_logps(context, targets, index, model=self.module)
 
 
 class AdapterDisabledReference(Reference):
@@ -53,7 +57,7 @@ class AdapterDisabledReference(Reference):
         self.adapter = adapter
 
     @torch.no_grad()
-    def logps(self, batch, policy_context, targets, index):
+    def score(self, batch, policy_context, targets, index):
         module = self.adapter.model
         # asked before disabling: peft turns requires_grad off on the adapter while it is disabled
         reencode = self.adapter.encoder_trainable
@@ -64,7 +68,7 @@ class AdapterDisabledReference(Reference):
                 context = policy_context
                 if reencode:
                     context = self.adapter.encode(batch["features"])
-                return self.adapter.sequence_logps(context, targets, index).sum
+                return self.adapter.sequence_logps(context, targets, index)
         finally:
             module.train(was_training)
 
@@ -77,6 +81,9 @@ class PrecomputedReference(Reference):
     def logps(self, batch, policy_context, targets, index):
         rows = batch["index"]
         return torch.cat([self.chosen[rows], self.rejected[rows]])
+
+    def score(self, batch, policy_context, targets, index):
+        raise NotImplementedError("precomputed reference log-probs are sums per pair, not per token")
 
 
 def reference_cache_key(adapter: ModelAdapter, data_fingerprint: str) -> str:

@@ -129,7 +129,7 @@ class Trainer:
         )
         bs = config.per_device_train_batch_size
         self.batches_per_epoch = math.ceil(len(dataset) / bs)
-        steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
+        steps_per_epoch = math.ceil(self.batches_per_epoch * recipe.batch_repeats / config.gradient_accumulation_steps)
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.total_steps)
         from transformers import get_scheduler
@@ -155,16 +155,22 @@ class Trainer:
         return [order[i : i + bs] for i in range(0, len(order), bs)]
 
     def _micro_batches(self, start_micro: int):
+        """Micro-batches in order from `start_micro`; each is served `batch_repeats` times in a row
+        (GRPO's num_iterations reuses one batch's rollouts for several steps)."""
+        repeats = self.recipe.batch_repeats
         micro = start_micro
         while True:
-            epoch, position = divmod(micro, self.batches_per_epoch)
+            data_index, served = divmod(micro, repeats)
+            epoch, position = divmod(data_index, self.batches_per_epoch)
             batches = self._epoch_batches(epoch)[position:]
             loader = DataLoader(
                 self.dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=self.num_workers
             )
             for batch in loader:
-                yield epoch, batch
-                micro += 1
+                for _ in range(repeats - served):
+                    yield epoch, batch
+                    micro += 1
+                served = 0
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -46,16 +46,22 @@ class PreferenceCollator:
 
 
 class TranscriptCollator:
-    """-> {index, features, target_ids, references}."""
+    """-> {index, features, target_ids, references, columns}; `columns` holds, per clip, what
+    rewards read: reference, language and every other record column (hotwords, no_speech, ...)."""
 
     def __init__(self, adapter: ModelAdapter):
         self.adapter = adapter
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        references = [item["record"].reference for item in items]
+        records = [item["record"] for item in items]
+        references = [r.reference for r in records]
+        columns: dict[str, list] = {"reference": references, "language": [r.language for r in records]}
+        for key in sorted({k for r in records for k in r.extra}):
+            columns[key] = [r.extra.get(key) for r in records]
         return {
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
             "features": self.adapter.features([item["waveform"] for item in items]),
             "target_ids": self.adapter.target_ids(references),
             "references": references,
+            "columns": columns,
         }

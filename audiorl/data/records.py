@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ class Record:
     prompt: str | None = None
     language: str | None = None
     sampling_rate: int | None = None  # only for in-memory arrays
+    extra: dict[str, Any] = field(default_factory=dict)  # other columns (hotwords, no_speech, ...) for rewards
 
     @property
     def reference(self) -> str:
@@ -53,6 +54,7 @@ class Record:
 
 
 _OPTIONAL_TEXT = ("prompt", "language")
+_KNOWN = {"audio", "text", "chosen", "rejected", *_OPTIONAL_TEXT}
 
 
 def _text_field(row: dict[str, Any], key: str, where: str, required: bool) -> str | None:
@@ -97,6 +99,9 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> 
     if kind == "preference":
         record.chosen = _text_field(row, "chosen", where, required=True)
         record.rejected = _text_field(row, "rejected", where, required=True)
+    elif row.get("no_speech") is True:
+        # a clip with no speech in it: its reference is the empty transcript
+        record.text = _text_field(row, "text", where, required=False) or ""
     else:
         has_text = row.get("text") is not None
         record.text = _text_field(row, "text", where, required=has_text or row.get("chosen") is None)
@@ -104,6 +109,10 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> 
             record.chosen = _text_field(row, "chosen", where, required=True)
     for key in _OPTIONAL_TEXT:
         setattr(record, key, _text_field(row, key, where, required=False))
+    hotwords = row.get("hotwords")
+    if hotwords is not None and not (isinstance(hotwords, list) and all(isinstance(h, str) and h.strip() for h in hotwords)):
+        raise DataError(f"{where}: 'hotwords' must be a list of non-empty strings, got {hotwords!r}")
+    record.extra = {k: v for k, v in row.items() if k not in _KNOWN}
     return record
 
 
@@ -203,7 +212,9 @@ def fingerprint(records: list[Record]) -> str:
     """A hash of the records' content: transcripts, and audio by path, size and mtime (or bytes)."""
     digest = hashlib.sha256()
     for record in records:
-        digest.update(json.dumps([record.text, record.chosen, record.rejected, record.prompt, record.language]).encode())
+        digest.update(
+            json.dumps([record.text, record.chosen, record.rejected, record.prompt, record.language, record.extra], default=str).encode()
+        )
         if isinstance(record.audio, str):
             try:
                 stat = Path(record.audio).stat()

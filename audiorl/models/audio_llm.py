@@ -120,6 +120,10 @@ class AudioLLMAdapter(ModelAdapter):
         encoded = self.tokenizer([t.strip() for t in texts], add_special_tokens=False)["input_ids"]
         return [ids + [self.stop_ids[0]] for ids in encoded]
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return list(self.stop_ids)
+
     def decode(self, token_ids: list[list[int]]) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 

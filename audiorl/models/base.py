@@ -103,6 +103,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def decode(self, token_ids: list[list[int]]) -> list[str]: ...
 
+    @property
+    @abstractmethod
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end a completion; `target_ids` appends the first."""
+
     # -- compute -----------------------------------------------------------------------------
 
     @abstractmethod

@@ -116,6 +116,10 @@ class WhisperAdapter(ModelAdapter):
         encoded = self.tokenizer([" " + text.strip() for text in texts], add_special_tokens=False)
         return [ids + [self.eos_id] for ids in encoded["input_ids"]]
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.eos_id]
+
     def decode(self, token_ids: list[list[int]]) -> list[str]:
         return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 

@@ -1,0 +1,64 @@
+"""Sampling G hypotheses per clip: the audio encoder (or audio tower) runs once per clip and its
+output is repeated for every hypothesis; decoding is batched with the KV cache. Works for every
+family through the adapter contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from audiorl.models.base import AudioContext, ModelAdapter
+
+
+@dataclass
+class SamplingSettings:
+    num_generations: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+
+
+@dataclass
+class Rollout:
+    """G completions per clip, clip-major: rows i*G .. i*G+G-1 belong to clip i."""
+
+    token_ids: list[list[int]]
+    texts: list[str]
+    truncated: list[bool]  # ended without a stop token (hit max_new_tokens)
+    clip_index: torch.Tensor  # (N,) which clip each completion belongs to
+    group_size: int
+    token_logps: torch.Tensor | None = None  # (N, L) log-probs under the sampling policy, if asked
+    mask: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def sample(
+    adapter: ModelAdapter,
+    context: AudioContext,
+    settings: SamplingSettings,
+    *,
+    generator: torch.Generator | None = None,
+    with_logps: bool = False,
+) -> Rollout:
+    """Sample `settings.num_generations` completions for each clip of an encoded batch."""
+    g = settings.num_generations
+    out = adapter.generate(
+        context,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=True,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        num_return_sequences=g,
+        generator=generator,
+    )
+    stops = set(adapter.stop_token_ids)
+    truncated = [not ids or ids[-1] not in stops for ids in out.token_ids]
+    clip_index = torch.arange(context.batch_size).repeat_interleave(g)
+    rollout = Rollout(out.token_ids, out.texts, truncated, clip_index, g)
+    if with_logps:
+        scored = adapter.sequence_logps(context, out.token_ids, clip_index)
+        rollout.token_logps, rollout.mask = scored.token_logps, scored.mask
+    return rollout
