@@ -245,3 +245,61 @@ def evaluate(
     if isinstance(data, Mapping):
         return {name: one(path, name) for name, path in data.items()}
     return one(data, "eval data")
+
+
+def _load_for_building(model, data, *, family, language, device, max_audio_seconds, on_bad_record):
+    family = family or detect_family(str(model))
+    if family is None:
+        raise ConfigError(f"{model}: cannot tell the model family from its config.json; name it (--family)")
+    adapter = load_adapter(ModelConfig(family=family, name_or_path=str(model), language=language), resolve_device(device))
+    limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=max_audio_seconds)
+    records, _ = load_records(str(data), adapter, limits, "transcript", on_bad=on_bad_record, max_tokens=None, label="input data")
+    return adapter, limits, records
+
+
+def make_pairs(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    family: str | None = None,
+    language: str | None = "en",
+    device: str = "auto",
+    max_audio_seconds: float = 30.0,
+    on_bad_record: str = "error",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 128,
+    **options,
+):
+    """Preference pairs from a model's sampled hypotheses (see audiorl.data.builders.build_pairs)."""
+    from audiorl.data.builders import build_pairs
+    from audiorl.rollout import SamplingSettings
+
+    adapter, limits, records = _load_for_building(
+        model, data, family=family, language=language, device=device, max_audio_seconds=max_audio_seconds, on_bad_record=on_bad_record
+    )
+    sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
+    return build_pairs(adapter, records, limits, out, sampling=sampling, **options)
+
+
+def make_hard_cases(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    family: str | None = None,
+    language: str | None = "en",
+    device: str = "auto",
+    max_audio_seconds: float = 30.0,
+    on_bad_record: str = "error",
+    **options,
+):
+    """The clips a model fails on, for reward shaping (see audiorl.data.builders.find_hard_cases)."""
+    from audiorl.data.builders import find_hard_cases
+
+    adapter, limits, records = _load_for_building(
+        model, data, family=family, language=language, device=device, max_audio_seconds=max_audio_seconds, on_bad_record=on_bad_record
+    )
+    return find_hard_cases(adapter, records, limits, out, **options)

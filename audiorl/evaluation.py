@@ -17,17 +17,7 @@ from audiorl.audio import AudioLimits
 from audiorl.config import TextNormalization
 from audiorl.data.records import Record
 from audiorl.models.base import ModelAdapter
-
-
-def _transform(normalization: TextNormalization, unit: str) -> jiwer.Compose:
-    steps: list[Any] = []
-    if normalization.lowercase:
-        steps.append(jiwer.ToLowerCase())
-    if normalization.remove_punctuation:
-        steps.append(jiwer.RemovePunctuation())
-    steps += [jiwer.RemoveMultipleSpaces(), jiwer.Strip()]
-    steps.append(jiwer.ReduceToListOfListOfWords() if unit == "word" else jiwer.ReduceToListOfListOfChars())
-    return jiwer.Compose(steps)
+from audiorl.text import transform
 
 
 @dataclass
@@ -78,8 +68,8 @@ def score(
     if not references:
         raise ValueError("nothing to score")
     norm = normalization or TextNormalization()
-    words = _transform(norm, "word")
-    chars = _transform(norm, "char")
+    words = transform(norm, "word")
+    chars = transform(norm, "char")
     out = jiwer.process_words(references, hypotheses, reference_transform=words, hypothesis_transform=words)
     cer = jiwer.process_characters(references, hypotheses, reference_transform=chars, hypothesis_transform=chars).cer
     utterances = []

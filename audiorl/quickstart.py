@@ -99,7 +99,7 @@ def make_data(workdir: Path, seed: int = 0) -> QuickstartData:
     train_rows, eval_rows = [], []
     jobs = [(s, v) for v in TRAIN_VOICES for s in SENTENCES] + [(s, EVAL_VOICE) for s in SENTENCES]
     with progress_bar("speaking (espeak-ng)", total=len(jobs)) as advance:
-        for n, (sentence, (voice, speed, pitch)) in enumerate(jobs):
+        for sentence, (voice, speed, pitch) in jobs:
             name = f"{voice.replace('+', '_')}-{SENTENCES.index(sentence):03d}.wav"
             speak(sentence, audio_dir / name, voice=voice, speed=speed, pitch=pitch)
             if (voice, speed, pitch) == EVAL_VOICE:

@@ -155,7 +155,6 @@ def worker(args) -> None:
 
 def parity(model_dir: Path, args) -> tuple[float, float, float]:
     """Loss and gradient difference between the naive and the shared step."""
-    import torch
 
     adapter = load(model_dir, args.threads)
     batch = make_batch(adapter, min(args.pairs, 2), args.seconds, args.tokens)

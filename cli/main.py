@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="Build and check datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 _state = {"debug": False}
 
@@ -136,6 +138,108 @@ def evaluate(
     if output:
         output.write_text(json.dumps({name: r.to_dict() for name, r in results.items()}, indent=2))
         out.print(f"full results: {output}")
+
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model directory (save_pretrained) or hub id.")]
+FamilyOption = Annotated[Optional[str], typer.Option(help="Model family (default: read from the model's config.json).")]
+
+
+def _print_summary(summary, out_path: Path) -> None:
+    out = _out()
+    for line in summary.lines():
+        out.print(line)
+    out.print(f"written: {out_path}")
+
+
+@data_app.command("pairs")
+def data_pairs(
+    model: ModelOption,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Transcript manifest: {audio, text} per line.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Preference manifest to write.")],
+    family: FamilyOption = None,
+    num_samples: Annotated[int, typer.Option(help="Hypotheses sampled per clip.")] = 8,
+    policy: Annotated[str, typer.Option(help="best-worst, reference-worst, or all (every pair past the margin).")] = "best-worst",
+    min_wer_margin: Annotated[float, typer.Option(help="Least WER difference between chosen and rejected.")] = 0.1,
+    max_pairs_per_clip: Annotated[int, typer.Option(help="With --policy all: most pairs per clip.")] = 4,
+    dropout_ntp: Annotated[
+        Optional[str], typer.Option(help="mask or noise: rejected = the reference's first part continued without the audio.")
+    ] = None,
+    start_ratio: Annotated[float, typer.Option(help="DropoutNTP: share of the reference kept before continuing.")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Top-k sampling (0: off).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest hypothesis.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
+    language: Annotated[str, typer.Option(help="Language of the speech.")] = "en",
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+) -> None:
+    """Sample N hypotheses per clip, rank them by WER, write preference pairs."""
+    from audiorl.api import make_pairs
+    from audiorl.errors import ConfigError
+
+    if policy not in ("best-worst", "reference-worst", "all"):
+        raise ConfigError(f"--policy {policy!r}: use best-worst, reference-worst or all")
+    if dropout_ntp not in (None, "mask", "noise"):
+        raise ConfigError(f"--dropout-ntp {dropout_ntp!r}: use mask or noise")
+    summary = make_pairs(
+        model, data, out, family=family, language=language, device=device, temperature=temperature, top_p=top_p,
+        top_k=top_k, max_new_tokens=max_new_tokens, num_samples=num_samples, policy=policy, min_wer_margin=min_wer_margin,
+        max_pairs_per_clip=max_pairs_per_clip, dropout_ntp=dropout_ntp, start_ratio=start_ratio, batch_size=batch_size, seed=seed,
+    )
+    _print_summary(summary, out)
+
+
+@data_app.command("hard-cases")
+def data_hard_cases(
+    model: ModelOption,
+    data: Annotated[Path, typer.Option("--data", "-d", help="Transcript manifest (hotwords, no_speech columns are used).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest of hard (and some easy) clips to write.")],
+    family: FamilyOption = None,
+    wer_threshold: Annotated[float, typer.Option(help="Greedy WER from which a clip is hard.")] = 0.3,
+    num_samples: Annotated[int, typer.Option(help="Hypotheses sampled per clip to measure disagreement.")] = 4,
+    disagreement_threshold: Annotated[float, typer.Option(help="Mean pairwise WER of the samples from which a clip is hard.")] = 0.3,
+    easy_fraction: Annotated[float, typer.Option(help="Share of the easy clips kept against forgetting.")] = 0.1,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest transcript.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
+    language: Annotated[str, typer.Option(help="Language of the speech.")] = "en",
+    seed: Annotated[int, typer.Option(help="Seed for sampling and the easy share.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+) -> None:
+    """Score a model on a manifest and keep the clips where it fails, with the reasons."""
+    from audiorl.api import make_hard_cases
+
+    summary = make_hard_cases(
+        model, data, out, family=family, language=language, device=device, wer_threshold=wer_threshold,
+        num_samples=num_samples, disagreement_threshold=disagreement_threshold, easy_fraction=easy_fraction,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+    )
+    _print_summary(summary, out)
+
+
+@data_app.command("check")
+def data_check(
+    manifest: Annotated[Path, typer.Argument(help="JSONL manifest to check.")],
+    kind: Annotated[str, typer.Option(help="transcript or preference.")] = "transcript",
+    max_audio_seconds: Annotated[float, typer.Option(help="Longest clip allowed.")] = 30.0,
+    sampling_rate: Annotated[int, typer.Option(help="The model's sampling rate (clips are resampled to it).")] = 16000,
+) -> None:
+    """Check every record: JSON, keys, text, hotwords, audio readable, finite, not too long."""
+    from audiorl.audio import AudioLimits
+    from audiorl.data.builders import check_manifest
+    from audiorl.errors import ConfigError, DataError
+
+    if kind not in ("transcript", "preference"):
+        raise ConfigError(f"--kind {kind!r}: use transcript or preference")
+    report = check_manifest(manifest, kind, AudioLimits(sampling_rate=sampling_rate, max_seconds=max_audio_seconds))
+    out = _out()
+    rates = ", ".join(f"{rate} Hz x {n}" for rate, n in sorted(report.rates.items()))
+    out.print(f"{report.records} records, {report.seconds / 3600:.2f} h of audio; native rates: {rates or '-'}")
+    for problem in report.problems:
+        typer.echo(f"  {problem}")
+    if report.problems:
+        raise DataError(f"{manifest}: {len(report.problems)} problem(s) found (listed above)")
+    out.print("no problems found")
 
 
 @app.command()

@@ -241,3 +241,15 @@ def test_step_audio2_loads_the_published_layout_with_no_missing_or_unexpected_ke
     # and the tiny checkpoint we ship for tests is in the same layout
     tiny = load_file(str(tiny_models["step_audio2"] / "model.safetensors"))
     assert set(tiny) == set(published_parameter_names(StepAudio2Config.from_pretrained(tiny_models["step_audio2"])))
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_group_decoding_from_one_prefill_matches_single_decoding(tiny_models, speech_dir, family):
+    """Generation prefills once per clip and repeats the cache for the group: greedy copies of a
+    group must equal plain greedy decoding of each clip."""
+    adapter = _adapter(tiny_models, family)
+    batch = _batch(adapter, speech_dir, n=2)
+    context = adapter.encode(batch["features"])
+    single = adapter.generate(context, max_new_tokens=6).token_ids
+    grouped = adapter.generate(context, max_new_tokens=6, num_return_sequences=3).token_ids
+    assert grouped == [ids for ids in single for _ in range(3)]

@@ -41,6 +41,12 @@ class PromptContext(AudioContext):
         return self.embeds.shape[0]
 
 
+def _append_rows(context: PromptContext, extra: torch.Tensor) -> PromptContext:
+    rows = [torch.cat([context.embeds[i, :n], extra]) for i, n in enumerate(context.lengths.tolist())]
+    lengths = context.lengths + extra.shape[0]
+    return PromptContext(nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths)
+
+
 def wants_chat(config: ModelConfig) -> bool:
     """`prompt_format: auto` means the chat template for instruct checkpoints, the base prompt otherwise."""
     if config.prompt_format == "auto":
@@ -189,6 +195,10 @@ class AudioLLMAdapter(ModelAdapter):
         token_logps = logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask
         return SequenceLogps(token_logps=token_logps, mask=mask)
 
+    def _with_prefix(self, context: PromptContext, prefix: list[int], core: nn.Module) -> PromptContext:
+        ids = torch.tensor(prefix, device=context.embeds.device)
+        return _append_rows(context, self.embed_tokens(core)(ids).to(context.embeds.dtype))
+
     @torch.no_grad()
     def generate(
         self,
@@ -201,11 +211,13 @@ class AudioLLMAdapter(ModelAdapter):
         top_k: int = 0,
         num_return_sequences: int = 1,
         generator: torch.Generator | None = None,
+        prefix: list[int] | None = None,
     ) -> Generation:
         core = core_model(self.model)
         assert isinstance(context, PromptContext)
-        if num_return_sequences > 1:
-            context = context.select(torch.arange(context.batch_size).repeat_interleave(num_return_sequences))
+        group = num_return_sequences
+        if prefix:
+            context = self._with_prefix(context, prefix, core)
         device, batch = context.embeds.device, context.batch_size
         lengths = context.lengths.tolist()
         width = max(lengths)
@@ -217,6 +229,12 @@ class AudioLLMAdapter(ModelAdapter):
             attention[row, width - n :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         embed, decoder, head = self.embed_tokens(core), self.decoder(core), self.lm_head(core)
+        # the prompt (audio included) is prefilled once per clip; its cache is then repeated for
+        # the group's samples
+        if group > 1:
+            batch = batch * group
+            attention = attention.repeat_interleave(group, dim=0)
+            positions = positions.repeat_interleave(group, dim=0)
         stop = torch.tensor(self.stop_ids, device=device)
         suppress = torch.tensor(self._suppress, device=device, dtype=torch.long)
         max_new_tokens = min(max_new_tokens, self.max_target_tokens)
@@ -226,9 +244,16 @@ class AudioLLMAdapter(ModelAdapter):
         was_training = core.training
         core.eval()
         try:
-            out = decoder(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, use_cache=True)
+            prefill_mask = attention[::group]
+            out = decoder(inputs_embeds=inputs, attention_mask=prefill_mask, position_ids=positions[::group], use_cache=True)
+            last = out.last_hidden_state[:, -1, :]
+            if group > 1:
+                last = last.repeat_interleave(group, dim=0)
+                out.cache.batch_repeat_interleave(group)
             for step in range(max_new_tokens):
-                logits = head(out.last_hidden_state[:, -1, :]).float()
+                if step > 0:
+                    last = out.last_hidden_state[:, -1, :]
+                logits = head(last).float()
                 if suppress.numel():
                     logits[:, suppress] = float("-inf")
                 chosen = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)

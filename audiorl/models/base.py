@@ -135,7 +135,10 @@ class ModelAdapter(ABC):
         top_k: int = 0,
         num_return_sequences: int = 1,
         generator: torch.Generator | None = None,
-    ) -> Generation: ...
+        prefix: list[int] | None = None,
+    ) -> Generation:
+        """Greedy or sampled completions. `prefix` (token ids, the same for every row) forces the
+        start of each completion; the returned ids are those that follow it."""
 
     # -- parameters --------------------------------------------------------------------------
 

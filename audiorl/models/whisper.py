@@ -178,19 +178,21 @@ class WhisperAdapter(ModelAdapter):
         top_k: int = 0,
         num_return_sequences: int = 1,
         generator: torch.Generator | None = None,
+        prefix: list[int] | None = None,
     ) -> Generation:
         from transformers.modeling_outputs import BaseModelOutput
 
         core = _core(self.model)
         assert isinstance(context, WhisperContext)
-        if num_return_sequences > 1:
-            rows = torch.arange(context.batch_size).repeat_interleave(num_return_sequences)
-            context = context.select(rows)
+        group = num_return_sequences
         hidden = context.hidden_states
-        batch, device = hidden.shape[0], hidden.device
+        device = hidden.device
+        batch = hidden.shape[0] * group
         max_new_tokens = min(max_new_tokens, self.max_target_tokens)
+        # the first step runs once per clip (cross-attention keys/values projected once); its cache
+        # and logits are then repeated for the group's samples
         encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
-        step_input = torch.tensor([self.prefix_ids] * batch, device=device)
+        step_input = torch.tensor([self.prefix_ids + list(prefix or [])] * hidden.shape[0], device=device)
         suppress = torch.tensor(sorted(self._suppress), device=device, dtype=torch.long)
         tokens = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -208,6 +210,10 @@ class WhisperAdapter(ModelAdapter):
                 )
                 past = out.cache
                 logits = out.logits[:, -1, :].float()
+                if step == 0 and group > 1:
+                    logits = logits.repeat_interleave(group, dim=0)
+                    past.batch_repeat_interleave(group)
+                    encoder_outputs = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group, dim=0))
                 if suppress.numel():
                     logits[:, suppress] = float("-inf")
                 chosen = next_tokens(

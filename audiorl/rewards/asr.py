@@ -14,24 +14,24 @@ from collections.abc import Sequence
 import jiwer
 
 from audiorl.config import TextNormalization
-from audiorl.evaluation import _transform
+from audiorl.text import transform
 
 Rewards = list[float | None]
 
 
 def _norm_words(text: str, normalization: TextNormalization) -> list[str]:
-    return _transform(normalization, "word")([text])[0] if text.strip() else []
+    return transform(normalization, "word")([text])[0] if text.strip() else []
 
 
-def _error_rate(reference: str, hypothesis: str, normalization: TextNormalization, unit: str) -> float:
+def error_rate(reference: str, hypothesis: str, normalization: TextNormalization, unit: str) -> float:
     """WER or CER of one utterance; an empty reference gives 0 for an empty hypothesis, else 1."""
-    transform = _transform(normalization, unit)
-    ref_units = transform([reference])[0] if reference.strip() else []
+    to_units = transform(normalization, unit)
+    ref_units = to_units([reference])[0] if reference.strip() else []
     if not ref_units:
-        hyp_units = transform([hypothesis])[0] if hypothesis.strip() else []
+        hyp_units = to_units([hypothesis])[0] if hypothesis.strip() else []
         return 0.0 if not hyp_units else 1.0
     process = jiwer.process_words if unit == "word" else jiwer.process_characters
-    out = process([reference], [hypothesis], reference_transform=transform, hypothesis_transform=transform)
+    out = process([reference], [hypothesis], reference_transform=to_units, hypothesis_transform=to_units)
     return float(out.wer if unit == "word" else out.cer)
 
 
@@ -49,14 +49,14 @@ def wer(completions: list[str], reference=None, normalization: TextNormalization
     """Accuracy reward 1 − WER, clipped at 0 (a hypothesis with more errors than words gets 0)."""
     refs = _per_record(reference, len(completions), "reference")
     norm = normalization or TextNormalization()
-    return [max(0.0, 1.0 - _error_rate(r, h, norm, "word")) for r, h in zip(refs, completions)]
+    return [max(0.0, 1.0 - error_rate(r, h, norm, "word")) for r, h in zip(refs, completions)]
 
 
 def cer(completions: list[str], reference=None, normalization: TextNormalization | None = None, **_) -> Rewards:
     """1 − CER, clipped at 0: the accuracy reward for languages written without spaces."""
     refs = _per_record(reference, len(completions), "reference")
     norm = normalization or TextNormalization()
-    return [max(0.0, 1.0 - _error_rate(r, h, norm, "char")) for r, h in zip(refs, completions)]
+    return [max(0.0, 1.0 - error_rate(r, h, norm, "char")) for r, h in zip(refs, completions)]
 
 
 def _contains(text: str, phrase: str) -> int:

@@ -1,0 +1,306 @@
+"""Dataset builders that run a model: preference pairs from sampled N-best lists, hard-case
+(reward-shaping) sets, and a record-by-record manifest check.
+
+Pairs follow the correctness recipe of the MPO paper's data pipeline mapped to ASR: sample N
+hypotheses, rank them against the reference, keep pairs with a clear margin. The DropoutNTP
+option builds the rejected side the other way: keep the first part of the reference and let the
+model continue it with the audio masked (silence) or noised, which yields the fluent but unfounded
+text a recognizer hallucinates.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from audiorl.audio import AudioLimits
+from audiorl.config import TextNormalization
+from audiorl.data.records import Record, record_from_row
+from audiorl.errors import DataError
+from audiorl.models.base import ModelAdapter
+from audiorl.progress import progress_bar
+from audiorl.rewards.asr import error_rate, hallucination, hotword
+from audiorl.rollout import SamplingSettings, sample
+
+PairPolicy = Literal["best-worst", "reference-worst", "all"]
+
+
+@dataclass
+class BuildSummary:
+    clips: int = 0
+    kept: int = 0
+    rows: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.clips} clips read, {self.kept} yielded rows, {self.rows} rows written"]
+        out += [f"  {count:6d}  {reason}" for reason, count in self.reasons.most_common()]
+        return out
+
+
+def _audio_ref(record: Record, out_dir: Path) -> str:
+    """The clip's path as the new manifest should hold it: relative to the new manifest when possible."""
+    if not isinstance(record.audio, str):
+        raise DataError(f"{record.source}: builders need audio stored as files (got in-memory audio)")
+    try:
+        return str(Path(record.audio).resolve().relative_to(out_dir.resolve()))
+    except ValueError:
+        return str(Path(record.audio).resolve())
+
+
+def _batches(records: list[Record], size: int):
+    for start in range(0, len(records), size):
+        yield records[start : start + size]
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path
+
+
+def _scores(reference: str, hypotheses: list[str], normalization: TextNormalization) -> list[float]:
+    return [error_rate(reference, h, normalization, "word") for h in hypotheses]
+
+
+def build_pairs(
+    adapter: ModelAdapter,
+    records: list[Record],
+    limits: AudioLimits,
+    out_path: str | Path,
+    *,
+    num_samples: int = 8,
+    sampling: SamplingSettings | None = None,
+    policy: PairPolicy = "best-worst",
+    min_wer_margin: float = 0.1,
+    max_pairs_per_clip: int = 4,
+    dropout_ntp: Literal["mask", "noise"] | None = None,
+    start_ratio: float = 0.5,
+    batch_size: int = 8,
+    normalization: TextNormalization | None = None,
+    seed: int = 0,
+) -> BuildSummary:
+    """Sample hypotheses per clip, rank them by WER against the reference, write preference rows."""
+    norm = normalization or TextNormalization()
+    settings = sampling or SamplingSettings(num_generations=num_samples)
+    settings.num_generations = num_samples
+    out_dir = Path(out_path).parent
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, Any]] = []
+    summary = BuildSummary()
+    adapter.model.eval()
+    with progress_bar("building pairs", total=len(records)) as advance:
+        for chunk in _batches(records, batch_size):
+            waves = [r.load(limits) for r in chunk]
+            with torch.no_grad():
+                context = adapter.encode(adapter.features(waves))
+                rollout = None if dropout_ntp else sample(adapter, context, settings, generator=generator)
+            for i, record in enumerate(chunk):
+                summary.clips += 1
+                if dropout_ntp:
+                    made = _dropout_ntp_pair(adapter, record, waves[i], dropout_ntp, start_ratio, settings, rng, norm)
+                else:
+                    hyps = rollout.texts[i * num_samples : (i + 1) * num_samples]
+                    made = _rank_pairs(record, hyps, policy, min_wer_margin, max_pairs_per_clip, norm)
+                if isinstance(made, str):
+                    summary.reasons[made] += 1
+                else:
+                    summary.kept += 1
+                    for chosen, rejected, c_wer, r_wer in made:
+                        rows.append(
+                            {
+                                "audio": _audio_ref(record, out_dir),
+                                "chosen": chosen,
+                                "rejected": rejected,
+                                "chosen_wer": round(c_wer, 4),
+                                "rejected_wer": round(r_wer, 4),
+                                **({"language": record.language} if record.language else {}),
+                                "source": record.source,
+                            }
+                        )
+            advance(len(chunk))
+    summary.rows = len(rows)
+    summary.reasons["clips with pairs"] = summary.kept
+    write_jsonl(rows, out_path)
+    return summary
+
+
+def _rank_pairs(record, hyps, policy, margin, max_pairs, norm):
+    reference = record.reference
+    distinct = list(dict.fromkeys(h.strip() for h in hyps))
+    scored = sorted(zip(_scores(reference, distinct, norm), distinct))
+    if policy == "reference-worst":
+        worst_wer, worst = scored[-1]
+        if worst_wer < margin:
+            return "every sample within the margin of the reference (nothing to reject)"
+        return [(reference, worst, 0.0, worst_wer)]
+    if len(distinct) < 2:
+        return "all samples identical"
+    if policy == "best-worst":
+        (best_wer, best), (worst_wer, worst) = scored[0], scored[-1]
+        if worst_wer - best_wer < margin:
+            return "best and worst samples closer than the margin"
+        return [(best, worst, best_wer, worst_wer)]
+    pairs = [(a, b) for a, b in combinations(scored, 2) if b[0] - a[0] >= margin]
+    if not pairs:
+        return "no two samples differ by the margin"
+    pairs.sort(key=lambda p: p[1][0] - p[0][0], reverse=True)
+    return [(a[1], b[1], a[0], b[0]) for a, b in pairs[:max_pairs]]
+
+
+def _dropout_ntp_pair(adapter, record, wave, how, start_ratio, settings, rng, norm):
+    reference = record.reference
+    target = adapter.target_ids([reference])[0][:-1]
+    keep = max(1, int(len(target) * start_ratio))
+    if len(target) < 2:
+        return "reference too short to continue"
+    if how == "mask":
+        degraded = np.zeros_like(wave)
+    else:
+        scale = float(np.sqrt(np.mean(wave**2))) or 0.01
+        degraded = (rng.standard_normal(wave.shape) * scale).astype(np.float32)
+    with torch.no_grad():
+        context = adapter.encode(adapter.features([degraded]))
+        out = adapter.generate(
+            context, max_new_tokens=settings.max_new_tokens, do_sample=True, temperature=settings.temperature,
+            top_p=settings.top_p, top_k=settings.top_k, prefix=target[:keep],
+        )
+    rejected = adapter.decode([target[:keep] + out.token_ids[0]])[0]
+    r_wer = error_rate(reference, rejected, norm, "word")
+    if r_wer == 0.0:
+        return "continuation without audio reproduced the reference"
+    return [(reference, rejected, 0.0, r_wer)]
+
+
+def find_hard_cases(
+    adapter: ModelAdapter,
+    records: list[Record],
+    limits: AudioLimits,
+    out_path: str | Path,
+    *,
+    wer_threshold: float = 0.3,
+    num_samples: int = 4,
+    disagreement_threshold: float = 0.3,
+    easy_fraction: float = 0.1,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    normalization: TextNormalization | None = None,
+    seed: int = 0,
+) -> BuildSummary:
+    """Keep the clips the model fails on, with why, plus `easy_fraction` of the rest.
+
+    A clip is hard when its greedy WER is at least `wer_threshold`, when its sampled hypotheses
+    disagree (mean pairwise WER at least `disagreement_threshold`), when a hotword is missed, or
+    when the greedy transcript is a hallucination (loops, far too long, speech on silence).
+    Rows keep the columns the rewards read (text, language, hotwords, no_speech).
+    """
+    norm = normalization or TextNormalization()
+    settings = SamplingSettings(num_generations=num_samples, max_new_tokens=max_new_tokens)
+    generator = torch.Generator().manual_seed(seed)
+    pick = random.Random(seed)
+    out_dir = Path(out_path).parent
+    hard, easy = [], []
+    summary = BuildSummary()
+    adapter.model.eval()
+    with progress_bar("finding hard cases", total=len(records)) as advance:
+        for chunk in _batches(records, batch_size):
+            with torch.no_grad():
+                context = adapter.encode(adapter.features([r.load(limits) for r in chunk]))
+                greedy = adapter.generate(context, max_new_tokens=max_new_tokens).texts
+                rollout = sample(adapter, context, settings, generator=generator)
+            for i, record in enumerate(chunk):
+                summary.clips += 1
+                reference = record.reference
+                g_wer = error_rate(reference, greedy[i], norm, "word")
+                hyps = rollout.texts[i * num_samples : (i + 1) * num_samples]
+                pairwise = [error_rate(a, b, norm, "word") for a, b in combinations(hyps, 2)]
+                disagreement = float(np.mean(pairwise)) if pairwise else 0.0
+                reasons = []
+                if g_wer >= wer_threshold:
+                    reasons.append("high_wer")
+                if disagreement >= disagreement_threshold:
+                    reasons.append("hypotheses_disagree")
+                hotwords = record.extra.get("hotwords")
+                if hotwords and hotword([greedy[i]], hotwords=[hotwords], reference=[reference])[0] < 1.0:
+                    reasons.append("missed_hotword")
+                if hallucination([greedy[i]], reference=[reference], no_speech=[record.extra.get("no_speech", False)])[0] < 0:
+                    reasons.append("hallucination")
+                row = {
+                    "audio": _audio_ref(record, out_dir),
+                    "text": reference,
+                    **({"language": record.language} if record.language else {}),
+                    **{k: v for k, v in record.extra.items() if k in ("hotwords", "no_speech")},
+                    "greedy": greedy[i],
+                    "greedy_wer": round(g_wer, 4),
+                    "disagreement": round(disagreement, 4),
+                    "hard_reasons": reasons,
+                    "source": record.source,
+                }
+                (hard if reasons else easy).append(row)
+                for reason in reasons:
+                    summary.reasons[reason] += 1
+            advance(len(chunk))
+    keep_easy = pick.sample(easy, k=int(round(len(easy) * easy_fraction)))
+    summary.reasons["easy clips kept against forgetting"] = len(keep_easy)
+    summary.reasons["easy clips dropped"] = len(easy) - len(keep_easy)
+    summary.kept = len(hard)
+    rows = hard + keep_easy
+    summary.rows = len(rows)
+    write_jsonl(rows, out_path)
+    return summary
+
+
+@dataclass
+class CheckReport:
+    records: int = 0
+    problems: list[str] = field(default_factory=list)
+    rates: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+def check_manifest(path: str | Path, kind: Literal["preference", "transcript"], limits: AudioLimits) -> CheckReport:
+    """Every problem of every record, by line: JSON, keys, types, empty text, hotwords, audio
+    (readable, not empty, finite, not too long). Also counts native sampling rates."""
+    import soundfile as sf
+
+    path = Path(path)
+    report = CheckReport()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read manifest ({exc.strerror})") from None
+    with progress_bar("checking records", total=len(lines)) as advance:
+        for number, line in enumerate(lines, start=1):
+            advance()
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            report.records += 1
+            try:
+                record = record_from_row(json.loads(line), where, kind, path.parent)
+            except json.JSONDecodeError as exc:
+                report.problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            except DataError as exc:
+                report.problems.append(str(exc))
+                continue
+            try:
+                wave = record.load(limits)
+                report.seconds += len(wave) / limits.sampling_rate
+                if isinstance(record.audio, str):
+                    report.rates[sf.info(record.audio).samplerate] += 1
+            except DataError as exc:
+                report.problems.append(str(exc))
+    if report.records == 0:
+        report.problems.append(f"{path}: manifest has no records")
+    return report

@@ -1,0 +1,125 @@
+"""Dataset builders: N-best preference pairs, DropoutNTP, hard cases, manifest checks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from audiorl.api import make_hard_cases, make_pairs
+from audiorl.config import TextNormalization
+from audiorl.data.builders import _rank_pairs
+from audiorl.data.records import Record
+
+
+def _record(text="turn on the kitchen lights"):
+    return Record(audio="x.wav", source="m.jsonl:1", text=text)
+
+
+def test_pairing_policies_by_hand():
+    norm = TextNormalization()
+    hyps = ["turn on the kitchen lights", "turn on the kitchen nights", "turn kitchen", "turn on the kitchen lights"]
+    # WERs: 0.0, 0.2, 0.6 (duplicates counted once)
+    assert _rank_pairs(_record(), hyps, "best-worst", 0.1, 4, norm) == [("turn on the kitchen lights", "turn kitchen", 0.0, 0.6)]
+    assert _rank_pairs(_record(), hyps, "reference-worst", 0.1, 4, norm) == [("turn on the kitchen lights", "turn kitchen", 0.0, 0.6)]
+    pairs = _rank_pairs(_record(), hyps, "all", 0.3, 4, norm)  # only margins >= 0.3: (0.0, 0.6), (0.2, 0.6)
+    assert [(p[2], p[3]) for p in pairs] == [(0.0, 0.6), (0.2, 0.6)]
+    assert _rank_pairs(_record(), hyps[:1] * 3, "best-worst", 0.1, 4, norm) == "all samples identical"
+    assert _rank_pairs(_record(), hyps[:2], "best-worst", 0.5, 4, norm) == "best and worst samples closer than the margin"
+
+
+def test_pairs_from_a_model(tmp_path, tiny_whisper, speech_dir):
+    out = tmp_path / "out" / "pairs.jsonl"
+    # a random model's samples are all equally wrong, so pair them against the reference
+    summary = make_pairs(
+        tiny_whisper, speech_dir / "transcripts.jsonl", out, num_samples=4, max_new_tokens=8,
+        min_wer_margin=0.1, policy="reference-worst", seed=0,
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.clips == 12 and summary.rows == len(rows) == 12
+    references = {json.loads(line)["text"] for line in (speech_dir / "transcripts.jsonl").read_text().splitlines()}
+    assert all(row["chosen"] in references and row["chosen_wer"] == 0.0 for row in rows)
+    assert summary.kept + sum(v for k, v in summary.reasons.items() if k != "clips with pairs") == 12
+    for row in rows:
+        assert row["rejected_wer"] - row["chosen_wer"] >= 0.1 - 1e-9
+        assert (out.parent / row["audio"]).resolve().is_file()  # paths work relative to the new manifest
+    # the written manifest is a valid preference manifest
+    from audiorl.data.records import read_records
+
+    assert len(read_records(out, "preference")) == len(rows)
+
+
+def test_dropout_ntp_keeps_the_reference_prefix(tmp_path, tiny_whisper, speech_dir):
+    out = tmp_path / "ntp.jsonl"
+    summary = make_pairs(tiny_whisper, speech_dir / "transcripts.jsonl", out, dropout_ntp="mask", start_ratio=0.5, max_new_tokens=6)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.clips == 12 and rows
+    for row in rows:
+        first_word = row["chosen"].split()[0]
+        assert row["rejected"].startswith(first_word) and row["rejected"] != row["chosen"]
+
+
+def test_hard_cases_reasons(tmp_path, tiny_whisper, speech_dir):
+    manifest = tmp_path / "m.jsonl"
+    sf.write(tmp_path / "silence.wav", np.zeros(16000, dtype=np.float32), 16000)
+    rows = [json.loads(line) for line in (speech_dir / "transcripts.jsonl").read_text().splitlines()[:3]]
+    for row in rows:
+        row["audio"] = str(speech_dir / row["audio"])
+    rows[0]["hotwords"] = ["kitchen"]
+    rows.append({"audio": "silence.wav", "no_speech": True})
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "hard.jsonl"
+    summary = make_hard_cases(tiny_whisper, manifest, out, max_new_tokens=6, num_samples=3)
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    by_audio = {Path(r["audio"]).name: r for r in kept}
+    # a random model gets everything wrong, says something on silence, misses the hotword
+    assert "hallucination" in by_audio["silence.wav"]["hard_reasons"] and by_audio["silence.wav"]["no_speech"] is True
+    assert "missed_hotword" in by_audio[Path(rows[0]["audio"]).name]["hard_reasons"]
+    assert all("high_wer" in r["hard_reasons"] for r in kept if r["text"])
+    assert summary.clips == 4 and summary.rows == 4
+
+
+def test_check_reports_every_problem_by_line(tmp_path, speech_dir):
+    good = str(speech_dir / "clips" / "en-us-0.wav")
+    sf.write(tmp_path / "long.wav", np.full(16000 * 3, 0.1, dtype=np.float32), 16000)
+    lines = [
+        json.dumps({"audio": good, "text": "ok"}),
+        "{broken",
+        json.dumps({"audio": good, "text": ""}),
+        json.dumps({"audio": "long.wav", "text": "too long"}),
+        json.dumps({"audio": good, "text": "x", "hotwords": "kitchen"}),
+        json.dumps({"audio": "missing.wav", "text": "x"}),
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "audiorl_cli.main", "data", "check", str(manifest), "--max-audio-seconds", "2"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 3
+    text = proc.stdout
+    for number, needle in [(2, "not valid JSON"), (3, "'text' is empty"), (4, "clip is 3.0 s long"),
+                           (5, "'hotwords' must be a list"), (6, "audio file not found")]:
+        assert f"m.jsonl:{number}: {needle}" in text, needle
+    assert "m.jsonl:1:" not in text
+    assert "6 records" in text and "5 problem(s)" in proc.stderr
+
+
+def test_pairs_command_line(tmp_path, tiny_whisper, speech_dir):
+    out = tmp_path / "pairs.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "audiorl_cli.main", "data", "pairs", "-m", str(tiny_whisper), "-d", str(speech_dir / "transcripts.jsonl"),
+         "-o", str(out), "--num-samples", "3", "--policy", "reference-worst", "--max-new-tokens", "5"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "12 clips read" in proc.stdout and f"written: {out}" in proc.stdout.replace("\n", "")
+    assert len(out.read_text().splitlines()) == 12
+    bad = subprocess.run(
+        [sys.executable, "-m", "audiorl_cli.main", "data", "pairs", "-m", str(tiny_whisper), "-d", str(speech_dir / "transcripts.jsonl"),
+         "-o", str(out), "--policy", "best-of-all"],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "--policy 'best-of-all'" in bad.stderr
