@@ -64,7 +64,8 @@ def load_records(
     return good, bad
 
 
-def _build_reference(cfg: RunConfig, adapter, dataset, collate, data_fp: str):
+def _reference(cfg: RunConfig, adapter, dataset, collate, data_fp: str):
+    """The DPO/GRPO reference: precomputed and cached, the LoRA-disabled network, or a frozen copy."""
     from audiorl.reference import AdapterDisabledReference, FrozenReference, precompute_reference, reference_cache_key
 
     if cfg.objective.precompute_reference:
@@ -82,11 +83,31 @@ def _build_reference(cfg: RunConfig, adapter, dataset, collate, data_fp: str):
     return FrozenReference(adapter)
 
 
+def build_recipe(cfg: RunConfig, adapter: ModelAdapter, dataset, data_fp: str):
+    """The objective's recipe (batch -> loss) and the collator its batches need."""
+    from audiorl.data.collate import PreferenceCollator, TranscriptCollator
+    from audiorl.recipes import GRPORecipe, PreferenceRecipe, SFTRecipe, disable_dropout
+    from audiorl.rewards import build_reward
+
+    objective = cfg.objective
+    if objective.name == "dpo":
+        if objective.disable_dropout:
+            disable_dropout(adapter.model)
+        collate = PreferenceCollator(adapter)
+        return PreferenceRecipe(adapter, objective, _reference(cfg, adapter, dataset, collate, data_fp)), collate
+    collate = TranscriptCollator(adapter)
+    if objective.name == "grpo":
+        # TRL's convention: beta 0 loads no reference model
+        reference = _reference(cfg, adapter, dataset, collate, data_fp) if objective.beta != 0.0 else None
+        reward = build_reward([r.model_dump() for r in objective.rewards])
+        return GRPORecipe(adapter, objective, reference, reward), collate
+    return SFTRecipe(adapter), collate
+
+
 def train(config: RunConfig | str | Path, overrides: list[str] | None = None) -> TrainOutcome:
     """Train as the config says; returns where the final model and the MLflow run are."""
-    from audiorl.data.collate import PreferenceCollator, RecordDataset, TranscriptCollator
+    from audiorl.data.collate import RecordDataset
     from audiorl.evaluation import evaluate as run_eval
-    from audiorl.recipes import PreferenceRecipe, SFTRecipe, disable_dropout
     from audiorl.trainer import Trainer
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
@@ -101,9 +122,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
 
     adapter = load_adapter(cfg.model, device)
     limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=cfg.data.max_audio_seconds)
-    preference = cfg.objective.name == "dpo"
-    grpo = cfg.objective.name == "grpo"
-    kind = "preference" if preference else "transcript"
+    kind = "preference" if cfg.objective.name == "dpo" else "transcript"
     records, skipped = load_records(
         cfg.data.train, adapter, limits, kind, on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens, label="train data"
     )
@@ -135,26 +154,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     status = "FAILED"
     try:
         dataset = RecordDataset(records, limits)
-        if preference:
-            if cfg.objective.disable_dropout:
-                disable_dropout(adapter.model)
-            collate = PreferenceCollator(adapter)
-            reference = _build_reference(cfg, adapter, dataset, collate, data_fp)
-            recipe = PreferenceRecipe(adapter, cfg.objective, reference)
-        elif grpo:
-            from audiorl.recipes import GRPORecipe
-            from audiorl.reference import AdapterDisabledReference, FrozenReference
-            from audiorl.rewards import build_reward
-
-            collate = TranscriptCollator(adapter)
-            reference = None
-            if cfg.objective.beta != 0.0:  # TRL's convention: beta 0 loads no reference model
-                reference = AdapterDisabledReference(adapter) if adapter.uses_lora else FrozenReference(adapter)
-            reward = build_reward([r.model_dump() for r in cfg.objective.rewards])
-            recipe = GRPORecipe(adapter, cfg.objective, reference, reward)
-        else:
-            collate = TranscriptCollator(adapter)
-            recipe = SFTRecipe(adapter)
+        recipe, collate = build_recipe(cfg, adapter, dataset, data_fp)
 
         eval_before: dict[str, float] = {}
 

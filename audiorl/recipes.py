@@ -126,14 +126,14 @@ class GRPORecipe(Recipe):
             top_k=objective.top_k,
             max_new_tokens=objective.max_completion_length,
         )
-        self._cached: tuple[int, dict[str, Any]] | None = None
+        self._cached: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     def _rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
         from audiorl.objectives.grpo import group_advantages
         from audiorl.rollout import sample
 
-        key = id(batch)
-        if self._cached is not None and self._cached[0] == key:
+        # the cache holds the batch itself, so its identity cannot be reused by a later batch
+        if self._cached is not None and self._cached[0] is batch:
             return self._cached[1]
         g = self.settings.num_generations
         with torch.no_grad():
@@ -144,7 +144,7 @@ class GRPORecipe(Recipe):
             rewards = torch.tensor(total, dtype=torch.float32)
             advantages = group_advantages(rewards, g, self.objective.scale_rewards)
         data = {"rollout": rollout, "rewards": rewards, "parts": parts, "advantages": advantages}
-        self._cached = (key, data)
+        self._cached = (batch, data)
         return data
 
     def __call__(self, batch: dict[str, Any]) -> LossOutput:

@@ -39,7 +39,7 @@ def test_loss_and_gradient_by_hand(loss_type, expected, scale):
         token_logps, old, ADV, MASK, loss_type=loss_type, epsilon=0.2, max_completion_length=4,
         num_items=10 if loss_type == "dapo" else None,
     )
-    assert float(out.loss) == pytest.approx(expected, abs=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(expected, abs=1e-6)
     out.loss.backward()
     torch.testing.assert_close(token_logps.grad, TOKEN_GRADS * scale * MASK, rtol=1e-5, atol=1e-6)
     # 2 of 5 tokens were clipped: one low (A<0, r<0.8), one high (A>0, r>1.2)
@@ -49,14 +49,14 @@ def test_loss_and_gradient_by_hand(loss_type, expected, scale):
 
 def test_dapo_defaults_to_this_batch_tokens():
     token_logps, old = _inputs()
-    assert float(grpo_loss(token_logps, old, ADV, MASK, loss_type="dapo").loss) == pytest.approx(0.7 / 5)
+    assert float(grpo_loss(token_logps, old, ADV, MASK, loss_type="dapo").loss.detach()) == pytest.approx(0.7 / 5)
 
 
 def test_epsilon_high_widens_the_upper_clip():
     token_logps, old = _inputs()
     out = grpo_loss(token_logps, old, ADV, MASK, loss_type="bnpo", epsilon=0.2, epsilon_high=0.6)
     # r = 1.5 is now inside [0.8, 1.6]: -1.5 instead of -1.2
-    assert float(out.loss) == pytest.approx((-1.5 - 1.0 + 2.9) / 5)
+    assert float(out.loss.detach()) == pytest.approx((-1.5 - 1.0 + 2.9) / 5)
 
 
 def test_sequence_level_importance_sampling():
@@ -66,17 +66,17 @@ def test_sequence_level_importance_sampling():
     r1 = math.exp((math.log(0.5) + math.log(1.1)) / 3)  # 0.8193: inside the range
     assert r0 > 1.2 and 0.8 < r1 < 1.2
     expected = (-1.2 + r1) / 2
-    assert float(out.loss) == pytest.approx(expected, abs=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(expected, abs=1e-6)
 
 
 def test_kl_term_k3():
     token_logps, old = _inputs()
     ref = token_logps.detach() + 0.5  # log π_ref − log π = 0.5 everywhere
-    base = float(grpo_loss(token_logps, old, ADV, MASK, loss_type="bnpo").loss)
+    base = float(grpo_loss(token_logps, old, ADV, MASK, loss_type="bnpo").loss.detach())
     out = grpo_loss(token_logps, old, ADV, MASK, loss_type="bnpo", beta=0.1, ref_token_logps=ref)
     k3 = math.exp(0.5) - 0.5 - 1
     assert float(out.metrics["kl"]) == pytest.approx(k3, rel=1e-5)
-    assert float(out.loss) == pytest.approx(base + 0.1 * k3, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(base + 0.1 * k3, rel=1e-5)
 
 
 def test_group_advantages():
