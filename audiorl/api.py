@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from audiorl.models.base import ModelAdapter
 from audiorl.models.registry import detect_family, load_adapter
 from audiorl.progress import console
 from audiorl.tracking import Tracker
-from audiorl.trainer import TrainResult, resolve_device, seed_everything
+from audiorl.trainer import Preempted, TrainResult, resolve_device, seed_everything
 
 
 @dataclass
@@ -115,7 +116,13 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         raise ConfigError("data.train: required for training (a JSONL manifest or a saved dataset)")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    from audiorl import distributed
+
     device = resolve_device(cfg.train.device)
+    dist_info = distributed.init(device, cfg.train.distributed.timeout_s)
+    device = distributed.rank_device(device, dist_info)
+    if not dist_info.is_main:
+        os.environ["AUDIORL_NO_PROGRESS"] = "1"  # one progress bar per job, rank 0's
     seed_everything(cfg.train.seed)
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +141,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         skipped += eval_skipped
     data_fp = fingerprint(records)
 
-    tracker = Tracker(cfg.tracking)
+    tracker = Tracker(cfg.tracking, active=dist_info.is_main)
     run_id = tracker.start(
         cfg,
         tags={
@@ -145,7 +152,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
             "audiorl.config_fingerprint": cfg.fingerprint(),
         },
     )
-    if skipped:
+    if skipped and dist_info.is_main:
         lines = "\n".join(json.dumps({"source": r.source, "reason": r.reason}) for r in skipped)
         (output_dir / "skipped_records.jsonl").write_text(lines + "\n")
         tracker.log_metrics({"data/skipped_records": len(skipped)}, step=0)
@@ -182,19 +189,26 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
             collate,
             device=device,
             num_workers=cfg.data.num_workers,
-            evaluate=evaluate_now if eval_records else None,
+            evaluate=evaluate_now if eval_records and dist_info.is_main else None,
             log=tracker.log_metrics,
             fingerprint=cfg.fingerprint(),
+            dist_info=dist_info,
         )
         result = trainer.train()
         final_dir = output_dir / "final"
-        adapter.save_pretrained(str(final_dir))
-        (output_dir / "config.yaml").write_text(cfg.to_yaml())
-        if cfg.tracking.log_model:
-            tracker.log_artifacts(final_dir, "model")
+        if dist_info.is_main:  # every rank holds the same weights; one writes them
+            adapter.save_pretrained(str(final_dir))
+            (output_dir / "config.yaml").write_text(cfg.to_yaml())
+            if cfg.tracking.log_model:
+                tracker.log_artifacts(final_dir, "model")
+        distributed.barrier()
         status = "FINISHED"
+    except Preempted:
+        status = "KILLED"
+        raise
     finally:
         tracker.end(status)
+        distributed.shutdown()
     return TrainOutcome(
         output_dir=output_dir,
         final_model_dir=final_dir,

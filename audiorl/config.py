@@ -176,6 +176,13 @@ class ObjectiveConfig(_Section):
         return self.loss_weights if self.loss_weights is not None else [1.0] * len(self.loss_type)
 
 
+class DistributedConfig(_Section):
+    """How the trainer uses several processes under torchrun (ignored in a single process)."""
+
+    strategy: Literal["auto", "ddp"] = Field("auto", description="auto: DDP when launched with more than one process")
+    timeout_s: float = Field(1800, gt=0, description="how long a collective waits before the job fails")
+
+
 class TrainConfig(_Section):
     output_dir: str = "runs/audiorl"
     seed: int = 42
@@ -205,6 +212,10 @@ class TrainConfig(_Section):
     save_total_limit: int | None = Field(2, gt=0)
     resume: str = Field("auto", description="auto, never, or a checkpoint directory")
     generation_max_new_tokens: int = Field(128, gt=0)
+    max_bad_steps: int = Field(
+        10, ge=0, description="steps whose loss is NaN/inf are skipped and counted; the run stops after this many"
+    )
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
 class TrackingConfig(_Section):

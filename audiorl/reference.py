@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -147,7 +148,7 @@ def precompute_reference(
     finally:
         module.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks may write the same cache at once
     torch.save({"chosen": chosen, "rejected": rejected}, tmp)
     tmp.replace(path)
     return PrecomputedReference(chosen, rejected)

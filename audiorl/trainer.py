@@ -12,10 +12,13 @@ process).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -29,10 +32,31 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from audiorl.config import TrainConfig
+from audiorl.distributed import Dist, barrier, mean_across_ranks
 from audiorl.errors import TrainingError
 from audiorl.recipes import Recipe
 
 CHECKPOINTS = "checkpoints"
+
+
+class Preempted(TrainingError):
+    """SIGTERM arrived; a checkpoint was written."""
+
+    exit_code = 143
+
+
+class RecipeModule(nn.Module):
+    """The recipe as a module, so that DistributedDataParallel sees one forward per step (the
+    adapters call submodules directly). Only the trained model is registered: a frozen reference
+    copy stays outside, untouched by DDP."""
+
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.model = recipe.model
+        self._recipe = [recipe]
+
+    def forward(self, batch: dict[str, Any]):
+        return self._recipe[0](batch)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,6 +128,7 @@ class Trainer:
         evaluate: Callable[[int], dict[str, float]] | None = None,
         log: Callable[[dict[str, float], int], None] | None = None,
         fingerprint: str = "",
+        dist_info: Dist | None = None,
     ):
         self.config = config
         self.recipe = recipe
@@ -115,7 +140,9 @@ class Trainer:
         self.log = log or (lambda metrics, step: None)
         self.fingerprint = fingerprint
         self.output_dir = Path(config.output_dir)
-        self.model = self.wrap_model(recipe.model)
+        self.dist = dist_info or Dist()
+        self.model = recipe.model
+        self.module = self.wrap_model(recipe)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("no trainable parameters: check model.freeze_encoder / model.lora")
@@ -127,8 +154,9 @@ class Trainer:
             eps=config.adam_epsilon,
             weight_decay=config.weight_decay,
         )
-        bs = config.per_device_train_batch_size
-        self.batches_per_epoch = math.ceil(len(dataset) / bs)
+        # one optimizer step sees per_device_train_batch_size x world_size records
+        self.global_batch = config.per_device_train_batch_size * self.dist.world_size
+        self.batches_per_epoch = math.ceil(len(dataset) / self.global_batch)
         steps_per_epoch = math.ceil(self.batches_per_epoch * recipe.batch_repeats / config.gradient_accumulation_steps)
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.total_steps)
@@ -141,18 +169,35 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
         self.step = 0
+        self.bad_steps = 0
+        self._stop_signal: int | None = None
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Hook for DDP/FSDP wrapping; a single process trains the module as is."""
-        return model
+    def wrap_model(self, recipe: Recipe) -> nn.Module | None:
+        """Under torchrun, the recipe runs inside DistributedDataParallel (gradients averaged over
+        ranks in backward); a single process calls the recipe directly."""
+        if not self.dist.enabled:
+            return None
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(RecipeModule(recipe), device_ids=ids)
 
     # -- data order ----------------------------------------------------------------------------
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches for an epoch: one seeded permutation shared by all ranks, cut
+        into global batches, each split into equal per-rank slices (so 2 ranks of batch b see what
+        1 rank of batch 2b sees). Under several ranks a short last batch wraps around."""
         generator = torch.Generator().manual_seed(self.config.seed + epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        bs = self.config.per_device_train_batch_size
-        return [order[i : i + bs] for i in range(0, len(order), bs)]
+        size, bs, rank = self.global_batch, self.config.per_device_train_batch_size, self.dist.rank
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            if self.dist.enabled and len(chunk) < size:
+                chunk = chunk + (order * size)[: size - len(chunk)]
+            batches.append(chunk[rank * bs : (rank + 1) * bs] if self.dist.enabled else chunk)
+        return batches
 
     def _micro_batches(self, start_micro: int):
         """Micro-batches in order from `start_micro`; each is served `batch_repeats` times in a row
@@ -182,11 +227,23 @@ class Trainer:
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes the (replicated) model and optimizer; every rank adds its RNG state."""
         root = self.output_dir / CHECKPOINTS
         final = root / f"checkpoint-{self.step}"
         tmp = root / f".checkpoint-{self.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        if not self.dist.is_main:
+            torch.save(_rng_state(), tmp / f"rng-{self.dist.rank}.pt")
+        barrier()
+        if self.dist.is_main:
+            self._write_checkpoint(tmp, final)
+        barrier()
+        return final
+
+    def _write_checkpoint(self, tmp: Path, final: Path) -> None:
         torch.save(self.recipe.model.state_dict(), tmp / "model.pt")
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -197,6 +254,8 @@ class Trainer:
             "global_step": self.step,
             "micro_batches": self.step * self.config.gradient_accumulation_steps,
             "total_steps": self.total_steps,
+            "world_size": self.dist.world_size,
+            "bad_steps": self.bad_steps,
             "config_fingerprint": self.fingerprint,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -206,7 +265,6 @@ class Trainer:
         if limit:
             for old in self.checkpoint_dirs()[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def _resume_target(self) -> Path | None:
         resume = self.config.resume
@@ -231,7 +289,9 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
         extra = torch.load(path / "state.pt", weights_only=False)
-        _set_rng_state(extra["rng"])
+        own_rng = path / f"rng-{self.dist.rank}.pt"
+        _set_rng_state(torch.load(own_rng, weights_only=False) if own_rng.exists() else extra["rng"])
+        self.bad_steps = int(state.get("bad_steps", 0))
         self.recipe.load_state_dict(extra["recipe"])
         if extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
@@ -240,10 +300,11 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def _forward(self, batch: dict[str, Any]):
+        run = self.module if self.module is not None else self.recipe
         if self.autocast is None:
-            return self.recipe(batch)
+            return run(batch)
         with torch.autocast(device_type=self.device.type, dtype=self.autocast):
-            return self.recipe(batch)
+            return run(batch)
 
     def train(self) -> TrainResult:
         from audiorl.progress import make_progress
@@ -261,45 +322,64 @@ class Trainer:
         self.model.train()
         window: dict[str, list[float]] = defaultdict(list)
         window_samples, window_start = 0, time.perf_counter()
-        with make_progress() as progress:
-            task = progress.add_task("training", total=self.total_steps, completed=self.step, status="")
-            micro_in_step = 0
-            batches = self._micro_batches(self.step * accum)
-            while self.step < self.total_steps:
-                epoch, batch = next(batches)
-                out = self._forward(batch)
-                if not torch.isfinite(out.loss):
-                    raise TrainingError(f"loss is {out.loss.item()} at step {self.step + 1}; lower train.learning_rate")
-                self.scaler.scale(out.loss / accum).backward()
-                window["loss"].append(out.loss.item())
-                for key, value in out.metrics.items():
-                    window[key].append(float(value))
-                window_samples += len(batch["index"])
-                micro_in_step += 1
-                if micro_in_step < accum:
-                    continue
+        previous = self._catch_sigterm()
+        try:
+            with make_progress() as progress:
+                task = progress.add_task("training", total=self.total_steps, completed=self.step, status="")
                 micro_in_step = 0
-                grad_norm = self._optimizer_step()
-                window["grad_norm"].append(grad_norm)
-                self.step += 1
-                progress.update(task, completed=self.step, status=f"loss {window['loss'][-1]:.4f}")
-                if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    metrics = {k: float(np.mean(v)) for k, v in window.items()}
-                    metrics.update(
-                        learning_rate=self.scheduler.get_last_lr()[0],
-                        samples_per_second=window_samples / elapsed,
-                        epoch=epoch + 1,
-                    )
-                    self.log(metrics, self.step)
-                    result.last_metrics = metrics
-                    window.clear()
-                    window_samples, window_start = 0, time.perf_counter()
-                if self.evaluate and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
-                    self._run_eval(result)
-                    self.model.train()
-                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step != self.total_steps:
-                    self.save_checkpoint()
+                batches = self._micro_batches(self.step * accum)
+                while self.step < self.total_steps:
+                    epoch, batch = next(batches)
+                    micro_in_step += 1
+                    last_micro = micro_in_step == accum
+                    # under DDP, gradients are averaged over ranks on the last micro-batch only
+                    sync = self.module.no_sync() if (self.module is not None and not last_micro) else contextlib.nullcontext()
+                    with sync:
+                        out = self._forward(batch)
+                        self.scaler.scale(out.loss / accum).backward()
+                    if torch.isfinite(out.loss.detach()):
+                        window["loss"].append(out.loss.item())
+                        for key, value in out.metrics.items():
+                            window[key].append(float(value))
+                    window_samples += len(batch["index"])
+                    if not last_micro:
+                        continue
+                    micro_in_step = 0
+                    grad_norm = self._optimizer_step()
+                    self.step += 1
+                    if math.isfinite(grad_norm):
+                        window["grad_norm"].append(grad_norm)
+                    else:
+                        self._count_bad_step()
+                    progress.update(task, completed=self.step, status=f"loss {np.mean(window['loss'][-1:] or [float('nan')]):.4f}")
+                    if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        metrics = {k: float(np.mean(v)) for k, v in window.items()}
+                        metrics.update(
+                            learning_rate=self.scheduler.get_last_lr()[0],
+                            samples_per_second=window_samples / elapsed,
+                            epoch=epoch + 1,
+                            bad_steps=self.bad_steps,
+                        )
+                        metrics = mean_across_ranks(metrics, self.device)
+                        metrics["samples_per_second"] *= self.dist.world_size
+                        self.log(metrics, self.step)
+                        result.last_metrics = metrics
+                        window.clear()
+                        window_samples, window_start = 0, time.perf_counter()
+                    if self._preempted():
+                        self.save_checkpoint()
+                        raise Preempted(
+                            f"stopped by SIGTERM after step {self.step}; checkpoint written, resume with train.resume=auto"
+                        )
+                    if self.evaluate and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
+                        self._run_eval(result)
+                        self.model.train()
+                    if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step != self.total_steps:
+                        self.save_checkpoint()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if cfg.save_steps:
             self.save_checkpoint()
         if self.evaluate:
@@ -307,16 +387,42 @@ class Trainer:
         result.global_step = self.step
         return result
 
-    def _optimizer_step(self) -> float:
-        self.scaler.unscale_(self.optimizer)
-        if self.config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        else:
-            norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.params if p.grad is not None])
+    def _count_bad_step(self) -> None:
+        """A step whose loss or gradients were NaN/inf: its update is skipped and it is counted."""
+        self.bad_steps += 1
+        if self.bad_steps > self.config.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_steps} steps had a NaN/inf loss or gradient (train.max_bad_steps={self.config.max_bad_steps}), "
+                f"the last at step {self.step}; lower train.learning_rate or check the data"
             )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+
+    def _catch_sigterm(self):
+        """Kubernetes sends SIGTERM on preemption: finish the step, write a checkpoint, exit."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        return signal.signal(signal.SIGTERM, handler)
+
+    def _preempted(self) -> bool:
+        flag = 1.0 if self._stop_signal is not None else 0.0
+        if self.dist.enabled:  # every rank stops at the same step, or the checkpoint's barriers hang
+            flag = mean_across_ranks({"stop": flag}, self.device)["stop"]
+        return flag > 0
+
+    def _optimizer_step(self) -> float:
+        """Clip and step; returns the gradient norm (NaN/inf: the update is skipped on every rank,
+        as the gradients were averaged before this point)."""
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.tensor(0.0)
+        if torch.isfinite(norm):
+            if self.config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)

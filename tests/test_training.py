@@ -168,3 +168,28 @@ def test_bad_record_skipped_and_counted(tmp_path, tiny_whisper, speech_dir):
     outcome = audiorl.train(cfg)
     assert [r.source for r in outcome.skipped] == [f"{manifest}:13"]
     assert "missing.wav" in (outcome.output_dir / "skipped_records.jsonl").read_text()
+
+
+def test_nan_steps_are_skipped_counted_and_bounded(tmp_path, tiny_whisper, speech_dir, monkeypatch):
+    (tmp_path / "flaky_loss.py").write_text(
+        "import torch.nn.functional as F\ncalls = 0\n"
+        "def sometimes_nan(policy, ref_chosen, ref_rejected, beta):\n"
+        "    global calls\n    calls += 1\n"
+        "    loss = -F.logsigmoid(beta * ((policy.chosen - ref_chosen) - (policy.rejected - ref_rejected)))\n"
+        "    return loss * float('nan') if calls in (2, 4) else loss\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sys
+
+    sys.modules.pop("flaky_loss", None)
+    cfg = make_config(tmp_path, tiny_whisper, speech_dir, objective={"loss_type": ["flaky_loss:sometimes_nan"]},
+                      train={"max_steps": 5, "save_steps": None, "max_bad_steps": 2}, tracking={"enabled": True})
+    outcome = audiorl.train(cfg)
+    assert outcome.result.last_metrics["bad_steps"] == 2
+    weights = final_weights(outcome)
+    assert all(torch.isfinite(w).all() for w in weights.values())  # the NaN steps changed nothing
+    sys.modules.pop("flaky_loss", None)
+    cfg.train.max_bad_steps = 1
+    cfg.train.output_dir = str(tmp_path / "again")
+    with pytest.raises(TrainingError, match=r"2 steps had a NaN/inf loss or gradient \(train.max_bad_steps=1\)"):
+        audiorl.train(cfg)
