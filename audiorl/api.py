@@ -101,7 +101,7 @@ def build_recipe(cfg: RunConfig, adapter: ModelAdapter, dataset, data_fp: str):
         # TRL's convention: beta 0 loads no reference model
         reference = _reference(cfg, adapter, dataset, collate, data_fp) if objective.beta != 0.0 else None
         reward = build_reward([r.model_dump() for r in objective.rewards])
-        return GRPORecipe(adapter, objective, reference, reward), collate
+        return GRPORecipe(adapter, objective, reference, reward, seed=cfg.train.seed), collate
     return SFTRecipe(adapter), collate
 
 

@@ -111,7 +111,7 @@ class GRPORecipe(Recipe):
     repeats the batch), and the log-probs at sampling time are the "old" policy of the ratio.
     """
 
-    def __init__(self, adapter: ModelAdapter, objective: ObjectiveConfig, reference: Reference | None, reward):
+    def __init__(self, adapter: ModelAdapter, objective: ObjectiveConfig, reference: Reference | None, reward, seed: int = 0):
         from audiorl.rollout import SamplingSettings
 
         self.adapter = adapter
@@ -127,6 +127,18 @@ class GRPORecipe(Recipe):
             max_new_tokens=objective.max_completion_length,
         )
         self._cached: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self.seed = seed
+        self.rollouts = 0  # checkpointed: sampling seeds depend on it
+
+    def _row_seeds(self, indices: torch.Tensor) -> list[int]:
+        """One seed per completion from (seed, rollout number, the clip's dataset index, sample
+        number): a clip's samples are the same whatever batch or rank it lands in."""
+        g = self.settings.num_generations
+        return [
+            (((self.seed * 1_000_003 + self.rollouts) * 1_000_033 + int(i)) * 1_009 + k) % (2**63 - 1)
+            for i in indices.tolist()
+            for k in range(g)
+        ]
 
     def _rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
         from audiorl.objectives.grpo import group_advantages
@@ -138,7 +150,11 @@ class GRPORecipe(Recipe):
         g = self.settings.num_generations
         with torch.no_grad():
             context = self.adapter.encode(batch["features"])
-            rollout = sample(self.adapter, context, self.settings, with_logps=self.objective.num_iterations > 1)
+            rollout = sample(
+                self.adapter, context, self.settings, row_seeds=self._row_seeds(batch["index"]),
+                with_logps=self.objective.num_iterations > 1,
+            )
+            self.rollouts += 1
             columns = {k: [v for v in values for _ in range(g)] for k, values in batch["columns"].items()}
             total, parts = self.reward(rollout.texts, **columns)
             rewards = torch.tensor(total, dtype=torch.float32)
@@ -177,6 +193,12 @@ class GRPORecipe(Recipe):
         )
         out.metrics.update(self._reward_metrics(data, scored.mask, rollout))
         return out
+
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts = int(state.get("rollouts", 0))
 
     def _reward_metrics(self, data, mask, rollout) -> dict[str, torch.Tensor]:
         g = self.settings.num_generations

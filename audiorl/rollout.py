@@ -40,10 +40,16 @@ def sample(
     settings: SamplingSettings,
     *,
     generator: torch.Generator | None = None,
+    row_seeds: list[int] | None = None,
     with_logps: bool = False,
 ) -> Rollout:
-    """Sample `settings.num_generations` completions for each clip of an encoded batch."""
+    """Sample `settings.num_generations` completions for each clip of an encoded batch.
+
+    With `row_seeds` (one per completion, clip-major) every completion draws from its own seeded
+    generator, so what a clip gets does not depend on the batch it sits in (or on the rank)."""
     g = settings.num_generations
+    if row_seeds is not None:
+        generator = [torch.Generator().manual_seed(seed) for seed in row_seeds]
     out = adapter.generate(
         context,
         max_new_tokens=settings.max_new_tokens,

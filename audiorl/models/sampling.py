@@ -15,9 +15,13 @@ def next_tokens(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids."""
+    """(B, V) logits -> (B,) token ids.
+
+    `generator` may be one generator for the batch, or one per row: then each row draws its own
+    Gumbel noise (Gumbel-max sampling has the same distribution as multinomial), so a row's
+    sample does not depend on which other rows share the batch."""
     if not do_sample:
         return logits.argmax(dim=-1)
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -31,5 +35,11 @@ def next_tokens(
         scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1.0:
         scores = TopPLogitsWarper(top_p)(None, scores)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != scores.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {scores.shape[0]} rows")
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in generator])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300))).to(scores.device, scores.dtype)
+        return (scores + gumbel).argmax(dim=-1)
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
