@@ -124,6 +124,11 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     if not dist_info.is_main:
         os.environ["AUDIORL_NO_PROGRESS"] = "1"  # one progress bar per job, rank 0's
     seed_everything(cfg.train.seed)
+    fsdp = dist_info.enabled and cfg.train.distributed.strategy == "fsdp"
+    if fsdp and cfg.objective.name == "grpo":
+        raise ConfigError("train.distributed.strategy=fsdp: GRPO rollouts are not supported under FSDP yet; use ddp")
+    if fsdp and cfg.model.lora is not None:
+        raise ConfigError("train.distributed.strategy=fsdp with model.lora is not supported yet; use ddp (LoRA keeps memory low)")
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -149,7 +154,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
             "audiorl.family": cfg.model.family,
             "audiorl.objective": cfg.objective.name if cfg.objective.name == "sft" else f"{cfg.objective.name}:{'+'.join(cfg.objective.loss_type)}",
             "audiorl.data_fingerprint": data_fp,
-            "audiorl.config_fingerprint": cfg.fingerprint(),
+            "audiorl.config_fingerprint": cfg.fingerprint(dist_info.world_size),
         },
     )
     if skipped and dist_info.is_main:
@@ -182,6 +187,11 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
             console.print(f"eval @ step {step}: WER {result.wer:.3f}  CER {result.cer:.3f}")
             return metrics
 
+        # Under FSDP the sharded model cannot generate on rank 0 alone: evaluate before sharding
+        # and, at the end, on the exported model.
+        in_loop_eval = eval_records and dist_info.is_main and not fsdp
+        if fsdp and eval_records and dist_info.is_main and cfg.train.eval_before_training:
+            evaluate_now(0)
         trainer = Trainer(
             cfg.train,
             recipe,
@@ -189,18 +199,25 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
             collate,
             device=device,
             num_workers=cfg.data.num_workers,
-            evaluate=evaluate_now if eval_records and dist_info.is_main else None,
+            evaluate=evaluate_now if in_loop_eval else None,
             log=tracker.log_metrics,
-            fingerprint=cfg.fingerprint(),
+            fingerprint=cfg.fingerprint(dist_info.world_size),
             dist_info=dist_info,
         )
         result = trainer.train()
         final_dir = output_dir / "final"
+        full_weights = trainer.full_state_dict()  # collective under FSDP
         if dist_info.is_main:  # every rank holds the same weights; one writes them
-            adapter.save_pretrained(str(final_dir))
+            adapter.save_pretrained(str(final_dir), state_dict=full_weights)
             (output_dir / "config.yaml").write_text(cfg.to_yaml())
             if cfg.tracking.log_model:
                 tracker.log_artifacts(final_dir, "model")
+            if fsdp and eval_records:
+                final = load_adapter(cfg.model.model_copy(update={"name_or_path": str(final_dir), "lora": None}), device)
+                adapter = final
+                metrics = evaluate_now(result.global_step)
+                tracker.log_metrics(metrics, result.global_step)
+                result.eval_metrics = metrics
         distributed.barrier()
         status = "FINISHED"
     except Preempted:

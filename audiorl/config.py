@@ -179,7 +179,9 @@ class ObjectiveConfig(_Section):
 class DistributedConfig(_Section):
     """How the trainer uses several processes under torchrun (ignored in a single process)."""
 
-    strategy: Literal["auto", "ddp"] = Field("auto", description="auto: DDP when launched with more than one process")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="auto: DDP when launched with more than one process; fsdp: FSDP2, parameters sharded per layer"
+    )
     timeout_s: float = Field(1800, gt=0, description="how long a collective waits before the job fails")
 
 
@@ -242,12 +244,14 @@ class RunConfig(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def fingerprint(self) -> str:
-        """A short hash of everything that changes what training computes."""
+    def fingerprint(self, world_size: int = 1) -> str:
+        """A short hash of everything that changes what training computes. The batch counts as
+        the global batch (per device x processes), so a run may resume on another process count."""
         payload = self.to_dict()
         payload.pop("tracking", None)
-        for key in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "output_dir"):
+        for key in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "output_dir", "distributed"):
             payload["train"].pop(key, None)
+        payload["train"]["per_device_train_batch_size"] *= world_size
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

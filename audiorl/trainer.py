@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -37,6 +38,16 @@ from audiorl.errors import TrainingError
 from audiorl.recipes import Recipe
 
 CHECKPOINTS = "checkpoints"
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """torch.distributed.checkpoint warns that it runs in one process, which is what we asked."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class Preempted(TrainingError):
@@ -142,6 +153,10 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.dist = dist_info or Dist()
         self.model = recipe.model
+        self.autocast = autocast_dtype(config.mixed_precision, device)
+        self.strategy = None
+        if self.dist.enabled:
+            self.strategy = "ddp" if config.distributed.strategy == "auto" else config.distributed.strategy
         self.module = self.wrap_model(recipe)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -165,7 +180,6 @@ class Trainer:
         self.scheduler = get_scheduler(
             config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
-        self.autocast = autocast_dtype(config.mixed_precision, device)
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
         self.step = 0
@@ -173,14 +187,42 @@ class Trainer:
         self._stop_signal: int | None = None
 
     def wrap_model(self, recipe: Recipe) -> nn.Module | None:
-        """Under torchrun, the recipe runs inside DistributedDataParallel (gradients averaged over
-        ranks in backward); a single process calls the recipe directly."""
-        if not self.dist.enabled:
+        """Under torchrun the recipe runs inside DistributedDataParallel (gradients averaged over
+        ranks in backward) or FSDP2 (each transformer layer sharded on its own, the rest at the
+        root; a mixed-precision policy when autocast is on). A single process calls the recipe."""
+        if self.strategy is None:
             return None
-        from torch.nn.parallel import DistributedDataParallel
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(RecipeModule(recipe), device_ids=ids)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(RecipeModule(recipe), device_ids=ids)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        policy = MixedPrecisionPolicy(param_dtype=self.autocast, reduce_dtype=torch.float32) if self.autocast else MixedPrecisionPolicy()
+        module = RecipeModule(recipe)
+        # transformers' encoder and decoder layers (and AudioRL's own) are built on this class
+        for layer in [m for m in module.model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)
+        return module
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP, the whole model's weights gathered to CPU (every rank must call this);
+        otherwise None: the model in memory is already whole."""
+        if self.strategy != "fsdp":
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # tied weights (an output layer sharing the input embedding) come back as separate
+        # copies; keep the first name only, as save_pretrained does for an unsharded model
+        canonical = {id(p): n for n, p in self.model.named_parameters()}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if canonical[id(param)] != name:
+                full.pop(name, None)
+        return full
 
     # -- data order ----------------------------------------------------------------------------
 
@@ -235,6 +277,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
+        # model and optimizer through torch.distributed.checkpoint: every rank writes its shards
+        # (replicated tensors once), and a later run reshards them for its own process count
+        with _quiet_single_process():
+            dcp.save(self._dcp_state(), checkpoint_id=str(tmp / "dcp"), no_dist=not self.dist.enabled)
         if not self.dist.is_main:
             torch.save(_rng_state(), tmp / f"rng-{self.dist.rank}.pt")
         barrier()
@@ -243,9 +289,12 @@ class Trainer:
         barrier()
         return final
 
+    def _dcp_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {"model": get_model_state_dict(self.model), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+
     def _write_checkpoint(self, tmp: Path, final: Path) -> None:
-        torch.save(self.recipe.model.state_dict(), tmp / "model.pt")
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(
             {"rng": _rng_state(), "recipe": self.recipe.state_dict(), "scaler": self.scaler.state_dict()}, tmp / "state.pt"
@@ -285,8 +334,13 @@ class Trainer:
                 f"{path}: this checkpoint was written by a run with a different config; "
                 "use a new train.output_dir, or train.resume=never to start over"
             )
-        self.recipe.model.load_state_dict(torch.load(path / "model.pt", map_location=self.device))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        target = self._dcp_state()
+        with _quiet_single_process():
+            dcp.load(target, checkpoint_id=str(path / "dcp"), no_dist=not self.dist.enabled)
+        set_model_state_dict(self.model, target["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, target["optim"])
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
         extra = torch.load(path / "state.pt", weights_only=False)
         own_rng = path / f"rng-{self.dist.rank}.pt"
@@ -333,8 +387,7 @@ class Trainer:
                     micro_in_step += 1
                     last_micro = micro_in_step == accum
                     # under DDP, gradients are averaged over ranks on the last micro-batch only
-                    sync = self.module.no_sync() if (self.module is not None and not last_micro) else contextlib.nullcontext()
-                    with sync:
+                    with self._gradient_sync(last_micro):
                         out = self._forward(batch)
                         self.scaler.scale(out.loss / accum).backward()
                     if torch.isfinite(out.loss.detach()):
@@ -351,7 +404,8 @@ class Trainer:
                         window["grad_norm"].append(grad_norm)
                     else:
                         self._count_bad_step()
-                    progress.update(task, completed=self.step, status=f"loss {np.mean(window['loss'][-1:] or [float('nan')]):.4f}")
+                    last_loss = window.get("loss", [float("nan")])[-1]
+                    progress.update(task, completed=self.step, status=f"loss {last_loss:.4f}")
                     if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
                         metrics = {k: float(np.mean(v)) for k, v in window.items()}
@@ -387,6 +441,14 @@ class Trainer:
         result.global_step = self.step
         return result
 
+    def _gradient_sync(self, sync: bool):
+        """Average gradients over ranks only on a step's last micro-batch."""
+        if self.strategy == "ddp" and not sync:
+            return self.module.no_sync()
+        if self.strategy == "fsdp":
+            self.module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
     def _count_bad_step(self) -> None:
         """A step whose loss or gradients were NaN/inf: its update is skipped and it is counted."""
         self.bad_steps += 1
@@ -417,7 +479,9 @@ class Trainer:
         as the gradients were averaged before this point)."""
         self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.tensor(0.0)
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: the norm over every shard
+            norm = norm.full_tensor()
         if torch.isfinite(norm):
             if self.config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)

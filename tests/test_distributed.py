@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +87,36 @@ def test_two_ranks_of_batch_b_follow_one_rank_of_batch_2b(tmp_path, tiny_whisper
     w2 = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp2_two_ranks_follow_one_rank_and_resume_on_one(tmp_path, tiny_whisper, speech_dir):
+    """FSDP2 (layers sharded over 2 ranks) follows a single process; its distributed checkpoint
+    (written as 2 shards) resumes in a single process and ends on the same weights."""
+    one = _config(tmp_path, tiny_whisper, speech_dir, "fsdp-single", per_device_train_batch_size=6, max_steps=4)
+    two = _config(tmp_path, tiny_whisper, speech_dir, "fsdp", per_device_train_batch_size=3, max_steps=4, save_steps=2,
+                  save_total_limit=None)
+    rc, _, err = _run(one, 1, "objective.loss_type=[sigmoid]")
+    assert rc == 0, err[-2000:]
+    rc, _, err = _run(two, 2, "objective.loss_type=[sigmoid]", "train.distributed.strategy=fsdp")
+    assert rc == 0, err[-3000:]
+    single, sharded = _losses(tmp_path, "fsdp-single"), _losses(tmp_path, "fsdp")
+    for a, b in zip(single, sharded, strict=True):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    w1 = load_file(str(tmp_path / "fsdp-single" / "final" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
+    # resume the 2-rank run's step-2 checkpoint in one process with the same global batch
+    import shutil
+
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "fsdp" / "final")
+    rc, _, err = _run(two, 1, "objective.loss_type=[sigmoid]", "train.per_device_train_batch_size=6", "train.resume=auto")
+    assert rc == 0, err[-3000:]
+    w3 = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
+    for name in w1:
+        torch.testing.assert_close(w3[name], w2[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_grpo_two_ranks_follow_one_rank(tmp_path, tiny_whisper, speech_dir):

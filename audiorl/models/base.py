@@ -81,7 +81,9 @@ class ModelAdapter(ABC):
     def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> ModelAdapter: ...
 
     @abstractmethod
-    def save_pretrained(self, directory: str) -> None: ...
+    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
+        """Write a directory the family's loader reads; `state_dict` replaces the in-memory
+        weights (the gathered weights of a sharded model)."""
 
     # -- data --------------------------------------------------------------------------------
 

@@ -49,10 +49,10 @@ class Qwen3ASRAdapter(AudioLLMAdapter):
         model = apply_trainable_settings(model, config, model.model.audio_tower, model.model.multi_modal_projector)
         return cls(model, processor, config)
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
         out = Path(directory)
         model = copy.deepcopy(self.model).merge_and_unload() if self.uses_lora else self.model
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state_dict)
         self.processor.save_pretrained(out)
 
     def _prompt_text(self) -> str:

@@ -269,10 +269,10 @@ class StepAudio2Adapter(AudioLLMAdapter):
         model = apply_trainable_settings(model, config, model.encoder, model.adapter)
         return cls(model, processor, config)
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
         out = Path(directory)
         model = copy.deepcopy(self.model).merge_and_unload() if self.uses_lora else self.model
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state_dict)
         self.processor.save_pretrained(out)
 
     def features(self, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:

@@ -86,14 +86,14 @@ class WhisperAdapter(ModelAdapter):
             model = with_lora(model, config)
         return cls(model, processor, config)
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
         """Write a plain Whisper directory (LoRA merged into the weights) with its processor."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         model = self.model
         if self.uses_lora:
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state_dict)
         self.processor.save_pretrained(out)
 
     # -- data --------------------------------------------------------------------------------
