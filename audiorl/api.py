@@ -125,8 +125,6 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         os.environ["AUDIORL_NO_PROGRESS"] = "1"  # one progress bar per job, rank 0's
     seed_everything(cfg.train.seed)
     fsdp = dist_info.enabled and cfg.train.distributed.strategy == "fsdp"
-    if fsdp and cfg.objective.name == "grpo":
-        raise ConfigError("train.distributed.strategy=fsdp: GRPO rollouts are not supported under FSDP yet; use ddp")
     if fsdp and cfg.model.lora is not None:
         raise ConfigError("train.distributed.strategy=fsdp with model.lora is not supported yet; use ddp (LoRA keeps memory low)")
     output_dir = Path(cfg.train.output_dir)

@@ -217,6 +217,9 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(
         10, ge=0, description="steps whose loss is NaN/inf are skipped and counted; the run stops after this many"
     )
+    preemption_grace_s: float = Field(
+        25.0, gt=0, description="after SIGTERM: seconds to finish the micro-batch and write a checkpoint before exiting anyway"
+    )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 

@@ -43,6 +43,8 @@ class Recipe:
     adapter: ModelAdapter
     #: how many optimizer steps each batch is used for (GRPO's num_iterations)
     batch_repeats: int = 1
+    #: set by the trainer under FSDP: every rank must make the same model calls in a step
+    lockstep: bool = False
 
     @property
     def model(self) -> nn.Module:
@@ -152,7 +154,7 @@ class GRPORecipe(Recipe):
             context = self.adapter.encode(batch["features"])
             rollout = sample(
                 self.adapter, context, self.settings, row_seeds=self._row_seeds(batch["index"]),
-                with_logps=self.objective.num_iterations > 1,
+                with_logps=self.objective.num_iterations > 1, early_stop=not self.lockstep,
             )
             self.rollouts += 1
             columns = {k: [v for v in values for _ in range(g)] for k, values in batch["columns"].items()}

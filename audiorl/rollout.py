@@ -42,6 +42,7 @@ def sample(
     generator: torch.Generator | None = None,
     row_seeds: list[int] | None = None,
     with_logps: bool = False,
+    early_stop: bool = True,
 ) -> Rollout:
     """Sample `settings.num_generations` completions for each clip of an encoded batch.
 
@@ -59,6 +60,7 @@ def sample(
         top_k=settings.top_k,
         num_return_sequences=g,
         generator=generator,
+        early_stop=early_stop,
     )
     stops = set(adapter.stop_token_ids)
     truncated = [not ids or ids[-1] not in stops for ids in out.token_ids]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -201,6 +202,7 @@ class Trainer:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         policy = MixedPrecisionPolicy(param_dtype=self.autocast, reduce_dtype=torch.float32) if self.autocast else MixedPrecisionPolicy()
+        recipe.lockstep = True  # each sharded layer's call is a collective: no rank may skip one
         module = RecipeModule(recipe)
         # transformers' encoder and decoder layers (and AudioRL's own) are built on this class
         for layer in [m for m in module.model.modules() if isinstance(m, GradientCheckpointingLayer)]:
@@ -396,6 +398,11 @@ class Trainer:
                             window[key].append(float(value))
                     window_samples += len(batch["index"])
                     if not last_micro:
+                        if self._preempted():
+                            # no need to finish the accumulation: the last completed step is
+                            # what the checkpoint holds, and this step's data is seen again
+                            self.optimizer.zero_grad(set_to_none=True)
+                            self._stop_after_checkpoint()
                         continue
                     micro_in_step = 0
                     grad_norm = self._optimizer_step()
@@ -422,10 +429,7 @@ class Trainer:
                         window.clear()
                         window_samples, window_start = 0, time.perf_counter()
                     if self._preempted():
-                        self.save_checkpoint()
-                        raise Preempted(
-                            f"stopped by SIGTERM after step {self.step}; checkpoint written, resume with train.resume=auto"
-                        )
+                        self._stop_after_checkpoint()
                     if self.evaluate and cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step != self.total_steps:
                         self._run_eval(result)
                         self.model.train()
@@ -463,10 +467,20 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             return None
 
+        grace = self.config.preemption_grace_s
+
         def handler(signum, frame):
             self._stop_signal = signum
+            # if the checkpoint cannot be written in time, leave before the SIGKILL that follows
+            watchdog = threading.Timer(grace, lambda: os._exit(Preempted.exit_code))
+            watchdog.daemon = True
+            watchdog.start()
 
         return signal.signal(signal.SIGTERM, handler)
+
+    def _stop_after_checkpoint(self) -> None:
+        self.save_checkpoint()
+        raise Preempted(f"stopped by SIGTERM after step {self.step}; checkpoint written, resume with train.resume=auto")
 
     def _preempted(self) -> bool:
         flag = 1.0 if self._stop_signal is not None else 0.0

@@ -119,17 +119,18 @@ def test_fsdp2_two_ranks_follow_one_rank_and_resume_on_one(tmp_path, tiny_whispe
         torch.testing.assert_close(w3[name], w2[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_grpo_two_ranks_follow_one_rank(tmp_path, tiny_whisper, speech_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grpo_two_ranks_follow_one_rank(tmp_path, tiny_whisper, speech_dir, strategy):
     """GRPO too: each clip's samples come from its own seeded generator, so a clip gets the same
     completions on either rank layout; `grpo` aggregation (a mean over sequences) and group
-    advantages make the averaged gradients equal."""
+    advantages make the averaged gradients equal. Under FSDP the rollouts decode in lockstep."""
     grpo = ["objective.name=grpo", "objective.loss_type=[grpo]", "objective.num_generations=4",
             "objective.max_completion_length=6", "data.train=" + str(speech_dir / "transcripts.jsonl")]
     one = _config(tmp_path, tiny_whisper, speech_dir, "grpo-single", per_device_train_batch_size=6)
     two = _config(tmp_path, tiny_whisper, speech_dir, "grpo-ddp", per_device_train_batch_size=3)
     rc, _, err = _run(one, 1, *grpo)
     assert rc == 0, err[-2000:]
-    rc, _, err = _run(two, 2, *grpo)
+    rc, _, err = _run(two, 2, *grpo, f"train.distributed.strategy={strategy}")
     assert rc == 0, err[-2000:]
     # with one iteration per rollout the surrogate's value is ~0 by construction; the rewards of
     # the sampled completions and the weights the gradients produce are what must agree
@@ -170,23 +171,32 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_whis
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_nonzero(tmp_path, tiny_whisper, speech_dir):
-    cfg = _config(tmp_path, tiny_whisper, speech_dir, "preempted", per_device_train_batch_size=2, max_steps=400)
+def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, tiny_whisper, speech_dir):
+    """SIGTERM mid-run (with gradient accumulation, so possibly mid-step): a checkpoint, exit 143,
+    and a resumed run ends on the weights of a run that was never interrupted."""
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=30, save_steps=1000)
+    whole = _config(tmp_path, tiny_whisper, speech_dir, "whole", **common)
+    rc, _, err = _run(whole, 1)
+    assert rc == 0, err[-2000:]
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, "preempted", resume="auto", **common)
     proc = _launch(cfg, 1)
-    log = tmp_path / "preempted" / "checkpoints"
-    time.sleep(0.5)
     deadline = time.time() + 120
-    # wait until training is under way (the MLflow run exists and has logged a step)
-    while not _has_steps(tmp_path, "preempted"):
+    while not _has_steps(tmp_path, "preempted"):  # training is under way
         assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM" in err
-    (checkpoint,) = list(log.glob("checkpoint-*"))
+    (checkpoint,) = list((tmp_path / "preempted" / "checkpoints").glob("checkpoint-*"))
     step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-    assert 0 < step < 400
+    assert 0 < step < 30
+    rc, _, err = _run(cfg, 1)
+    assert rc == 0, err[-2000:]
+    a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "preempted" / "final" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
 
 
 def _has_steps(tmp_path, experiment) -> bool:

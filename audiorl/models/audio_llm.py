@@ -212,6 +212,7 @@ class AudioLLMAdapter(ModelAdapter):
         num_return_sequences: int = 1,
         generator: torch.Generator | None = None,
         prefix: list[int] | None = None,
+        early_stop: bool = True,
     ) -> Generation:
         core = core_model(self.model)
         assert isinstance(context, PromptContext)
@@ -262,7 +263,7 @@ class AudioLLMAdapter(ModelAdapter):
                 done = torch.isin(chosen, stop) & ~finished
                 out_len = torch.where(done, torch.full_like(out_len, step + 1), out_len)
                 finished |= done
-                if bool(finished.all()):
+                if early_stop and bool(finished.all()):
                     break
                 attention = torch.cat([attention, attention.new_ones((batch, 1))], dim=1)
                 positions = positions[:, -1:] + 1

@@ -138,9 +138,12 @@ class ModelAdapter(ABC):
         num_return_sequences: int = 1,
         generator: torch.Generator | None = None,
         prefix: list[int] | None = None,
+        early_stop: bool = True,
     ) -> Generation:
         """Greedy or sampled completions. `prefix` (token ids, the same for every row) forces the
-        start of each completion; the returned ids are those that follow it."""
+        start of each completion; the returned ids are those that follow it. With
+        `early_stop=False` decoding runs all `max_new_tokens` steps even when every row has
+        ended (sharded models need every rank to make the same calls)."""
 
     # -- parameters --------------------------------------------------------------------------
 

@@ -179,6 +179,7 @@ class WhisperAdapter(ModelAdapter):
         num_return_sequences: int = 1,
         generator: torch.Generator | None = None,
         prefix: list[int] | None = None,
+        early_stop: bool = True,
     ) -> Generation:
         from transformers.modeling_outputs import BaseModelOutput
 
@@ -224,7 +225,7 @@ class WhisperAdapter(ModelAdapter):
                 just_done = (chosen == self.eos_id) & ~finished
                 lengths = torch.where(just_done, torch.full_like(lengths, step + 1), lengths)
                 finished |= just_done
-                if bool(finished.all()):
+                if early_stop and bool(finished.all()):
                     break
                 step_input = chosen.unsqueeze(1)
         finally:
