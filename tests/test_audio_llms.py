@@ -141,7 +141,7 @@ def test_freezing_encoder_and_projector(tiny_models, family):
 def test_whisper_has_no_projector_to_freeze(tiny_models):
     from audiorl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="Whisper has no projector"):
+    with pytest.raises(ConfigError, match="the whisper family has no projector"):
         _adapter(tiny_models, "whisper", freeze_projector=True)
 
 

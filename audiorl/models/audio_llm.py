@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from audiorl.config import ModelConfig
-from audiorl.errors import ConfigError
 from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps
 from audiorl.models.sampling import next_tokens
 
@@ -280,19 +279,27 @@ class AudioLLMAdapter(ModelAdapter):
         return Generation(token_ids=token_ids, texts=self.decode(token_ids))
 
 
-def apply_trainable_settings(model: nn.Module, config: ModelConfig, encoder: nn.Module, projector: nn.Module | None) -> nn.Module:
-    """Freeze encoder/projector, enable gradient checkpointing, wrap with LoRA, as configured."""
-    from audiorl.models.base import with_lora
 
-    if config.freeze_encoder:
-        encoder.requires_grad_(False)
-    if config.freeze_projector:
-        if projector is None:
-            raise ConfigError(f"model.freeze_projector: the {config.family} family has no projector")
-        projector.requires_grad_(False)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if config.lora is not None:
-        model = with_lora(model, config)
-    return model
 
+
+class TransformersAudioLLMAdapter(AudioLLMAdapter):
+    """The layout transformers gives its audio LLMs (Qwen2-Audio, Qwen3-ASR, ...): `model.audio_tower`,
+    `model.multi_modal_projector`, `model.language_model`, `lm_head`, `config.text_config`."""
+
+    def embed_tokens(self, core):
+        return core.model.language_model.embed_tokens
+
+    def decoder(self, core):
+        return core.model.language_model
+
+    def lm_head(self, core):
+        return core.lm_head
+
+    @property
+    def max_positions(self) -> int:
+        return int(core_model(self.model).config.text_config.max_position_embeddings)
+
+    @property
+    def encoder_trainable(self) -> bool:
+        inner = core_model(self.model).model
+        return any(p.requires_grad for m in (inner.audio_tower, inner.multi_modal_projector) for p in m.parameters())

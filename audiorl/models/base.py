@@ -73,6 +73,7 @@ class ModelAdapter(ABC):
     def __init__(self, model: nn.Module, config: ModelConfig):
         self.model = model
         self.config = config
+        self.processor: Any = None  # the family's processor (features, tokenizer); saved beside the model
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -80,10 +81,17 @@ class ModelAdapter(ABC):
     @abstractmethod
     def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> ModelAdapter: ...
 
-    @abstractmethod
     def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
-        """Write a directory the family's loader reads; `state_dict` replaces the in-memory
-        weights (the gathered weights of a sharded model)."""
+        """Write a directory the family's loader reads (LoRA merged into the weights), with the
+        processor; `state_dict` replaces the in-memory weights (those gathered from shards)."""
+        import copy
+        from pathlib import Path
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        model = copy.deepcopy(self.model).merge_and_unload() if self.uses_lora else self.model
+        model.save_pretrained(out, state_dict=state_dict)
+        self.processor.save_pretrained(out)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -195,3 +203,43 @@ def with_lora(model: nn.Module, config: ModelConfig) -> nn.Module:
         return get_peft_model(model, peft_config)
     except ValueError as exc:
         raise ModelError(f"model.lora.target_modules={lora.target_modules}: {exc}") from None
+
+
+def apply_trainable_settings(model: nn.Module, config: ModelConfig, encoder: nn.Module, projector: nn.Module | None) -> nn.Module:
+    """Freeze encoder/projector, enable gradient checkpointing, wrap with LoRA, as configured."""
+    from audiorl.errors import ConfigError
+
+    if config.freeze_encoder:
+        encoder.requires_grad_(False)
+    if config.freeze_projector:
+        if projector is None:
+            raise ConfigError(f"model.freeze_projector: the {config.family} family has no projector")
+        projector.requires_grad_(False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if config.lora is not None:
+        model = with_lora(model, config)
+    return model
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pretrained(model_class, config: ModelConfig, label: str, processor_loader=None):
+    """`model_class.from_pretrained` and the processor (AutoProcessor unless given), with an
+    error that names the config key and what was expected."""
+    from audiorl.errors import ModelError
+
+    if processor_loader is None:
+        from transformers import AutoProcessor
+
+        processor_loader = AutoProcessor.from_pretrained
+    try:
+        model = model_class.from_pretrained(config.name_or_path, revision=config.revision, dtype=DTYPES[config.dtype])
+        processor = processor_loader(config.name_or_path, revision=config.revision)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model.name_or_path={config.name_or_path!r}: cannot load a {label} model ({exc}); expected a directory "
+            "written by save_pretrained or a hub id"
+        ) from None
+    return model, processor

@@ -14,7 +14,6 @@ forward pass.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,13 @@ import torch
 from torch import nn
 
 from audiorl.config import ModelConfig
-from audiorl.errors import ModelError
-from audiorl.models.audio_llm import AudioLLMAdapter, apply_trainable_settings, core_model, wants_chat
+from audiorl.models.base import apply_trainable_settings, load_pretrained
+from audiorl.models.audio_llm import TransformersAudioLLMAdapter, wants_chat
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_INSTRUCTION = "Detect the language and recognize the speech:"
 
 
-class Qwen2AudioAdapter(AudioLLMAdapter):
+class Qwen2AudioAdapter(TransformersAudioLLMAdapter):
     family = "qwen2_audio"
 
     def __init__(self, model: nn.Module, processor, config: ModelConfig):
@@ -42,24 +40,13 @@ class Qwen2AudioAdapter(AudioLLMAdapter):
 
     @classmethod
     def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> Qwen2AudioAdapter:
-        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+        from transformers import Qwen2AudioForConditionalGeneration
 
-        try:
-            model = Qwen2AudioForConditionalGeneration.from_pretrained(
-                config.name_or_path, revision=config.revision, dtype=_DTYPES[config.dtype]
-            )
-            processor = AutoProcessor.from_pretrained(config.name_or_path, revision=config.revision)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model.name_or_path={config.name_or_path!r}: cannot load a Qwen2-Audio model ({exc})") from None
+        model, processor = load_pretrained(Qwen2AudioForConditionalGeneration, config, "Qwen2-Audio")
         model.to(device)
         model = apply_trainable_settings(model, config, model.model.audio_tower, model.model.multi_modal_projector)
         return cls(model, processor, config)
 
-    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
-        out = Path(directory)
-        model = copy.deepcopy(self.model).merge_and_unload() if self.uses_lora else self.model
-        model.save_pretrained(out, state_dict=state_dict)
-        self.processor.save_pretrained(out)
 
     # -- family hooks ------------------------------------------------------------------------
 
@@ -106,23 +93,6 @@ class Qwen2AudioAdapter(AudioLLMAdapter):
             text = f"<|audio_bos|>\x00<|audio_eos|>{instruction}{lang}"
         return self.split_template(text, "\x00", num_audio_tokens)
 
-    def embed_tokens(self, core):
-        return core.model.language_model.embed_tokens
-
-    def decoder(self, core):
-        return core.model.language_model
-
-    def lm_head(self, core):
-        return core.lm_head
-
-    @property
-    def max_positions(self) -> int:
-        return int(core_model(self.model).config.text_config.max_position_embeddings)
-
-    @property
-    def encoder_trainable(self) -> bool:
-        inner = core_model(self.model).model
-        return any(p.requires_grad for m in (inner.audio_tower, inner.multi_modal_projector) for p in m.parameters())
 
 
 def build_tiny_qwen2_audio(

@@ -9,7 +9,6 @@ one sequence; it is split back per clip by each clip's own length.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,13 @@ import torch
 from torch import nn
 
 from audiorl.config import ModelConfig
-from audiorl.errors import ModelError
-from audiorl.models.audio_llm import AudioLLMAdapter, apply_trainable_settings, core_model
+from audiorl.models.base import apply_trainable_settings, load_pretrained
+from audiorl.models.audio_llm import TransformersAudioLLMAdapter
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MARK = "\x00"
 
 
-class Qwen3ASRAdapter(AudioLLMAdapter):
+class Qwen3ASRAdapter(TransformersAudioLLMAdapter):
     family = "qwen3_asr"
 
     def __init__(self, model: nn.Module, processor, config: ModelConfig):
@@ -36,24 +34,13 @@ class Qwen3ASRAdapter(AudioLLMAdapter):
 
     @classmethod
     def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> Qwen3ASRAdapter:
-        from transformers import AutoProcessor, Qwen3ASRForConditionalGeneration
+        from transformers import Qwen3ASRForConditionalGeneration
 
-        try:
-            model = Qwen3ASRForConditionalGeneration.from_pretrained(
-                config.name_or_path, revision=config.revision, dtype=_DTYPES[config.dtype]
-            )
-            processor = AutoProcessor.from_pretrained(config.name_or_path, revision=config.revision)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model.name_or_path={config.name_or_path!r}: cannot load a Qwen3-ASR model ({exc})") from None
+        model, processor = load_pretrained(Qwen3ASRForConditionalGeneration, config, "Qwen3-ASR")
         model.to(device)
         model = apply_trainable_settings(model, config, model.model.audio_tower, model.model.multi_modal_projector)
         return cls(model, processor, config)
 
-    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
-        out = Path(directory)
-        model = copy.deepcopy(self.model).merge_and_unload() if self.uses_lora else self.model
-        model.save_pretrained(out, state_dict=state_dict)
-        self.processor.save_pretrained(out)
 
     def _prompt_text(self) -> str:
         from transformers.models.qwen3_asr.processing_qwen3_asr import LANGUAGE_CODE_TO_NAME
@@ -97,23 +84,6 @@ class Qwen3ASRAdapter(AudioLLMAdapter):
     def prompt_ids(self, num_audio_tokens: int) -> list[int]:
         return self.split_template(self._prompt, _MARK, num_audio_tokens)
 
-    def embed_tokens(self, core):
-        return core.model.language_model.embed_tokens
-
-    def decoder(self, core):
-        return core.model.language_model
-
-    def lm_head(self, core):
-        return core.lm_head
-
-    @property
-    def max_positions(self) -> int:
-        return int(core_model(self.model).config.text_config.max_position_embeddings)
-
-    @property
-    def encoder_trainable(self) -> bool:
-        inner = core_model(self.model).model
-        return any(p.requires_grad for m in (inner.audio_tower, inner.multi_modal_projector) for p in m.parameters())
 
 
 # A chat template in the layout of Qwen3-ASR's: system turn, user turn with the audio between

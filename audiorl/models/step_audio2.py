@@ -17,7 +17,6 @@ What was checked against public sources and what is assumed is listed in the REA
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,9 @@ from transformers import PretrainedConfig, PreTrainedModel, Qwen2Config
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from audiorl.config import ModelConfig
-from audiorl.errors import ModelError
-from audiorl.models.audio_llm import AudioLLMAdapter, apply_trainable_settings, core_model
+from audiorl.models.base import apply_trainable_settings, load_pretrained
+from audiorl.models.audio_llm import AudioLLMAdapter, core_model
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ASR_INSTRUCTION = "请记录下你所听到的语音内容。"  # "Write down the speech you hear." (Step-Audio 2's ASR system prompt)
 AUDIO_FIELDS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer", "llm_dim", "kernel_size", "adapter_stride")
 
@@ -259,21 +257,12 @@ class StepAudio2Adapter(AudioLLMAdapter):
     def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> StepAudio2Adapter:
         from transformers import AutoTokenizer
 
-        try:
-            model = StepAudio2ForCausalLM.from_pretrained(config.name_or_path, revision=config.revision, dtype=_DTYPES[config.dtype])
-            tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, revision=config.revision)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model.name_or_path={config.name_or_path!r}: cannot load a Step-Audio 2 model ({exc})") from None
+        model, tokenizer = load_pretrained(StepAudio2ForCausalLM, config, "Step-Audio 2", AutoTokenizer.from_pretrained)
         model.to(device)
         processor = StepAudio2Processor(tokenizer, model.config.audio_encoder_config["n_mels"])
         model = apply_trainable_settings(model, config, model.encoder, model.adapter)
         return cls(model, processor, config)
 
-    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
-        out = Path(directory)
-        model = copy.deepcopy(self.model).merge_and_unload() if self.uses_lora else self.model
-        model.save_pretrained(out, state_dict=state_dict)
-        self.processor.save_pretrained(out)
 
     def features(self, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:
         return self.feature_extractor(waveforms)

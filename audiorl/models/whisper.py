@@ -8,7 +8,6 @@ its hidden states, and `sequence_logps` indexes them for every target scored aga
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,11 @@ import torch
 from torch import nn
 
 from audiorl.config import ModelConfig
-from audiorl.errors import ConfigError, ModelError
-from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps, with_lora
+from audiorl.errors import ModelError
+from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps, apply_trainable_settings, load_pretrained
 from audiorl.models.sampling import next_tokens
 from audiorl.models.tiny import train_byte_bpe
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class WhisperContext(AudioContext):
@@ -66,35 +64,11 @@ class WhisperAdapter(ModelAdapter):
     def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> WhisperAdapter:
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-        source = config.name_or_path
-        try:
-            model = WhisperForConditionalGeneration.from_pretrained(
-                source, revision=config.revision, dtype=_DTYPES[config.dtype]
-            )
-            processor = WhisperProcessor.from_pretrained(source, revision=config.revision)
-        except (OSError, ValueError) as exc:
-            hint = "a directory written by save_pretrained (or `audiorl models tiny`), or a hub id"
-            raise ModelError(f"model.name_or_path={source!r}: cannot load a Whisper model ({exc}); expected {hint}") from None
+        model, processor = load_pretrained(WhisperForConditionalGeneration, config, "Whisper", WhisperProcessor.from_pretrained)
         model.to(device)
-        if config.freeze_projector:
-            raise ConfigError("model.freeze_projector: Whisper has no projector (use model.freeze_encoder)")
-        if config.freeze_encoder:
-            model.model.encoder.requires_grad_(False)
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        if config.lora is not None:
-            model = with_lora(model, config)
+        model = apply_trainable_settings(model, config, model.model.encoder, projector=None)
         return cls(model, processor, config)
 
-    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
-        """Write a plain Whisper directory (LoRA merged into the weights) with its processor."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        model = self.model
-        if self.uses_lora:
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(out, state_dict=state_dict)
-        self.processor.save_pretrained(out)
 
     # -- data --------------------------------------------------------------------------------
 
