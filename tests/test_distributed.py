@@ -55,7 +55,7 @@ def _kill_tree(pid: int) -> None:
         process.send_signal(signal.SIGKILL)
 
 
-def _run(config, nproc, *overrides, timeout=300):
+def _run(config, nproc, *overrides, timeout=600):
     proc = _launch(config, nproc, *overrides)
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
