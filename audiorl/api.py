@@ -255,13 +255,7 @@ def evaluate(
     directory's config.json unless given."""
     from audiorl.evaluation import evaluate as run_eval
 
-    if isinstance(model, ModelAdapter):
-        adapter = model
-    else:
-        family = family or detect_family(str(model))
-        if family is None:
-            raise ConfigError(f"{model}: cannot tell the model family from its config.json; name it (--family)")
-        adapter = load_adapter(ModelConfig(family=family, name_or_path=str(model), language=language), resolve_device(device))
+    adapter = model if isinstance(model, ModelAdapter) else _load_model(model, family, language, device)
     limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=max_audio_seconds)
 
     def one(path: str | Path, label: str):
@@ -276,11 +270,16 @@ def evaluate(
     return one(data, "eval data")
 
 
-def _load_for_building(model, data, *, family, language, device, max_audio_seconds, on_bad_record):
+def _load_model(model: str | Path, family: str | None, language: str | None, device: str) -> ModelAdapter:
+    """A saved model by path or hub id; its family from its config.json unless named."""
     family = family or detect_family(str(model))
     if family is None:
         raise ConfigError(f"{model}: cannot tell the model family from its config.json; name it (--family)")
-    adapter = load_adapter(ModelConfig(family=family, name_or_path=str(model), language=language), resolve_device(device))
+    return load_adapter(ModelConfig(family=family, name_or_path=str(model), language=language), resolve_device(device))
+
+
+def _load_for_building(model, data, *, family, language, device, max_audio_seconds, on_bad_record):
+    adapter = _load_model(model, family, language, device)
     limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=max_audio_seconds)
     records, _ = load_records(str(data), adapter, limits, "transcript", on_bad=on_bad_record, max_tokens=None, label="input data")
     return adapter, limits, records

@@ -10,6 +10,7 @@ text a recognizer hallucinates.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -91,8 +92,7 @@ def build_pairs(
 ) -> BuildSummary:
     """Sample hypotheses per clip, rank them by WER against the reference, write preference rows."""
     norm = normalization or TextNormalization()
-    settings = sampling or SamplingSettings(num_generations=num_samples)
-    settings.num_generations = num_samples
+    settings = dataclasses.replace(sampling or SamplingSettings(), num_generations=num_samples)  # the caller's stays as it was
     out_dir = Path(out_path).parent
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)

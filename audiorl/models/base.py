@@ -182,11 +182,6 @@ class ModelAdapter(ABC):
         self.model.to(device)
         return self
 
-    def describe(self) -> dict[str, Any]:
-        total = sum(p.numel() for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.trainable_parameters())
-        return {"family": self.family, "parameters": total, "trainable_parameters": trainable}
-
 
 def with_lora(model: nn.Module, config: ModelConfig) -> nn.Module:
     """Wrap `model` with peft LoRA adapters as `config.lora` says; only adapter weights train."""
