@@ -1,6 +1,6 @@
 """One run, one YAML file: the pydantic schema and its loader.
 
-The schema has five sections (`model`, `data`, `objective`, `train`, `tracking`). Unknown keys and
+The schema has six sections (`model`, `data`, `objective`, `train`, `tracking`, `job`). Unknown keys and
 wrong types are errors that name the key path and the file. `--set a.b=value` overrides are applied
 to the parsed YAML before validation, so they are checked exactly like the file itself.
 
@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from audiorl.errors import ConfigError
 
+# Keys and URIs that carry secrets: never logged, never inlined in a manifest.
+_SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey", "accesskey"}
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.IGNORECASE)
+
 # The DPO loss family, with TRL's names (trl.DPOConfig.loss_type).
 DPO_LOSS_TYPES = (
     "sigmoid",
@@ -38,6 +42,15 @@ DPO_LOSS_TYPES = (
     "sft",
     "sigmoid_norm",
 )
+
+
+def is_secret_key(name: str) -> bool:
+    """Does a key or variable name say it holds a secret? Whole words only, so HF_TOKEN,
+    apiKey and AWS_SECRET_ACCESS_KEY are secrets while max_target_tokens and
+    TOKENIZERS_PARALLELISM are not."""
+    words = [w.lower() for w in re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", str(name))]
+    pairs = {a + b for a, b in zip(words, words[1:])}
+    return bool(_SECRET_WORDS & (set(words) | pairs))
 
 
 class _Section(BaseModel):
@@ -234,12 +247,181 @@ class TrackingConfig(_Section):
     log_model: bool = True
 
 
+# ---------------------------------------------------------------------------------------------
+# where a run goes on a cluster (read by `audiorl render|submit`, ignored by `audiorl train`)
+
+_QUANTITY = re.compile(r"^(?P<num>[0-9]+(\.[0-9]+)?)(?P<unit>Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$")
+_UNITS = {
+    None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+
+
+def parse_quantity(value: str) -> float:
+    """A Kubernetes resource quantity ("16Gi", "500m", "8") as a number (bytes, cores)."""
+    match = _QUANTITY.match(str(value).strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: 8, 500m, 64Gi)")
+    return float(match["num"]) * _UNITS[match["unit"]]
+
+
+def _check_quantity(value: str | None) -> str | None:
+    if value is not None:
+        parse_quantity(value)
+    return value
+
+
+class Resources(_Section):
+    """CPU and memory as Kubernetes quantities. GPUs are set by `gpus_per_node`."""
+
+    cpu: str | None = None
+    memory: str | None = None
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        return _check_quantity(value)
+
+
+class VolumeConfig(_Section):
+    """A PersistentVolumeClaim mounted into every pod (data, checkpoints, model cache)."""
+
+    name: str = Field(..., description="volume name in the pod (DNS-1123 label)")
+    claim: str = Field(..., description="the PersistentVolumeClaim to mount")
+    mount_path: str
+    read_only: bool = False
+    sub_path: str | None = None
+
+    @field_validator("mount_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"mount_path must be absolute, got {value!r}")
+        return value
+
+
+class SecretEnv(_Section):
+    """An environment variable read from a Kubernetes Secret: the value never appears in a manifest."""
+
+    name: str = Field(..., description="the variable's name in the container, e.g. MLFLOW_TRACKING_PASSWORD")
+    secret: str = Field(..., description="the Secret's name")
+    key: str = Field(..., description="the key inside the Secret")
+    optional: bool = False
+
+
+class ElasticConfig(_Section):
+    """torchrun's elastic mode: the job runs with anywhere from min_nodes to max_nodes nodes."""
+
+    min_nodes: int = Field(..., ge=1)
+    max_nodes: int = Field(..., ge=1)
+    max_restarts: int = Field(3, ge=0)
+    rdzv_backend: Literal["c10d", "etcd", "etcd-v2"] = "c10d"
+
+    @model_validator(mode="after")
+    def _range(self) -> ElasticConfig:
+        if self.min_nodes > self.max_nodes:
+            raise ValueError(f"min_nodes ({self.min_nodes}) is larger than max_nodes ({self.max_nodes})")
+        return self
+
+
+class VolcanoConfig(_Section):
+    """Gang scheduling through Volcano: all replicas start together or none does."""
+
+    queue: str | None = None
+
+
+_SECRET_VALUE_HINT = "put it in a Kubernetes Secret and reference it under job.secret_env"
+
+
+class JobConfig(_Section):
+    name: str | None = Field(None, description="job name (DNS-1035 label); default: the config file's name")
+    namespace: str = "default"
+    image: str = "ghcr.io/audiorl/audiorl:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    nodes: int = Field(1, ge=1, description="pods (one Master, the rest Workers)")
+    gpus_per_node: int = Field(1, ge=0, description="0 for a CPU job")
+    gpu_resource: str = "nvidia.com/gpu"
+    procs_per_node: int | None = Field(None, ge=1, description="torchrun processes per pod; default: one per GPU, 1 on CPU")
+    requests: Resources = Field(default_factory=lambda: Resources(cpu="8", memory="64Gi"))
+    limits: Resources = Field(default_factory=lambda: Resources(memory="64Gi"))
+    shm_size: str = Field("16Gi", description="size of the memory-backed /dev/shm")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    priority_class: str | None = None
+    kueue_queue: str | None = Field(None, description="Kueue LocalQueue name")
+    volcano: VolcanoConfig | None = None
+    service_account: str | None = None
+    volumes: list[VolumeConfig] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict, description="plain environment variables (no secrets)")
+    secret_env: list[SecretEnv] = Field(default_factory=list)
+    ttl_seconds_after_finished: int | None = Field(259200, ge=0)
+    backoff_limit: int | None = Field(3, ge=0)
+    active_deadline_seconds: int | None = Field(None, gt=0)
+    restart_policy: Literal["OnFailure", "Never", "ExitCode", "Always"] = "OnFailure"
+    clean_pod_policy: Literal["Running", "All", "None"] = "Running"
+    termination_grace_period_seconds: int = Field(30, gt=0)
+    elastic: ElasticConfig | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("shm_size")
+    @classmethod
+    def _shm_quantity(cls, value: str) -> str:
+        return _check_quantity(value)
+
+    @field_validator("env")
+    @classmethod
+    def _no_inline_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            if is_secret_key(key) or _URI_PASSWORD.search(str(item)):
+                raise ValueError(f"env {key!r} looks like a secret: {_SECRET_VALUE_HINT}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        if self.kueue_queue and self.volcano is not None:
+            raise ValueError("kueue_queue and volcano both set: a job is admitted by one scheduler, choose one")
+        if self.elastic is not None and not self.elastic.min_nodes <= self.nodes <= self.elastic.max_nodes:
+            raise ValueError(
+                f"nodes ({self.nodes}) must lie in the elastic range [{self.elastic.min_nodes}, {self.elastic.max_nodes}]"
+            )
+        names = [v.name for v in self.volumes]
+        dupes = sorted({n for n in names if names.count(n) > 1} | ({"config", "dshm"} & set(names)))
+        if dupes:
+            raise ValueError(f"volume names {dupes} are taken (repeated, or reserved for the config and /dev/shm)")
+        limit = self.limits.memory
+        if limit is not None and parse_quantity(self.shm_size) >= parse_quantity(limit):
+            raise ValueError(
+                f"shm_size {self.shm_size} is not below the memory limit {limit}: /dev/shm counts against the pod's memory"
+            )
+        return self
+
+    @property
+    def processes_per_node(self) -> int:
+        if self.procs_per_node is not None:
+            return self.procs_per_node
+        return max(self.gpus_per_node, 1)
+
+
 class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    job: JobConfig = Field(default_factory=JobConfig)
+
+    @model_validator(mode="after")
+    def _grace(self) -> RunConfig:
+        if self.train.preemption_grace_s >= self.job.termination_grace_period_seconds:
+            raise ValueError(
+                f"train.preemption_grace_s ({self.train.preemption_grace_s:g}) must be below "
+                f"job.termination_grace_period_seconds ({self.job.termination_grace_period_seconds}), or Kubernetes "
+                "kills the pod before the checkpoint is written"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -252,6 +434,7 @@ class RunConfig(_Section):
         the global batch (per device x processes), so a run may resume on another process count."""
         payload = self.to_dict()
         payload.pop("tracking", None)
+        payload.pop("job", None)
         for key in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "output_dir", "distributed"):
             payload["train"].pop(key, None)
         payload["train"]["per_device_train_batch_size"] *= world_size
@@ -311,7 +494,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
 
 def validate_config(data: Any, source: str = "<config>") -> RunConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a run config must be a mapping with sections model, data, objective, train, tracking")
+        raise ConfigError(f"{source}: a run config must be a mapping with sections model, data, objective, train, tracking, job")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -335,7 +518,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a run config must be a mapping with sections model, data, objective, train, tracking")
+        raise ConfigError(f"{path}: a run config must be a mapping with sections model, data, objective, train, tracking, job")
     apply_overrides(data, overrides or [])
     return validate_config(data, source=str(path))
 
@@ -343,8 +526,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 # ---------------------------------------------------------------------------------------------
 # secrets never reach MLflow params or logs
 
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|access[_-]?key|credential)", re.IGNORECASE)
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.IGNORECASE)
 
 
 def redact_value(value: Any) -> Any:
@@ -358,7 +539,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if _SECRET_KEY.search(str(key)):
+        if is_secret_key(key):
             continue
         if isinstance(value, dict):
             flat.update(flatten(value, prefix=f"{name}."))

@@ -41,3 +41,9 @@ class ToolMissingError(AudioRLError):
     """An external program AudioRL needs (for example espeak-ng) is not installed."""
 
     exit_code = 6
+
+
+class ClusterError(AudioRLError):
+    """The Kubernetes API cannot be reached, refuses a request, or a job is not in the asked state."""
+
+    exit_code = 7

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from audiorl.config import RunConfig, flatten, load_config
+from audiorl.config import RunConfig, flatten, is_secret_key, load_config
 from audiorl.errors import ConfigError
 from tests.conftest import write_config
 
@@ -80,6 +80,17 @@ def test_flatten_drops_secrets_and_uri_passwords():
     assert flat["tracking.tracking_uri"] == "https://alice:***@mlflow.example.com"
     assert flat["job.env.LANG"] == "C"
     assert flat["train.learning_rate"] == 1e-5
+
+
+def test_secret_keys_are_whole_words():
+    # a key that merely contains "token" (tokens, tokenizers) is a setting, not a secret, and
+    # must still reach MLflow params
+    flat = flatten(RunConfig.model_validate({**BASE, "data": {"max_target_tokens": 64}}).to_dict())
+    assert flat["data.max_target_tokens"] == 64 and flat["train.generation_max_new_tokens"] == 128
+    for name in ("HF_TOKEN", "apiKey", "x-api-key", "AWS_SECRET_ACCESS_KEY", "DB_PASSWD", "credentials"):
+        assert is_secret_key(name), name
+    for name in ("TOKENIZERS_PARALLELISM", "max_target_tokens", "keyword", "NCCL_SOCKET_IFNAME"):
+        assert not is_secret_key(name), name
 
 
 def test_fingerprint_ignores_logging_but_not_hyperparameters():
