@@ -267,6 +267,182 @@ def quickstart(
     out.print(f"  {outcome.tracking}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Kubernetes: render, submit, follow. No torch on these paths.
+
+KubeconfigOption = Annotated[Optional[str], typer.Option("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).")]
+ContextOption = Annotated[Optional[str], typer.Option("--context", help="kubeconfig context (default: the current one).")]
+NamespaceOption = Annotated[str, typer.Option("--namespace", "-n", help="Namespace of the job.")]
+ApiOption = Annotated[str, typer.Option("--api", help="pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2).")]
+RunIdOption = Annotated[Optional[str], typer.Option("--run-id", help="Run id for the labels (default: a new random one).")]
+RuntimeOption = Annotated[str, typer.Option("--runtime", help="With --api trainjob: the ClusterTrainingRuntime to use.")]
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _cluster(namespace: str, kubeconfig: Optional[str], context: Optional[str], api: str = "pytorchjob"):
+    from audiorl.k8s.client import Cluster
+
+    return Cluster(namespace, kubeconfig=kubeconfig, context=context, kind="TrainJob" if api == "trainjob" else "PyTorchJob")
+
+
+@app.command()
+def render(
+    config: Annotated[Path, typer.Argument(help="YAML run file.")],
+    set_: SetOption = None,
+    api: ApiOption = "pytorchjob",
+    runtime: RuntimeOption = "torch-distributed",
+    run_id: RunIdOption = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the YAML here instead of printing it.")] = None,
+) -> None:
+    """Print the Kubernetes objects that run CONFIG on a cluster: a ConfigMap with the config and
+    a PyTorchJob (or TrainJob). `kubectl apply -f` takes the output as it is."""
+    from audiorl.k8s.render import render_file
+
+    rendered = render_file(config, set_ or [], run_id=run_id, api=api, runtime=runtime)
+    for note in rendered.warnings:
+        _err(f"warning: {note}")
+    if output:
+        output.write_text(rendered.to_yaml())
+        _err(f"written: {output} ({rendered.job['kind']} {rendered.namespace}/{rendered.name})")
+    else:
+        typer.echo(rendered.to_yaml().rstrip())
+
+
+def _print_state(state) -> None:
+    from datetime import datetime
+
+    typer.echo(f"{datetime.now():%H:%M:%S} {state.summary()}")
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="YAML run file.")],
+    set_: SetOption = None,
+    api: ApiOption = "pytorchjob",
+    runtime: RuntimeOption = "torch-distributed",
+    run_id: RunIdOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the objects; create nothing.")] = False,
+    server_dry_run: Annotated[bool, typer.Option("--server-dry-run", help="Send the objects with dryRun=All: the API server checks them, stores nothing.")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="Delete a job of the same name that is still running, then submit.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Report status changes until the job succeeds or fails.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the master's log, then wait for the outcome.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="With --wait/--follow: give up after this many seconds.")] = None,
+    local: Annotated[bool, typer.Option("--local", help="Run the job's pods here as local torchrun processes, with the operator's environment.")] = False,
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
+) -> None:
+    """Create the job on the cluster (or run it here with --local)."""
+    from audiorl.errors import ConfigError, TrainingError
+    from audiorl.k8s.render import render_file
+
+    if follow and api == "trainjob":
+        raise ConfigError("--follow reads a PyTorchJob's master pod; for a TrainJob use --wait and kubectl logs")
+    rendered = render_file(config, set_ or [], run_id=run_id, api=api, runtime=runtime)
+    for note in rendered.warnings:
+        _err(f"warning: {note}")
+    if dry_run:
+        typer.echo(rendered.to_yaml().rstrip())
+        return
+    if local:
+        from audiorl.k8s.local import run_local
+
+        code = run_local(rendered, log=typer.echo, timeout_s=timeout)
+        if code:
+            raise TrainingError(f"local job {rendered.name} failed (exit code {code}); its output is above")
+        return
+    cluster = _cluster(rendered.namespace, kubeconfig, context, api)
+    cluster.submit(rendered, replace=replace, server_dry_run=server_dry_run, log=typer.echo)
+    if server_dry_run:
+        return
+    if follow:
+        for line in cluster.logs(rendered.name, follow=True, wait_s=timeout or 600):
+            typer.echo(line)
+    if wait or follow:
+        _finish(cluster, rendered.name, timeout)
+
+
+def _finish(cluster, name: str, timeout: Optional[float]) -> None:
+    from audiorl.errors import TrainingError
+
+    state = cluster.wait(name, timeout_s=timeout, on_change=_print_state)
+    if state.phase != "Succeeded":
+        failed = ", ".join(f"{n} {kind}" for kind, n in state.failed_replicas.items())
+        raise TrainingError(f"job {name} {state.phase}: {state.message or state.reason}" + (f" (failed replicas: {failed})" if failed else ""))
+
+
+@app.command()
+def status(
+    job: Annotated[str, typer.Argument(help="Job name.")],
+    namespace: NamespaceOption = "default",
+    wait: Annotated[bool, typer.Option("--wait", help="Report changes until the job succeeds or fails.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False,
+    api: ApiOption = "pytorchjob",
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
+) -> None:
+    """Where a job stands: its phase, conditions and replicas (failed ones named)."""
+    from dataclasses import asdict
+
+    cluster = _cluster(namespace, kubeconfig, context, api)
+    if wait:
+        _finish(cluster, job, timeout)
+        return
+    state = cluster.status(job)
+    if as_json:
+        typer.echo(json.dumps(asdict(state), indent=2))
+        return
+    typer.echo(state.summary())
+    for cond in state.conditions:
+        typer.echo(f"  {cond.get('lastTransitionTime', ''):20} {cond.get('type', ''):11} {cond.get('status', ''):5} {cond.get('reason', '')}")
+    if state.failed_replicas:
+        typer.echo("  failed replicas: " + ", ".join(f"{n} {kind}" for kind, n in state.failed_replicas.items()))
+
+
+@app.command()
+def logs(
+    job: Annotated[str, typer.Argument(help="Job name.")],
+    namespace: NamespaceOption = "default",
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the container ends.")] = False,
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
+) -> None:
+    """The master pod's log."""
+    for line in _cluster(namespace, kubeconfig, context).logs(job, follow=follow):
+        typer.echo(line)
+
+
+@app.command("list")
+def list_jobs(
+    namespace: NamespaceOption = "default",
+    api: ApiOption = "pytorchjob",
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
+) -> None:
+    """The AudioRL jobs in a namespace and their phases."""
+    states = _cluster(namespace, kubeconfig, context, api).list()
+    if not states:
+        typer.echo(f"no AudioRL jobs in namespace {namespace}")
+    for state in states:
+        typer.echo(state.summary())
+
+
+@app.command()
+def delete(
+    job: Annotated[str, typer.Argument(help="Job name.")],
+    namespace: NamespaceOption = "default",
+    api: ApiOption = "pytorchjob",
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
+) -> None:
+    """Delete a job, its pods and its ConfigMap."""
+    _cluster(namespace, kubeconfig, context, api).delete(job)
+    typer.echo(f"deleted {job} in namespace {namespace}")
+
+
 def main() -> None:
     from audiorl.errors import AudioRLError
 

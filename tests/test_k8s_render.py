@@ -1,0 +1,346 @@
+"""Rendering a run config into Kubernetes objects: every variant validates against the core
+schemas (strict) and the Kubeflow PyTorchJob models, and the facts a cluster depends on hold."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import kubernetes_validate
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from audiorl.config import load_config, validate_config
+from audiorl.errors import ConfigError
+from audiorl.k8s.local import expand, operator_env
+from audiorl.k8s.render import ENTRYPOINT, LABEL_CONFIG_HASH, LABEL_RUN_ID, default_job_name, render, render_file
+
+K8S_VERSION = "1.32.0"
+
+BASE = {"model": {"name_or_path": "/models/whisper-small"}, "data": {"train": "/data/pairs.jsonl"}}
+VOLUMES = [
+    {"name": "data", "claim": "speech-data", "mount_path": "/data", "read_only": True},
+    {"name": "checkpoints", "claim": "audiorl-checkpoints", "mount_path": "/checkpoints"},
+    {"name": "models", "claim": "model-cache", "mount_path": "/models", "sub_path": "hub"},
+]
+SECRETS = [
+    {"name": "MLFLOW_TRACKING_PASSWORD", "secret": "mlflow-auth", "key": "password"},
+    {"name": "AWS_SECRET_ACCESS_KEY", "secret": "s3", "key": "secret-key"},
+    {"name": "HF_TOKEN", "secret": "hub", "key": "token", "optional": True},
+]
+VARIANTS = {
+    "single-gpu": {},
+    "multi-node": {"job": {"nodes": 4, "gpus_per_node": 8}},
+    "cpu": {"job": {"gpus_per_node": 0, "requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "8Gi"}, "shm_size": "1Gi"}},
+    "fsdp": {"train": {"distributed": {"strategy": "fsdp"}}, "job": {"nodes": 2, "gpus_per_node": 8}},
+    "elastic": {"job": {"nodes": 2, "elastic": {"min_nodes": 1, "max_nodes": 4, "max_restarts": 5}}},
+    "kueue": {"job": {"nodes": 2, "kueue_queue": "team-speech", "priority_class": "high"}},
+    "volcano": {"job": {"nodes": 3, "volcano": {"queue": "research"}, "priority_class": "high"}},
+    "volumes-and-secrets": {
+        "train": {"output_dir": "/checkpoints/run1"},
+        "tracking": {"tracking_uri": "https://mlflow.example.com"},
+        "job": {
+            "volumes": VOLUMES, "secret_env": SECRETS, "env": {"NCCL_SOCKET_IFNAME": "eth0"}, "service_account": "audiorl",
+            "image_pull_secrets": ["registry"], "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a", "b"]}]}]}}},
+            "active_deadline_seconds": 86400, "annotations": {"team": "speech"}, "labels": {"cost-center": "asr"},
+        },
+    },
+}
+
+
+def _merge(base, extra):
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _render(extra=None, **kwargs):
+    cfg = validate_config(_merge(BASE, extra or {}))
+    return cfg, render(cfg, name="whisper-dpo", run_id="run42", **kwargs)
+
+
+def _validate_pod_templates(job):
+    for kind, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{kind.lower()}"}, "template": replica["template"]}
+        kubernetes_validate.validate(template, K8S_VERSION, strict=True)
+
+
+def _dropped_keys(given, kept, path=""):
+    """Keys present in what we rendered but lost by the kubeflow-training models."""
+    if isinstance(given, dict):
+        kept = kept or {}
+        out = []
+        for key, value in given.items():
+            if key not in kept:
+                out.append(f"{path}.{key}")
+            else:
+                out += _dropped_keys(value, kept[key], f"{path}.{key}")
+        return out
+    if isinstance(given, list):
+        return [d for i, (a, b) in enumerate(zip(given, kept or [])) for d in _dropped_keys(a, b, f"{path}[{i}]")]
+    return []
+
+
+def _through_kubeflow_models(job):
+    """The job as the kubeflow-training models read it back (they drop keys they don't know)."""
+    from kubeflow.training import ApiClient
+
+    class _Response:  # the generated deserializer reads JSON from `.data`
+        data = json.dumps(job)
+
+    client = ApiClient()
+    return client.sanitize_for_serialization(client.deserialize(_Response, "KubeflowOrgV1PyTorchJob"))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_validates_strictly(variant):
+    _, rendered = _render(VARIANTS[variant])
+    kubernetes_validate.validate(rendered.config_map, K8S_VERSION, strict=True)
+    job = rendered.job
+    _validate_pod_templates(job)
+    kept = _through_kubeflow_models(job)
+    assert _dropped_keys(job, kept) == []
+
+
+def test_the_kubeflow_check_catches_a_misspelled_key():
+    # the dropped-key comparison is what makes the model check strict
+    _, rendered = _render()
+    job = copy.deepcopy(rendered.job)
+    job["spec"]["runPolicy"]["ttlSecondsAfterFinish"] = 5
+    assert _dropped_keys(job, _through_kubeflow_models(job)) == [".spec.runPolicy.ttlSecondsAfterFinish"]
+    bad = copy.deepcopy(rendered.job)
+    bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate_pod_templates(bad)
+
+
+def test_replicas_rendezvous_and_gang_scheduling():
+    _, single = _render()
+    assert list(single.job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    _, multi = _render(VARIANTS["multi-node"])
+    specs = multi.job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 3
+    assert multi.job["spec"]["nprocPerNode"] == "8"
+    container = specs["Worker"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8" == container["resources"]["requests"]["nvidia.com/gpu"]
+    # 8 CPUs shared by 8 processes: one thread each
+    assert {e["name"]: e.get("value") for e in container["env"]}["OMP_NUM_THREADS"] == "1"
+
+    _, elastic = _render(VARIANTS["elastic"])
+    assert list(elastic.job["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+    assert elastic.job["spec"]["elasticPolicy"] == {"minReplicas": 1, "maxReplicas": 4, "rdzvBackend": "c10d", "maxRestarts": 5}
+
+    _, volcano = _render(VARIANTS["volcano"])
+    assert volcano.job["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 3, "queue": "research", "priorityClass": "high"}
+    for spec in volcano.job["spec"]["pytorchReplicaSpecs"].values():
+        assert spec["template"]["spec"]["schedulerName"] == "volcano"
+
+    _, kueue = _render(VARIANTS["kueue"])
+    assert kueue.job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-speech"
+    assert "schedulingPolicy" not in kueue.job["spec"]["runPolicy"]
+    with pytest.raises(ConfigError, match="choose one"):
+        validate_config(_merge(BASE, {"job": {"kueue_queue": "q", "volcano": {}}}))
+
+
+def test_pods_are_locked_down_and_run_torchrun_on_the_mounted_config():
+    _, rendered = _render(VARIANTS["volumes-and-secrets"])
+    pod = rendered.job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["command"][0] == "torchrun" and "$(AUDIORL_CONFIG)" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    config_path = env["AUDIORL_CONFIG"]["value"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config_mount = next(m for path, m in mounts.items() if config_path.startswith(path + "/"))
+    assert volumes[config_mount["name"]]["configMap"]["name"] == rendered.config_map["metadata"]["name"]
+    assert config_path.rsplit("/", 1)[1] in rendered.config_map["data"]
+    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "speech-data", "readOnly": True}
+    assert mounts["/models"]["subPath"] == "hub"
+    assert env["NCCL_SOCKET_IFNAME"]["value"] == "eth0"
+    assert pod["terminationGracePeriodSeconds"] > 25  # above train.preemption_grace_s
+    assert rendered.warnings == []
+
+
+def test_secrets_are_only_ever_references(tmp_path):
+    cfg, rendered = _render(VARIANTS["volumes-and-secrets"])
+    text = rendered.to_yaml()
+    env = {e["name"]: e for e in rendered.job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]}
+    for ref in SECRETS:
+        assert "value" not in env[ref["name"]]
+        assert env[ref["name"]]["valueFrom"]["secretKeyRef"]["name"] == ref["secret"]
+    # values the user might try to inline are refused, naming the key and the fix
+    with pytest.raises(ConfigError, match=r"job\.env.*HF_TOKEN.*secret_env"):
+        validate_config(_merge(BASE, {"job": {"env": {"HF_TOKEN": "hf_abcdef"}}}))
+    with pytest.raises(ConfigError, match=r"job\.env.*secret_env"):
+        validate_config(_merge(BASE, {"job": {"env": {"MLFLOW_TRACKING_URI": "https://bob:hunter2@mlflow"}}}))
+    leaky = validate_config(_merge(BASE, {"tracking": {"tracking_uri": "postgresql://bob:hunter2@db/mlflow"}}))
+    with pytest.raises(ConfigError, match="password"):
+        render(leaky, name="x", run_id="r1")
+    assert "hunter2" not in text
+    with pytest.raises(ConfigError, match="also set as plain"):
+        render(validate_config(_merge(BASE, {"job": {"env": {"NCCL_DEBUG": "INFO"}, "secret_env": [{"name": "NCCL_DEBUG", "secret": "s", "key": "k"}]}})), name="x", run_id="r1")
+
+
+def test_names_and_labels(tmp_path):
+    cfg, rendered = _render()
+    for obj in rendered.objects:
+        assert obj["metadata"]["labels"][LABEL_RUN_ID] == "run42"
+    # the config hash follows what training computes, not where the job runs
+    changed = validate_config(_merge(BASE, {"train": {"learning_rate": 1e-5}}))
+    moved = validate_config(_merge(BASE, {"job": {"nodes": 2, "namespace": "speech"}}))
+    def label(c):
+        return render(c, name="x", run_id="r").job["metadata"]["labels"][LABEL_CONFIG_HASH]
+
+    assert label(changed) != label(cfg) == label(moved)
+    with pytest.raises(ConfigError, match="not a valid Kubernetes name"):
+        render(validate_config(_merge(BASE, {"job": {"name": "Whisper_DPO"}})), name="x", run_id="r")
+    with pytest.raises(ConfigError, match="not a valid Kubernetes name"):
+        render(validate_config(_merge(BASE, {"job": {"name": "a" * 60}})), name="x", run_id="r")
+    with pytest.raises(ConfigError, match="job.namespace"):
+        render(validate_config(_merge(BASE, {"job": {"namespace": "Speech Team"}})), name="x", run_id="r")
+    assert default_job_name("Whisper_Small-DPO.v2") == "whisper-small-dpo-v2"
+    assert default_job_name("2024_run") == "run"
+    path = tmp_path / "My_Run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    first, second = render_file(path, ["job.namespace=speech"]), render_file(path, ["job.namespace=speech"])
+    assert first.name == "my-run" and first.namespace == "speech"
+    # each render without --run-id is a new run
+    assert first.job["metadata"]["labels"][LABEL_RUN_ID] != second.job["metadata"]["labels"][LABEL_RUN_ID]
+
+
+def test_warnings_about_what_a_pod_would_lose():
+    ckpt = [{"name": "ckpt", "claim": "c", "mount_path": "/ckpt"}]
+    data = [{"name": "data", "claim": "d", "mount_path": "/data", "read_only": True}]
+    cases = [
+        # train.output_dir, tracking_uri, volumes -> which warnings
+        ("runs/x", None, [], ["output_dir", "tracking"]),
+        ("/ckpt/x", "sqlite:////ckpt/mlflow.db", ckpt, []),
+        ("/ckpt/x", "sqlite:////tmp/mlflow.db", ckpt, ["tracking"]),
+        ("/ckpt/x", "http://mlflow.audiorl.svc:5000", ckpt, []),
+        ("/data/x", "http://mlflow:5000", data, ["output_dir"]),  # read-only volumes don't count
+    ]
+    for output_dir, uri, volumes, expected in cases:
+        _, rendered = _render({"train": {"output_dir": output_dir}, "tracking": {"tracking_uri": uri}, "job": {"volumes": volumes}})
+        found = [w.split(":")[0].split(" ")[0].replace("train.", "") for w in rendered.warnings]
+        assert found == expected, (output_dir, uri, rendered.warnings)
+
+
+def test_the_configmap_holds_the_same_config(tmp_path):
+    cfg, rendered = _render(VARIANTS["volumes-and-secrets"])
+    path = tmp_path / "config.yaml"
+    path.write_text(rendered.config_map["data"]["config.yaml"])
+    assert load_config(path) == cfg
+    # and the YAML a person reads (and kubectl applies) has no anchors or aliases
+    text = rendered.to_yaml()
+    assert "&id" not in text and "*id" not in text
+    assert list(yaml.safe_load_all(text)) == rendered.objects
+
+
+def test_trainjob_for_kubeflow_trainer_v2():
+    _, rendered = _render(VARIANTS["volumes-and-secrets"], api="trainjob")
+    job = rendered.job
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    trainer = job["spec"]["trainer"]
+    assert trainer["numNodes"] == 1 and trainer["command"] == ENTRYPOINT
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod = patch["template"]["spec"]["template"]["spec"]
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "node"},
+                                  "template": {"spec": {**pod, "containers": [{**pod["containers"][0], "image": trainer["image"]}]}}},
+                                 K8S_VERSION, strict=True)
+    assert all("value" not in e for e in trainer["env"] if e["name"] in {s["name"] for s in SECRETS})
+    with pytest.raises(ConfigError, match="no elastic"):
+        _render(VARIANTS["elastic"], api="trainjob")
+
+
+def test_operator_environment_and_expansion():
+    _, rendered = _render(VARIANTS["multi-node"])
+    job = rendered.job
+    master = operator_env(job, "Master", 0, master_addr="m", master_port=23456)
+    worker2 = operator_env(job, "Worker", 2, master_addr="m", master_port=23456)
+    assert master["RANK"] == master["PET_NODE_RANK"] == "0"
+    assert worker2["RANK"] == worker2["PET_NODE_RANK"] == "3"  # Worker i is pod i + 1
+    assert master["WORLD_SIZE"] == "32" and master["PET_NNODES"] == "4" and master["PET_NPROC_PER_NODE"] == "8"
+    _, elastic = _render(VARIANTS["elastic"])
+    env = operator_env(elastic.job, "Worker", 0, master_addr="w0", master_port=29400)
+    assert env["PET_NNODES"] == "1:4" and env["PET_RDZV_BACKEND"] == "c10d" and env["PET_RDZV_ENDPOINT"] == "w0:29400"
+    assert env["PET_NODE_RANK"] == "0" and env["PET_MAX_RESTARTS"] == "5"
+    assert expand("$(A)/x/$(B)/$$(A)", {"A": "1"}) == "1/x/$(B)/$(A)"
+
+
+settings_ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def _job_sections(draw):
+    gpus = draw(st.integers(0, 8))
+    nodes = draw(st.integers(1, 6))
+    job = {
+        "nodes": nodes,
+        "gpus_per_node": gpus,
+        "restart_policy": draw(st.sampled_from(["OnFailure", "Never", "ExitCode", "Always"])),
+        "clean_pod_policy": draw(st.sampled_from(["Running", "All", "None"])),
+        "requests": {"cpu": draw(st.sampled_from(["500m", "2", "16", "96"])), "memory": draw(st.sampled_from(["4Gi", "64Gi"]))},
+        "limits": {"memory": "128Gi"},
+        "shm_size": draw(st.sampled_from(["64Mi", "1Gi", "32Gi"])),
+        "ttl_seconds_after_finished": draw(st.one_of(st.none(), st.integers(0, 10**6))),
+        "backoff_limit": draw(st.one_of(st.none(), st.integers(0, 10))),
+        "volumes": draw(st.lists(st.sampled_from(VOLUMES), unique_by=lambda v: v["name"], max_size=3)),
+        "secret_env": draw(st.lists(st.sampled_from(SECRETS), unique_by=lambda v: v["name"], max_size=3)),
+        "node_selector": draw(st.dictionaries(st.sampled_from(["pool", "gpu"]), st.sampled_from(["a", "h100"]), max_size=2)),
+    }
+    if gpus == 0 or draw(st.booleans()):
+        job["procs_per_node"] = draw(st.integers(1, 4))
+    scheduler = draw(st.sampled_from(["none", "kueue", "volcano", "elastic"]))
+    if scheduler == "kueue":
+        job["kueue_queue"] = "q"
+    elif scheduler == "volcano":
+        job["volcano"] = {"queue": draw(st.one_of(st.none(), st.just("research")))}
+    elif scheduler == "elastic":
+        job["elastic"] = {"min_nodes": draw(st.integers(1, nodes)), "max_nodes": nodes + draw(st.integers(0, 3))}
+    return job
+
+
+@settings_
+@given(job=_job_sections(), strategy=st.sampled_from(["ddp", "fsdp"]))
+def test_property_any_job_section_renders_valid_objects(job, strategy):
+    cfg = validate_config(_merge(BASE, {"job": job, "train": {"distributed": {"strategy": strategy}}}))
+    rendered = render(cfg, name="prop", run_id="r1")
+    kubernetes_validate.validate(rendered.config_map, K8S_VERSION, strict=True)
+    _validate_pod_templates(rendered.job)
+    assert _dropped_keys(rendered.job, _through_kubeflow_models(rendered.job)) == []
+    specs = rendered.job["spec"]["pytorchReplicaSpecs"]
+    assert sum(s["replicas"] for s in specs.values()) == job["nodes"]
+    procs = job.get("procs_per_node") or max(job["gpus_per_node"], 1)
+    assert rendered.job["spec"]["nprocPerNode"] == str(procs)
+    for spec in specs.values():
+        container = spec["template"]["spec"]["containers"][0]
+        gpu = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+        assert gpu == (str(job["gpus_per_node"]) if job["gpus_per_node"] else None)
+        assert all("value" not in e for e in container["env"] if e["name"] in {s["name"] for s in SECRETS})
+
+
+def test_render_never_imports_torch_or_the_kubernetes_client(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    code = (
+        "import sys; from audiorl_cli.main import app\n"
+        "try:\n    app(['render', sys.argv[1]])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'kubernetes') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "kind: PyTorchJob" in result.stdout
