@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from audiorl.audio import AudioLimits
-from audiorl.config import ModelConfig, RunConfig, TextNormalization, load_config
+from audiorl.config import ModelConfig, RunConfig, TextNormalization, load_config, redact_value
 from audiorl.data.records import Record, Rejected, fingerprint, read_records, validate_records
 from audiorl.errors import ConfigError, DataError
 from audiorl.models.base import ModelAdapter
@@ -144,17 +144,22 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         skipped += eval_skipped
     data_fp = fingerprint(records)
 
+    from audiorl.tracking import run_tags
+    from audiorl.trainer import resume_target
+
     tracker = Tracker(cfg.tracking, active=dist_info.is_main)
     run_id = tracker.start(
         cfg,
         tags={
-            "audiorl.base_model": cfg.model.name_or_path,
-            "audiorl.family": cfg.model.family,
-            "audiorl.objective": cfg.objective.name if cfg.objective.name == "sft" else f"{cfg.objective.name}:{'+'.join(cfg.objective.loss_type)}",
+            **run_tags(cfg),
             "audiorl.data_fingerprint": data_fp,
             "audiorl.config_fingerprint": cfg.fingerprint(dist_info.world_size),
         },
+        spill_dir=output_dir,
+        # a run that continues from a checkpoint continues its MLflow run too
+        resume=resume_target(cfg.train) is not None,
     )
+    node_monitor = _watch_node(cfg, tracker, dist_info)
     if skipped and dist_info.is_main:
         lines = "\n".join(json.dumps({"source": r.source, "reason": r.reason}) for r in skipped)
         (output_dir / "skipped_records.jsonl").write_text(lines + "\n")
@@ -208,20 +213,41 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         if dist_info.is_main:  # every rank holds the same weights; one writes them
             adapter.save_pretrained(str(final_dir), state_dict=full_weights)
             (output_dir / "config.yaml").write_text(cfg.to_yaml())
-            if cfg.tracking.log_model:
-                tracker.log_artifacts(final_dir, "model")
             if fsdp and eval_records:
                 final = load_adapter(cfg.model.model_copy(update={"name_or_path": str(final_dir), "lora": None}), device)
                 adapter = final
                 metrics = evaluate_now(result.global_step)
                 tracker.log_metrics(metrics, result.global_step)
                 result.eval_metrics = metrics
+            if eval_before and result.eval_metrics:
+                from audiorl.plots import wer_chart
+
+                name = Path(cfg.data.eval).stem if cfg.data.eval else "eval"
+                chart = wer_chart({name: {"before": eval_before["eval/wer"], "after": result.eval_metrics["eval/wer"]}},
+                                  title="WER before and after training")
+                tracker.log_figure(chart, "eval/wer_before_after.png")
+            if cfg.tracking.log_model:
+                model_config = cfg.model.model_copy(update={"name_or_path": str(final_dir), "lora": None})
+                version = tracker.register_model(
+                    final_dir, model_config,
+                    name=(cfg.tracking.registered_model_name or cfg.tracking.experiment_name) if cfg.tracking.register_model else None,
+                    tags={
+                        "audiorl.base_model": str(redact_value(cfg.model.name_or_path)),
+                        "audiorl.objective": run_tags(cfg)["audiorl.objective"],
+                        "audiorl.data_fingerprint": data_fp,
+                    },
+                    max_new_tokens=cfg.train.generation_max_new_tokens,
+                )
+                if version:
+                    console.print(f"registered {cfg.tracking.registered_model_name or cfg.tracking.experiment_name} version {version} (alias challenger)")
         distributed.barrier()
         status = "FINISHED"
     except Preempted:
         status = "KILLED"
         raise
     finally:
+        if node_monitor is not None:
+            node_monitor.end()
         tracker.end(status)
         distributed.shutdown()
     return TrainOutcome(
@@ -233,6 +259,24 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         skipped=skipped,
         eval_before=eval_before,
     )
+
+
+def _watch_node(cfg: RunConfig, tracker: Tracker, dist_info):
+    """System metrics of this node (CPU, memory, GPU) under node-N, from its first process. Rank 0
+    uses its own tracker; the first process of every other node attaches to rank 0's run."""
+    from audiorl import distributed
+
+    run = distributed.broadcast_from_main((tracker.run_id, tracker.tracking_uri))
+    if not (cfg.tracking.enabled and cfg.tracking.system_metrics and run[0]) or dist_info.local_rank != 0:
+        return None
+    node = f"node-{distributed.node_rank()}"
+    if dist_info.is_main:
+        tracker.start_system_metrics(node, cfg.tracking.system_metrics_interval_s)
+        return None
+    side = Tracker(cfg.tracking)
+    side.attach(*run)
+    side.start_system_metrics(node, cfg.tracking.system_metrics_interval_s)
+    return side
 
 
 def evaluate(
@@ -268,6 +312,30 @@ def evaluate(
     if isinstance(data, Mapping):
         return {name: one(path, name) for name, path in data.items()}
     return one(data, "eval data")
+
+
+def evaluate_and_log(
+    model: str | Path,
+    sets: Mapping[str, str | Path],
+    *,
+    baseline: str | Path | None = None,
+    experiment: str = "audiorl-eval",
+    log: bool = True,
+    run_name: str | None = None,
+    **options,
+):
+    """Evaluate `model` (and `baseline`, if given) on named test sets and log the evaluation to
+    MLflow: a run with a nested run per test set and the WER chart. Returns (results, baseline
+    results or None, run id or None)."""
+    from audiorl.tracking import log_evaluation
+
+    results = evaluate(model, sets, **options)
+    before = evaluate(baseline, sets, **options) if baseline is not None else None
+    run_id = None
+    if log:
+        run_id = log_evaluation(results, model=str(model), experiment=experiment, baseline=before,
+                                baseline_model=str(baseline) if baseline is not None else None, run_name=run_name)
+    return results, before, run_id
 
 
 def _load_model(model: str | Path, family: str | None, language: str | None, device: str) -> ModelAdapter:

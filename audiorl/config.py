@@ -244,7 +244,11 @@ class TrackingConfig(_Section):
     experiment_name: str = "audiorl"
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
-    log_model: bool = True
+    log_model: bool = Field(True, description="log the final model as an MLflow model (transformers pipeline or pyfunc)")
+    register_model: bool = Field(True, description="register the logged model as a new version, alias challenger")
+    registered_model_name: str | None = Field(None, description="default: the experiment name")
+    system_metrics: bool = Field(True, description="CPU/memory/GPU of every node, under node-N")
+    system_metrics_interval_s: float = Field(10.0, gt=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,6 +69,20 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
     return dict(zip(keys, tensor.tolist()))
 
 
+def broadcast_from_main(value):
+    """Rank 0's value on every rank (any picklable object)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def node_rank() -> int:
+    """Which node (pod) this process runs on: torchrun's GROUP_RANK, or the operator's PET_NODE_RANK."""
+    return int(os.environ.get("GROUP_RANK") or os.environ.get("PET_NODE_RANK") or 0)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -127,6 +127,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resume_target(config: TrainConfig) -> Path | None:
+    """The checkpoint a run with this config continues from, if any."""
+    resume = config.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = checkpoint_dirs(Path(config.output_dir))
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").exists():
+        raise TrainingError(f"train.resume={resume!r}: not a checkpoint folder (no trainer_state.json)")
+    return path
+
 class Trainer:
     def __init__(
         self,
@@ -264,11 +286,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def checkpoint_dirs(self) -> list[Path]:
-        root = self.output_dir / CHECKPOINTS
-        if not root.is_dir():
-            return []
-        found = [p for p in root.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").exists()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        return checkpoint_dirs(self.output_dir)
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes the (replicated) model and optimizer; every rank adds its RNG state."""
@@ -318,16 +336,7 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _resume_target(self) -> Path | None:
-        resume = self.config.resume
-        if resume == "never":
-            return None
-        if resume == "auto":
-            found = self.checkpoint_dirs()
-            return found[-1] if found else None
-        path = Path(resume)
-        if not (path / "trainer_state.json").exists():
-            raise TrainingError(f"train.resume={resume!r}: not a checkpoint folder (no trainer_state.json)")
-        return path
+        return resume_target(self.config)
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "trainer_state.json").read_text())

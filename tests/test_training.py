@@ -146,8 +146,10 @@ def test_mpo_with_eval_logs_to_mlflow(tmp_path, tiny_whisper, speech_dir):
     assert {m.step for m in client.get_metric_history(outcome.run_id, "eval/wer")} == {0, 2, 4}
     for key in ("loss/sigmoid", "loss/bco_pair", "loss/sft", "bco/delta", "grad_norm", "learning_rate", "samples_per_second"):
         assert client.get_metric_history(outcome.run_id, key), key
-    artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "model")}
-    assert "model/model.safetensors" in artifacts and "model/tokenizer.json" in artifacts
+    # the final model is logged with the run and registered as the experiment's challenger
+    version = client.get_model_version_by_alias("unit", "challenger")
+    assert version.run_id == outcome.run_id and version.tags["audiorl.data_fingerprint"] == run.data.tags["audiorl.data_fingerprint"]
+    assert "eval/wer_before_after.png" in {a.path for a in client.list_artifacts(outcome.run_id, "eval")}
     evals = {a.path for a in client.list_artifacts(outcome.run_id, "eval")}
     assert "eval/step-000000.json" in evals
     # the exported model loads back through the family's loader and transcribes

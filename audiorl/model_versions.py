@@ -1,0 +1,133 @@
+"""Trained models as MLflow models and registered versions.
+
+Whisper is logged with MLflow's transformers flavor as an `automatic-speech-recognition`
+pipeline (greedy decoding, the run's language and task); the audio LLM families, which have no
+transformers pipeline, as a pyfunc that transcribes with AudioRL's own adapter. Either way
+`mlflow.pyfunc.load_model("models:/NAME@challenger").predict(...)` takes audio (bytes, a file
+path, or a 16 kHz float array for the pyfunc) and returns transcripts. A new version gets the
+alias `challenger`; `audiorl promote` decides whether it becomes `champion`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+_PIPELINE_FAMILIES = {"whisper"}
+
+
+# predict() takes several input kinds and checks them itself, so it has no type hints for MLflow
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
+
+
+class Transcriber(mlflow.pyfunc.PythonModel):
+    """A saved AudioRL model as a pyfunc: audio in, transcripts out."""
+
+    def load_context(self, context) -> None:
+        from audiorl.audio import AudioLimits
+        from audiorl.config import ModelConfig
+        from audiorl.models.registry import load_adapter
+        from audiorl.trainer import resolve_device
+
+        settings = dict(context.model_config or {})
+        self.max_new_tokens = int(settings.pop("max_new_tokens", 128))
+        self.batch_size = int(settings.pop("batch_size", 8))
+        self.adapter = load_adapter(ModelConfig(name_or_path=context.artifacts["model"], **settings), resolve_device("auto"))
+        self.limits = AudioLimits(sampling_rate=self.adapter.sampling_rate, max_seconds=float("inf"))
+
+    def predict(self, context, model_input, params=None) -> list[str]:
+        from audiorl.data.records import Record
+        from audiorl.evaluation import transcribe
+
+        records = []
+        for i, item in enumerate(_items(model_input)):
+            if isinstance(item, np.ndarray):
+                records.append(Record(audio=item.astype(np.float32), source=f"input[{i}]", sampling_rate=self.adapter.sampling_rate))
+            else:
+                records.append(Record(audio=item, source=f"input[{i}]"))
+        return transcribe(self.adapter, records, self.limits, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+
+
+def _items(model_input: Any) -> list[Any]:
+    """bytes, a path, an array, a list of those, or a DataFrame whose first column holds them."""
+    try:
+        import pandas as pd
+
+        if isinstance(model_input, pd.DataFrame):
+            model_input = model_input.iloc[:, 0].tolist()
+        elif isinstance(model_input, pd.Series):
+            model_input = model_input.tolist()
+    except ImportError:  # pragma: no cover - pandas comes with mlflow
+        pass
+    if isinstance(model_input, (bytes, str, Path)) or (isinstance(model_input, np.ndarray) and model_input.ndim == 1):
+        return [model_input]
+    if isinstance(model_input, np.ndarray):
+        return list(model_input)
+    return [bytes(x) if isinstance(x, (bytearray, memoryview)) else x for x in model_input]
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    # pinned explicitly: MLflow's own inference imports optional packages (torchvision) to guess
+    return [f"audiorl=={version('audiorl')}", f"torch=={version('torch').split('+')[0]}", f"transformers=={version('transformers')}"]
+
+
+def log_model(model_dir: str | Path, model_config, *, registered_name: str | None, max_new_tokens: int = 128):
+    """Log the saved model `model_dir` into the active run; with `registered_name`, register it too."""
+    model_dir = str(model_dir)
+    if model_config.family in _PIPELINE_FAMILIES:
+        import transformers
+
+        pipe = transformers.pipeline("automatic-speech-recognition", model=model_dir, device="cpu")
+        generate: dict[str, Any] = {"num_beams": 1, "max_new_tokens": max_new_tokens, "task": model_config.task}
+        if model_config.language:
+            generate["language"] = model_config.language
+        return mlflow.transformers.log_model(
+            pipe,
+            name="model",
+            task="automatic-speech-recognition",
+            model_config={"generate_kwargs": generate},
+            registered_model_name=registered_name,
+            pip_requirements=_requirements(),
+        )
+    settings = {"family": model_config.family, "language": model_config.language, "max_new_tokens": max_new_tokens,
+                "prompt_format": model_config.prompt_format}
+    if model_config.instruction:
+        settings["instruction"] = model_config.instruction
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=Transcriber(),
+        artifacts={"model": model_dir},
+        model_config=settings,
+        registered_model_name=registered_name,
+        pip_requirements=_requirements(),
+    )
+
+
+def register(run_id: str, tracking_uri: str, model_dir: str | Path, model_config, *, name: str | None, tags: dict[str, str],
+             max_new_tokens: int = 128) -> str | None:
+    """Log `model_dir` into run `run_id`; with a `name`, register it as a new version with `tags`
+    and point the `challenger` alias at it. Returns the version (None when not registered)."""
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    status = client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id):
+        info = log_model(model_dir, model_config, registered_name=name, max_new_tokens=max_new_tokens)
+    client.update_run(run_id, status=status)  # leaving start_run marked the run finished
+    if name is None:
+        return None
+    version = str(info.registered_model_version)
+    for key, value in {**tags, "audiorl.run_id": run_id}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return version
+
