@@ -24,6 +24,8 @@ config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 data_app = typer.Typer(help="Build and check datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+tracking_app = typer.Typer(help="MLflow housekeeping.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
 
 _state = {"debug": False}
 
@@ -110,14 +112,23 @@ def evaluate(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the full results (per utterance) as JSON.")] = None,
     worst: Annotated[int, typer.Option(help="How many of the worst utterances to print per test set.")] = 5,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    baseline: Annotated[Optional[str], typer.Option(help="Also evaluate this model (e.g. the base) and compare.")] = None,
+    log: Annotated[bool, typer.Option("--log/--no-log", help="Log the evaluation to MLflow ($MLFLOW_TRACKING_URI or ./mlruns).")] = True,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment for the evaluation.")] = "audiorl-eval",
+    run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.")] = None,
 ) -> None:
-    """Transcribe one or more test sets (greedy decoding) and report WER and CER for each."""
-    from audiorl.api import evaluate as run_eval
+    """Transcribe one or more test sets (greedy decoding), report WER and CER for each, and log the
+    evaluation to MLflow (a nested run per test set, the utterances worst first, a WER chart)."""
+    from audiorl.api import evaluate_and_log
     from audiorl.config import TextNormalization
 
-    results = run_eval(
+    results, before, run_id = evaluate_and_log(
         model,
         _test_sets(data),
+        baseline=baseline,
+        experiment=experiment,
+        log=log,
+        run_name=run_name,
         family=family,
         language=language,
         batch_size=batch_size,
@@ -128,16 +139,19 @@ def evaluate(
     )
     out = _out()
     for name, result in results.items():
+        was = f"  (baseline WER {before[name].wer:.4f})" if before else ""
         out.print(
             f"{name}: WER {result.wer:.4f}  CER {result.cer:.4f}  (S {result.substitutions}, D {result.deletions}, "
             f"I {result.insertions}; sentence error rate {result.sentence_error_rate:.3f}; "
-            f"{result.num_utterances} utterances, {result.decoding} decoding)"
+            f"{result.num_utterances} utterances, {result.decoding} decoding){was}"
         )
         for utt in sorted(result.utterances, key=lambda u: -u.wer)[:worst]:
             out.print(f"  {utt.wer:5.2f}  {utt.source}\n         ref: {utt.reference}\n         hyp: {utt.hypothesis}")
     if output:
         output.write_text(json.dumps({name: r.to_dict() for name, r in results.items()}, indent=2))
         out.print(f"full results: {output}")
+    if run_id:
+        out.print(f"logged to MLflow: run {run_id} in experiment '{experiment}'")
 
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model directory (save_pretrained) or hub id.")]
@@ -267,6 +281,48 @@ def quickstart(
     out.print(f"  {outcome.tracking}")
 
 
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    gate: Annotated[list[str], typer.Option("--gate", "-g", help="Gate test set: NAME=MANIFEST or MANIFEST (WER must improve); repeatable.")],
+    check: Annotated[Optional[list[str]], typer.Option("--check", "-c", help="Other test set: must not regress beyond the tolerance; repeatable.")] = None,
+    margin: Annotated[float, typer.Option(help="Least relative WER improvement on every gate set (0.02 = 2%).")] = 0.0,
+    tolerance: Annotated[float, typer.Option(help="Largest relative WER increase allowed on a check set.")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Clips per prediction call.")] = 8,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns).")] = None,
+) -> None:
+    """Promote NAME@challenger to NAME@champion if it beats the champion on the gate sets."""
+    from rich.table import Table
+
+    from audiorl.promotion import promote as run_promote
+
+    decision = run_promote(name, _test_sets(gate), _test_sets(check or []), margin=margin, tolerance=tolerance,
+                           tracking_uri=tracking_uri, batch_size=batch_size, log=typer.echo)
+    table = Table(title=f"{name}: champion v{decision.champion_version or '-'} vs challenger v{decision.challenger_version}")
+    for column in ("test set", "role", "champion WER", "challenger WER", "change", "ok"):
+        table.add_column(column)
+    for row in decision.rows:
+        change = row.relative_change
+        table.add_row(row.test_set, row.role, "-" if row.champion is None else f"{row.champion:.4f}", f"{row.challenger:.4f}",
+                      "-" if change is None else f"{change:+.1%}", "yes" if row.passed else "NO")
+    out = _out()
+    out.print(table)
+    verdict = "promoted" if decision.promote else "not promoted"
+    out.print(f"{verdict}: {decision.reason}")
+
+
+@tracking_app.command("sync")
+def tracking_sync(
+    output_dir: Annotated[Path, typer.Argument(help="The train.output_dir of a run that could not reach MLflow.")],
+    tracking_uri: Annotated[Optional[str], typer.Option(help="Send here instead of the run's recorded tracking URI.")] = None,
+) -> None:
+    """Send what a training run kept while MLflow was unreachable."""
+    from audiorl.tracking import sync
+
+    run_id, sent = sync(output_dir, tracking_uri)
+    typer.echo(f"run {run_id}: sent {sent} item(s); nothing left to send" if sent else f"run {run_id}: nothing to send")
+
+
 # ---------------------------------------------------------------------------------------------
 # Kubernetes: render, submit, follow. No torch on these paths.
 
@@ -340,12 +396,18 @@ def submit(
 
     if follow and api == "trainjob":
         raise ConfigError("--follow reads a PyTorchJob's master pod; for a TrainJob use --wait and kubectl logs")
-    rendered = render_file(config, set_ or [], run_id=run_id, api=api, runtime=runtime)
-    for note in rendered.warnings:
-        _err(f"warning: {note}")
     if dry_run:
+        rendered = render_file(config, set_ or [], run_id=run_id, api=api, runtime=runtime)
+        for note in rendered.warnings:
+            _err(f"warning: {note}")
         typer.echo(rendered.to_yaml().rstrip())
         return
+    from audiorl.k8s.submission import prepare
+
+    rendered, _ = prepare(config, set_ or [], api=api, runtime=runtime, run_id=run_id, local=local,
+                          create_run=not server_dry_run, log=_err)
+    for note in rendered.warnings:
+        _err(f"warning: {note}")
     if local:
         from audiorl.k8s.local import run_local
 

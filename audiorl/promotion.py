@@ -1,0 +1,180 @@
+"""The champion/challenger gate: does a new registered version transcribe better than the one in
+service, on the same test sets?
+
+Both versions are scored through what MLflow would serve (`mlflow.pyfunc.load_model` on the
+version), so the gate judges the registered artifact, not a training-time copy. Scores are kept
+on each version as tags (`audiorl.eval.<set>.wer`, with the test set's fingerprint), so a
+version is evaluated once per test set, and running the gate twice decides the same way.
+
+The rule: the challenger must lower WER on every gate set by at least `margin` (relative), and
+may raise it on no other set by more than `tolerance` (relative). With no champion yet, the
+challenger becomes champion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from audiorl.errors import AudioRLError
+from audiorl.model_versions import CHALLENGER, CHAMPION
+
+_WER_TAG = "audiorl.eval.{}.wer"
+_CER_TAG = "audiorl.eval.{}.cer"
+_DATA_TAG = "audiorl.eval.{}.data"
+
+
+@dataclass
+class Row:
+    test_set: str
+    role: str  # "gate" or "check"
+    champion: float | None
+    challenger: float
+    passed: bool
+
+    @property
+    def relative_change(self) -> float | None:
+        if self.champion is None:
+            return None
+        if self.champion == 0:
+            return 0.0 if self.challenger == 0 else float("inf")
+        return (self.challenger - self.champion) / self.champion
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+    rows: list[Row] = field(default_factory=list)
+    challenger_version: str = ""
+    champion_version: str | None = None
+    changed: bool = False  # whether this call moved an alias
+
+
+def decide(champion: Mapping[str, float] | None, challenger: Mapping[str, float], gate: list[str], *, margin: float,
+           tolerance: float) -> Decision:
+    """The gate's rule on WERs per test set (pure: no MLflow)."""
+    rows = []
+    for name in challenger:
+        role = "gate" if name in gate else "check"
+        old = None if champion is None else champion[name]
+        new = challenger[name]
+        if old is None:
+            passed = True
+        elif role == "gate":
+            passed = new < old and new <= old * (1 - margin)
+        else:
+            passed = new <= old * (1 + tolerance) + 1e-12
+        rows.append(Row(name, role, old, new, passed))
+    if champion is None:
+        return Decision(True, "no champion yet: the first version becomes champion", rows)
+    failed = [r for r in rows if not r.passed]
+    if not failed:
+        return Decision(True, f"WER lower by at least {margin:.1%} on every gate set, no other set worse by more than {tolerance:.1%}", rows)
+    parts = []
+    for r in failed:
+        change = r.relative_change
+        if r.role == "gate":
+            parts.append(f"{r.test_set}: {r.champion:.4f} -> {r.challenger:.4f} ({change:+.1%}), needs at least -{margin:.1%}")
+        else:
+            parts.append(f"{r.test_set}: {r.champion:.4f} -> {r.challenger:.4f} ({change:+.1%}), more than the +{tolerance:.1%} allowed")
+    return Decision(False, "; ".join(parts), rows)
+
+
+def _fingerprint(path: Path) -> str:
+    from audiorl.data.records import fingerprint, read_records
+
+    return fingerprint(read_records(path, "transcript"))
+
+
+def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, batch_size: int = 8, log=print) -> dict[str, float]:
+    """WER of one registered version on each test set: from its tags when they were measured on
+    the same data, else by transcribing through the version's pyfunc (and saved as tags)."""
+    import mlflow
+
+    from audiorl.config import TextNormalization
+    from audiorl.data.records import read_records
+    from audiorl.evaluation import score
+
+    tags = client.get_model_version(name, version).tags
+    wers: dict[str, float] = {}
+    model = None
+    for set_name, path in sets.items():
+        data_fp = _fingerprint(path)
+        if tags.get(_DATA_TAG.format(set_name)) == data_fp and _WER_TAG.format(set_name) in tags:
+            wers[set_name] = float(tags[_WER_TAG.format(set_name)])
+            continue
+        if model is None:
+            log(f"loading {name} version {version}")
+            model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        records = read_records(path, "transcript")
+        audio = [r.audio if not isinstance(r.audio, str) else Path(r.audio).read_bytes() for r in records]
+        hypotheses: list[str] = []
+        for start in range(0, len(audio), batch_size):
+            hypotheses += [str(h) for h in model.predict(audio[start : start + batch_size])]
+        result = score([r.reference for r in records], hypotheses, TextNormalization(), sources=[r.source for r in records])
+        log(f"{name} v{version} on {set_name}: WER {result.wer:.4f} ({result.num_utterances} utterances)")
+        for tag, value in ((_WER_TAG, result.wer), (_CER_TAG, result.cer), (_DATA_TAG, data_fp)):
+            client.set_model_version_tag(name, version, tag.format(set_name), str(value))
+        wers[set_name] = result.wer
+    return wers
+
+
+def _version_by_alias(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promote(name: str, gate: Mapping[str, Path], checks: Mapping[str, Path] | None = None, *, margin: float = 0.0,
+            tolerance: float = 0.0, tracking_uri: str | None = None, batch_size: int = 8, log=print) -> Decision:
+    """Compare the `challenger` version of `name` with its `champion` on the gate (and check) sets,
+    move `champion` if the challenger wins, and record the decision on the challenger's tags."""
+    from mlflow.tracking import MlflowClient
+
+    from audiorl.tracking import resolve_tracking_uri
+    from audiorl.config import TrackingConfig
+
+    if not gate:
+        raise AudioRLError("promote needs at least one gate test set (--gate NAME=MANIFEST)")
+    overlap = set(gate) & set(checks or {})
+    if overlap:
+        raise AudioRLError(f"test sets {sorted(overlap)} are named both as gate and as check sets")
+    client = MlflowClient(tracking_uri or resolve_tracking_uri(TrackingConfig()))
+    challenger = _version_by_alias(client, name, CHALLENGER)
+    if challenger is None:
+        raise AudioRLError(f"registered model {name!r} has no version with the alias {CHALLENGER!r} (training registers one)")
+    champion = _version_by_alias(client, name, CHAMPION)
+    sets = {**gate, **(checks or {})}
+    if champion is not None and champion.version == challenger.version:
+        wers = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log)
+        decision = decide(None, wers, list(gate), margin=margin, tolerance=tolerance)
+        return Decision(False, f"version {challenger.version} is already the champion", decision.rows, challenger.version, champion.version)
+    new = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log)
+    old = score_version(client, name, champion.version, sets, batch_size=batch_size, log=log) if champion else None
+    decision = decide(old, new, list(gate), margin=margin, tolerance=tolerance)
+    decision.challenger_version = challenger.version
+    decision.champion_version = champion.version if champion else None
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    record = {
+        "audiorl.promotion.decision": "promoted" if decision.promote else "rejected",
+        "audiorl.promotion.reason": decision.reason[:5000],
+        "audiorl.promotion.compared_with": decision.champion_version or "none",
+        "audiorl.promotion.gate_sets": ",".join(gate),
+        "audiorl.promotion.margin": str(margin),
+        "audiorl.promotion.tolerance": str(tolerance),
+        "audiorl.promotion.decided_at": stamp,
+    }
+    for key, value in record.items():
+        client.set_model_version_tag(name, challenger.version, key, value)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, challenger.version)
+        if champion is not None:
+            client.set_model_version_tag(name, champion.version, "audiorl.promotion.replaced_by", challenger.version)
+        decision.changed = True
+    return decision
