@@ -9,6 +9,8 @@ import sys
 
 from safetensors.torch import load_file
 
+import audiorl
+
 from tests.conftest import write_config
 
 
@@ -21,7 +23,8 @@ def _job_config(tmp_path, tiny_whisper, speech_dir, **job):
             "objective": {"loss_type": ["sigmoid"], "beta": 0.5},
             "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
                       "logging_steps": 1, "save_steps": None, "resume": "never", "eval_before_training": False},
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "local-job"},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "local-job",
+                         "system_metrics_interval_s": 0.5},
             "job": {"gpus_per_node": 0, "requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}, "shm_size": "1Gi", **job},
         },
     )
@@ -59,6 +62,12 @@ def test_a_two_node_job_trains_here_as_two_torchrun_processes(tmp_path, tiny_whi
     assert run.data.tags["audiorl.config_fingerprint"] == cfg.fingerprint(world_size=2) != cfg.fingerprint(world_size=1)
     steps = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in steps] == [1, 2]
+    # submit made the run before the pods started; both nodes logged their system metrics into it
+    assert run.data.tags["audiorl.job_name"] == "local-ddp" and run.data.tags["mlflow.runName"] == "local-ddp"
+    assert run.data.tags["audiorl.code_version"].startswith(audiorl.__version__)
+    for node in ("node-0", "node-1"):
+        assert f"system/{node}/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
+    assert f"run {run.info.run_id}" in result.stderr or run.info.run_id in result.stderr
 
 
 def test_a_failing_pod_fails_the_local_job(tmp_path, tiny_whisper, speech_dir):

@@ -344,3 +344,28 @@ def test_render_never_imports_torch_or_the_kubernetes_client(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "kind: PyTorchJob" in result.stdout
+
+
+def test_job_state_reads_the_operators_conditions():
+    from audiorl.k8s.status import job_state
+
+    def obj(*conditions, **status):
+        return {"metadata": {"name": "j"}, "status": {"conditions": [
+            {"type": t, "status": s, "reason": f"{t}Reason", "message": f"{t} message"} for t, s in conditions], **status}}
+
+    assert job_state({"metadata": {"name": "j"}}).phase == "Pending"
+    assert job_state(obj(("Created", "True"))).phase == "Created"
+    running = job_state(obj(("Created", "True"), ("Running", "True"), replicaStatuses={"Master": {"active": 1}, "Worker": {"active": 3}}))
+    assert running.phase == "Running" and not running.finished and running.replicas["Worker"]["active"] == 3
+    # Kueue suspends a job until it is admitted
+    assert job_state(obj(("Created", "True"), ("Suspended", "True"))).phase == "Suspended"
+    restarting = job_state(obj(("Created", "True"), ("Running", "False"), ("Restarting", "True")))
+    assert restarting.phase == "Restarting"
+    failed = job_state(obj(("Created", "True"), ("Running", "False"), ("Failed", "True"),
+                           replicaStatuses={"Master": {"active": 1}, "Worker": {"failed": 2, "active": 1}}))
+    assert failed.phase == "Failed" and failed.finished and failed.failed_replicas == {"Worker": 2}
+    assert "Worker" in failed.summary() and "Failed message" in failed.summary()
+    # a terminal condition wins even when a later, stale condition is still true
+    assert job_state(obj(("Succeeded", "True"), ("Running", "True"))).phase == "Succeeded"
+    # Kubeflow Trainer v2 says Complete
+    assert job_state(obj(("Complete", "True"))).phase == "Succeeded"

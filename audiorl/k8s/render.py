@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from audiorl import __version__
-from audiorl.config import _URI_PASSWORD, RunConfig, parse_quantity
+from audiorl.config import _URI_PASSWORD, RunConfig, is_secret_key, parse_quantity
 from audiorl.errors import ConfigError
 
 PYTORCHJOB_API = "kubeflow.org/v1"
@@ -127,7 +127,7 @@ def job_labels(cfg: RunConfig, run_id: str) -> dict[str, str]:
     return labels
 
 
-def container_env(cfg: RunConfig, name: str, run_id: str) -> list[dict[str, Any]]:
+def container_env(cfg: RunConfig, name: str, run_id: str, extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The container's environment: AudioRL's and the runtime's defaults, the user's plain values
     (which win), then variables read from Secrets by reference. Never a secret's value."""
     job = cfg.job
@@ -145,6 +145,7 @@ def container_env(cfg: RunConfig, name: str, run_id: str) -> list[dict[str, Any]
     }
     if job.gpus_per_node:
         env.update({"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
+    env.update(extra or {})
     env.update(job.env)
     taken = set(env)
     clashes = sorted(s.name for s in job.secret_env if s.name in taken)
@@ -199,7 +200,8 @@ def _volumes(cfg: RunConfig, config_map: str) -> tuple[list[dict[str, Any]], lis
     return volumes, mounts
 
 
-def pod_spec(cfg: RunConfig, name: str, run_id: str, *, container_name: str = CONTAINER_NAME) -> dict[str, Any]:
+def pod_spec(cfg: RunConfig, name: str, run_id: str, *, container_name: str = CONTAINER_NAME,
+             extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     job = cfg.job
     volumes, mounts = _volumes(cfg, f"{name}-config")
     container: dict[str, Any] = {
@@ -209,7 +211,7 @@ def pod_spec(cfg: RunConfig, name: str, run_id: str, *, container_name: str = CO
         "command": list(ENTRYPOINT),
         "args": list(TRAIN_ARGS),
         "workingDir": WORKDIR,
-        "env": container_env(cfg, name, run_id),
+        "env": container_env(cfg, name, run_id, extra_env),
         "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"}],
         "resources": _resources(cfg),
         "volumeMounts": mounts,
@@ -264,9 +266,9 @@ def _metadata(cfg: RunConfig, name: str, namespace: str, labels: dict[str, str])
     return meta
 
 
-def _pytorch_job(cfg: RunConfig, name: str, namespace: str, labels: dict[str, str], run_id: str) -> dict[str, Any]:
+def _pytorch_job(cfg: RunConfig, name: str, namespace: str, labels: dict[str, str], run_id: str, extra_env: dict[str, str]) -> dict[str, Any]:
     job = cfg.job
-    template = {"metadata": {"labels": dict(labels)}, "spec": pod_spec(cfg, name, run_id)}
+    template = {"metadata": {"labels": dict(labels)}, "spec": pod_spec(cfg, name, run_id, extra_env=extra_env)}
 
     def replica(count: int) -> dict[str, Any]:
         return {"replicas": count, "restartPolicy": job.restart_policy, "template": copy.deepcopy(template)}
@@ -304,13 +306,14 @@ def _pytorch_job(cfg: RunConfig, name: str, namespace: str, labels: dict[str, st
     return {"apiVersion": PYTORCHJOB_API, "kind": "PyTorchJob", "metadata": _metadata(cfg, name, namespace, labels), "spec": spec}
 
 
-def _train_job(cfg: RunConfig, name: str, namespace: str, labels: dict[str, str], run_id: str, runtime: str) -> dict[str, Any]:
+def _train_job(cfg: RunConfig, name: str, namespace: str, labels: dict[str, str], run_id: str, runtime: str,
+               extra_env: dict[str, str]) -> dict[str, Any]:
     """Kubeflow Trainer v2. The runtime owns the launcher and the rendezvous; the pod-level settings
     that have no TrainJob field (volumes, security, scheduling) go in as a runtime patch."""
     job = cfg.job
     if job.elastic is not None:
         raise ConfigError("job.elastic: Kubeflow Trainer v2 has no elastic policy; render a PyTorchJob (--api pytorchjob)")
-    pod = pod_spec(cfg, name, run_id, container_name=TRAINJOB_CONTAINER_NAME)
+    pod = pod_spec(cfg, name, run_id, container_name=TRAINJOB_CONTAINER_NAME, extra_env=extra_env)
     container = pod.pop("containers")[0]
     resources = container.pop("resources")
     trainer: dict[str, Any] = {
@@ -379,13 +382,18 @@ def _warnings(cfg: RunConfig) -> list[str]:
     return notes
 
 
-def render(cfg: RunConfig, *, name: str | None = None, run_id: str, api: str = "pytorchjob", runtime: str = "torch-distributed") -> Rendered:
-    """The objects that run `cfg` on a cluster. `name` is the job name when the config sets none."""
+def render(cfg: RunConfig, *, name: str | None = None, run_id: str, api: str = "pytorchjob", runtime: str = "torch-distributed",
+           extra_env: dict[str, str] | None = None) -> Rendered:
+    """The objects that run `cfg` on a cluster. `name` is the job name when the config sets none;
+    `extra_env` adds plain variables to the container (`audiorl submit` passes the MLflow run)."""
     job = cfg.job
     if not (job.name or name):
         raise ConfigError("the job has no name: set job.name")
     name = check_name(job.name or name or "", "job.name" if job.name else "job name")
     check_name(job.namespace, "job.namespace", pattern=_DNS1123, max_len=63)
+    for key, value in (extra_env or {}).items():
+        if is_secret_key(key) or _URI_PASSWORD.search(value):
+            raise ConfigError(f"{key} looks like a secret; only Secret references may carry secrets")
     if not re.match(r"^[a-z0-9]{1,40}$", run_id):
         raise ConfigError(f"run id {run_id!r}: use 1-40 lower-case letters and digits")
     if cfg.tracking.tracking_uri and _URI_PASSWORD.search(cfg.tracking.tracking_uri):
@@ -396,9 +404,9 @@ def render(cfg: RunConfig, *, name: str | None = None, run_id: str, api: str = "
     labels = job_labels(cfg, run_id)
     namespace = job.namespace
     if api == "pytorchjob":
-        workload = _pytorch_job(cfg, name, namespace, labels, run_id)
+        workload = _pytorch_job(cfg, name, namespace, labels, run_id, extra_env or {})
     elif api == "trainjob":
-        workload = _train_job(cfg, name, namespace, labels, run_id, runtime)
+        workload = _train_job(cfg, name, namespace, labels, run_id, runtime, extra_env or {})
     else:
         raise ConfigError(f"--api {api!r}: use pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2)")
     return Rendered(name, namespace, [_config_map(cfg, name, namespace, labels), workload], _warnings(cfg))
