@@ -1,0 +1,235 @@
+"""The MLflow lifecycle against a real `mlflow server` on 127.0.0.1: a training run that
+registers a challenger which loads back and transcribes, evaluations as nested runs, the
+champion/challenger gate, resumed runs that never log a step twice, and a server outage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import audiorl
+from audiorl.promotion import decide
+from tests.conftest import write_config
+from tests.mlflow_server import MlflowServer
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    return MlflowClient(server.url)
+
+
+def _config(tmp_path, model, speech_dir, name, *, family="whisper", objective=None, **train):
+    return audiorl.load_config(write_config(tmp_path / f"{name}.yaml", {
+        "model": {"family": family, "name_or_path": str(model)},
+        "data": {"train": str(speech_dir / ("pairs.jsonl" if not objective else "transcripts.jsonl")),
+                 "eval": str(speech_dir / "transcripts.jsonl"), "max_audio_seconds": 5},
+        "objective": objective or {"loss_type": ["sigmoid", "sft"], "beta": 0.5},
+        "train": {"output_dir": str(tmp_path / name), "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1,
+                  "save_steps": None, "resume": "never", "generation_max_new_tokens": 12, "per_device_eval_batch_size": 12,
+                  **train},
+        "tracking": {"experiment_name": name, "registered_model_name": name, "system_metrics": False},
+    }))
+
+
+def _clip_bytes(speech_dir, n=3):
+    rows = [json.loads(line) for line in (speech_dir / "transcripts.jsonl").read_text().splitlines()[:n]]
+    return [(speech_dir / row["audio"]).read_bytes() for row in rows]
+
+
+@pytest.mark.parametrize("family", ["whisper", "qwen2_audio"])
+def test_a_training_run_registers_a_challenger_that_transcribes(tmp_path, client, tiny_models, speech_dir, family):
+    cfg = _config(tmp_path, tiny_models[family], speech_dir, f"reg-{family.replace('_', '-')}", family=family)
+    outcome = audiorl.train(cfg)
+    name = cfg.tracking.registered_model_name
+    version = client.get_model_version_by_alias(name, "challenger")
+    run = client.get_run(outcome.run_id)
+    assert version.run_id == outcome.run_id and run.info.status == "FINISHED"
+    for tag in ("audiorl.base_model", "audiorl.objective", "audiorl.data_fingerprint"):
+        assert version.tags[tag] == run.data.tags[tag], tag
+    assert version.tags["audiorl.run_id"] == outcome.run_id
+    assert "eval/wer_before_after.png" in {a.path for a in client.list_artifacts(outcome.run_id, "eval")}
+
+    import mlflow
+
+    served = mlflow.pyfunc.load_model(f"models:/{name}@challenger").predict(_clip_bytes(speech_dir))
+    # the registered model transcribes exactly as the trained model does in AudioRL's own evaluation
+    ours = audiorl.evaluate(outcome.final_model_dir, speech_dir / "transcripts.jsonl", max_new_tokens=12, family=family)
+    assert [str(s).strip() for s in served] == [u.hypothesis.strip() for u in ours.utterances[:3]]
+
+
+def test_eval_logs_a_nested_run_per_test_set_with_the_worst_first(tmp_path, server, client, tiny_whisper, speech_dir):
+    lines = (speech_dir / "transcripts.jsonl").read_text().splitlines()
+    us = tmp_path / "us.jsonl"
+    gb = tmp_path / "gb.jsonl"
+    us.write_text("".join(line.replace('"clips/', f'"{speech_dir}/clips/') + "\n" for line in lines if "en-us" in line))
+    gb.write_text("".join(line.replace('"clips/', f'"{speech_dir}/clips/') + "\n" for line in lines if "en-gb" in line))
+    out = subprocess.run(
+        [sys.executable, "-m", "audiorl_cli.main", "eval", "--model", str(tiny_whisper), "--baseline", str(tiny_whisper),
+         "--data", f"us={us}", "--data", f"gb={gb}", "--max-new-tokens", "8", "--experiment", "evals"],
+        capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": server.url}, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    experiment = client.get_experiment_by_name("evals")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.tags["audiorl.test_set"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"us", "gb"}
+    for name, child in children.items():
+        for key in ("wer", "cer", "substitutions", "deletions", "insertions", "sentence_error_rate"):
+            assert key in child.data.metrics, key
+        assert child.data.metrics["baseline/wer"] == child.data.metrics["wer"]  # the same model twice
+        assert parent.data.metrics[f"{name}/wer"] == child.data.metrics["wer"]
+        table = json.loads(open(client.download_artifacts(child.info.run_id, "utterances.json", str(tmp_path))).read())
+        wers = [row[table["columns"].index("wer")] for row in table["data"]]
+        assert len(wers) == 6 and wers == sorted(wers, reverse=True)
+    assert "wer_per_test_set.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert f"run {parent.info.run_id}" in out.stdout
+
+
+def test_the_gate_rule():
+    assert decide(None, {"a": 0.5}, ["a"], margin=0.1, tolerance=0.0).promote
+    better = decide({"a": 0.5, "b": 0.30}, {"a": 0.40, "b": 0.305}, ["a"], margin=0.1, tolerance=0.02)
+    assert better.promote, better.reason
+    # a gain below the margin, or any regression past the tolerance, keeps the champion
+    small = decide({"a": 0.5, "b": 0.3}, {"a": 0.47, "b": 0.3}, ["a"], margin=0.1, tolerance=0.0)
+    assert not small.promote and "needs at least -10.0%" in small.reason
+    worse = decide({"a": 0.5, "b": 0.3}, {"a": 0.3, "b": 0.33}, ["a"], margin=0.1, tolerance=0.05)
+    assert not worse.promote and "b:" in worse.reason and "a:" not in worse.reason
+    same = decide({"a": 0.5}, {"a": 0.5}, ["a"], margin=0.0, tolerance=0.0)
+    assert not same.promote  # no gain is no reason to switch
+
+
+def test_promote_moves_the_champion_only_for_a_better_challenger(tmp_path, client, tiny_whisper, speech_dir):
+    name = "gate"
+    sft = {"name": "sft"}
+    gate = tmp_path / "gate.jsonl"
+    gate.write_text((speech_dir / "transcripts.jsonl").read_text().replace('"clips/', f'"{speech_dir}/clips/'))
+
+    def register(run, **train):
+        cfg = _config(tmp_path, tiny_whisper, speech_dir, run, objective=sft, **train)
+        cfg.tracking.registered_model_name = name
+        cfg.data.eval = None
+        audiorl.train(cfg)
+        return client.get_model_version_by_alias(name, "challenger").version
+
+    def promote(*extra):
+        out = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "promote", name, "--gate", f"all={gate}", "--margin", "0.05", *extra],
+                             capture_output=True, text=True, env={**os.environ}, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    untrained = register("untrained", max_steps=1, learning_rate=1e-12)
+    first = promote()
+    assert "promoted: no champion yet" in first
+    assert client.get_model_version_by_alias(name, "champion").version == untrained
+
+    trained = register("trained", max_steps=40, learning_rate=3e-3, per_device_train_batch_size=6)
+    second = promote()
+    tags = client.get_model_version(name, trained).tags
+    assert "promoted" in second and tags["audiorl.promotion.decision"] == "promoted", second
+    assert client.get_model_version_by_alias(name, "champion").version == trained
+    assert float(tags["audiorl.eval.all.wer"]) < float(client.get_model_version(name, untrained).tags["audiorl.eval.all.wer"])
+    assert "champion WER" in second and "challenger WER" in second  # the side-by-side table
+    assert "already the champion" in promote()  # safe to run twice
+
+    worse = register("worse-again", max_steps=1, learning_rate=1e-12)
+    third = promote()
+    assert "not promoted" in third
+    assert client.get_model_version_by_alias(name, "champion").version == trained
+    assert client.get_model_version(name, worse).tags["audiorl.promotion.decision"] == "rejected"
+    assert promote().splitlines()[-1] == third.splitlines()[-1]  # the same decision, from the stored scores
+
+
+def test_a_resumed_run_keeps_its_run_and_logs_no_step_twice(tmp_path, tiny_whisper, speech_dir):
+    from audiorl.trainer import checkpoint_dirs
+
+    store = f"sqlite:///{tmp_path / 'resume.db'}"
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, "resumed", max_steps=4, save_steps=2, resume="auto")
+    cfg.tracking.tracking_uri = store
+    cfg.tracking.log_model = False
+    cfg.data.eval = None
+    first = audiorl.train(cfg)
+    # as if the job died after logging step 4 but before its checkpoint: resume from step 2
+    import shutil
+
+    shutil.rmtree(checkpoint_dirs(first.output_dir)[-1])
+    second = audiorl.train(cfg)
+    assert second.run_id == first.run_id
+    client = MlflowClient(store)
+    steps = [m.step for m in client.get_metric_history(first.run_id, "loss")]
+    assert steps == [1, 2, 3, 4]
+    assert len(client.search_runs([client.get_experiment_by_name("resumed").experiment_id])) == 1
+
+
+def test_training_survives_a_tracking_outage_and_sync_sends_the_rest(tmp_path, tiny_whisper, speech_dir):
+    server = MlflowServer(tmp_path / "outage-server").start()
+    try:
+        config = write_config(tmp_path / "outage.yaml", {
+            "model": {"name_or_path": str(tiny_whisper)},
+            "data": {"train": str(speech_dir / "pairs.jsonl"), "max_audio_seconds": 5},
+            "objective": {"loss_type": ["sigmoid"], "beta": 0.5},
+            "train": {"output_dir": str(tmp_path / "outage"), "max_steps": 40, "per_device_train_batch_size": 2,
+                      "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 20, "resume": "never", "num_threads": 1},
+            "tracking": {"tracking_uri": server.url, "experiment_name": "outage", "registered_model_name": "outage",
+                         "system_metrics": False},
+        })
+        proc = subprocess.Popen([sys.executable, "-m", "audiorl_cli.main", "train", str(config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        client = MlflowClient(server.url)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= 3:
+                break
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        run_id = runs[0].info.run_id
+        server.stop()  # mid-run
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        assert err.count("cannot be reached") == 1  # warned once
+        unsent = tmp_path / "outage" / "mlflow-unsent.jsonl"
+        kinds = [json.loads(line)["kind"] for line in unsent.read_text().splitlines()]
+        assert "metrics" in kinds and kinds[-2:] == ["register", "terminate"]
+        assert "audiorl tracking sync" in err
+
+        server.start()  # back, same store
+        synced = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "tracking", "sync", str(tmp_path / "outage")],
+                                capture_output=True, text=True, timeout=600)
+        assert synced.returncode == 0, synced.stderr[-3000:]
+        assert not unsent.exists()
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+        assert steps == list(range(1, 41))  # every step, each once
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert client.get_model_version_by_alias("outage", "challenger").run_id == run_id
+    finally:
+        server.stop()
+
+
+def test_no_secret_reaches_params_or_tags(tmp_path, client, tiny_whisper, speech_dir):
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, "secrets", max_steps=1)
+    cfg.tracking.log_model = False
+    cfg.tracking.tags = {"owner": "asr-team"}
+    cfg.job.secret_env = [{"name": "HF_TOKEN", "secret": "hub", "key": "token"}]  # a reference only
+    cfg.job.env = {"NCCL_SOCKET_IFNAME": "eth0"}
+    cfg.tracking.tracking_uri = client.tracking_uri.replace("http://", "http://alice:hunter2@")
+    outcome = audiorl.train(cfg)
+    run = client.get_run(outcome.run_id)
+    blob = json.dumps([run.data.params, run.data.tags])
+    assert "hunter2" not in blob
+    assert run.data.params["tracking.tracking_uri"].startswith("http://alice:***@")
+    assert run.data.params["job.env.NCCL_SOCKET_IFNAME"] == "eth0"
