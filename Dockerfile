@@ -19,16 +19,17 @@ ENV PYTHONUNBUFFERED=1 \
     NCCL_DEBUG=WARN \
     TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
-# espeak-ng: `audiorl data` and the quickstart speak their own audio
+# espeak-ng: `audiorl data` and the quickstart speak their own audio; ffmpeg: the Whisper
+# pipelines registered in MLflow decode audio bytes and files with it
 RUN apt-get update \
- && apt-get install -y --no-install-recommends espeak-ng \
+ && apt-get install -y --no-install-recommends espeak-ng ffmpeg \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/audiorl
 COPY pyproject.toml README.md ./
 COPY audiorl ./audiorl
 COPY cli ./cli
-RUN python -m pip install . \
+RUN python -m pip install ".[gpu]" \
  && python -c "import audiorl.k8s, audiorl.rewards, audiorl_cli.main, torch; print('torch', torch.__version__)"
 
 # a fixed non-root uid, the one the rendered pods' securityContext runs as
