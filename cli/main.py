@@ -29,6 +29,11 @@ app.add_typer(tracking_app, name="tracking")
 
 _state = {"debug": False}
 
+# the synth defaults, repeated here so that `--help` imports no audio stack
+ACCENTS_DEFAULT = ["en-us", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-scotland", "en-029"]
+HELDOUT_DEFAULT = ["en-gb-scotland", "en-029"]
+VARIANTS_DEFAULT = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5"]
+
 SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override a config key before validation: --set train.max_steps=100 (repeatable)."),
@@ -229,6 +234,58 @@ def data_hard_cases(
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
     )
     _print_summary(summary, out)
+
+
+def _range(text: str, what: str, kind=float):
+    from audiorl.errors import ConfigError
+
+    low, sep, high = text.partition(":")
+    try:
+        return (kind(low), kind(high or low))
+    except ValueError:
+        raise ConfigError(f"--{what} {text!r}: expected LOW:HIGH, for example 130:200") from None
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the clips and the split manifests.")],
+    text: Annotated[Optional[Path], typer.Option(help="Sentences, one per line (default: built-in templates with names, numbers and hotwords).")] = None,
+    num_sentences: Annotated[int, typer.Option(help="Distinct template sentences (without --text).")] = 400,
+    utterances_per_sentence: Annotated[int, typer.Option(help="Training clips per training sentence, each in a random voice.")] = 4,
+    accents: Annotated[str, typer.Option(help="espeak-ng accents, comma-separated.")] = ",".join(ACCENTS_DEFAULT),
+    heldout_accents: Annotated[str, typer.Option(help="Accents kept out of training (evaluation only), comma-separated.")] = ",".join(HELDOUT_DEFAULT),
+    variants: Annotated[str, typer.Option(help="Voice variants (espeak-ng +m1.. +f5), comma-separated; an empty item is the plain voice.")] = ",".join(VARIANTS_DEFAULT),
+    heldout_sentence_share: Annotated[float, typer.Option(help="Share of sentences kept for validation and held-out voices.")] = 0.15,
+    speed: Annotated[str, typer.Option(help="Words per minute, LOW:HIGH.")] = "130:200",
+    pitch: Annotated[str, typer.Option(help="espeak-ng pitch, LOW:HIGH (0-99).")] = "25:75",
+    noise_share: Annotated[float, typer.Option(help="Share of training clips with white noise.")] = 0.3,
+    snr: Annotated[str, typer.Option(help="Signal-to-noise ratio of noisy clips in dB, LOW:HIGH.")] = "5:20",
+    max_seconds: Annotated[float, typer.Option(help="Longer clips are dropped (and listed).")] = 10.0,
+    seed: Annotated[int, typer.Option(help="Seed for sentences, voices and noise.")] = 0,
+    workers: Annotated[int, typer.Option(help="Clips spoken in parallel.")] = 2,
+) -> None:
+    """Speak a corpus with espeak-ng: many accents and voices, silence and noise, split so that
+    evaluation holds out whole sentences and whole accents; a JSONL manifest per split."""
+    from audiorl.data.synth import SynthSettings, synthesize
+
+    sentences = None
+    if text is not None:
+        try:
+            sentences = text.read_text().splitlines()
+        except OSError as exc:
+            from audiorl.errors import DataError
+
+            raise DataError(f"{text}: cannot read the sentences ({exc.strerror})") from None
+    split = lambda value: [v.strip() for v in value.split(",")]  # noqa: E731
+    summary = synthesize(SynthSettings(
+        out=out, sentences=sentences, num_sentences=num_sentences, utterances_per_sentence=utterances_per_sentence,
+        accents=[a for a in split(accents) if a], heldout_accents=[a for a in split(heldout_accents) if a], variants=split(variants),
+        heldout_sentence_share=heldout_sentence_share, speed=_range(speed, "speed", int), pitch=_range(pitch, "pitch", int),
+        noise_share=noise_share, snr_db=_range(snr, "snr"), max_seconds=max_seconds, seed=seed, workers=workers,
+    ))
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"written: {out}/<split>.jsonl")
 
 
 @data_app.command("check")

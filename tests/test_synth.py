@@ -1,0 +1,113 @@
+"""`audiorl data synth`: a spoken corpus from espeak-ng, split so that evaluation holds out whole
+sentences and whole accents."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from audiorl.audio import AudioLimits
+from audiorl.data.records import read_records, validate_records
+from audiorl.data.synth import HOTWORDS, SynthSettings, add_noise, plan, synthesize, template_sentences
+from audiorl.errors import DataError
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_noise_lands_at_the_asked_snr():
+    rng = np.random.default_rng(0)
+    t = np.arange(16000 * 4) / 16000
+    speech = (0.3 * np.sin(2 * np.pi * 220 * t) * (t % 1 < 0.7)).astype(np.float32)  # voiced 70% of the time
+    for snr in (0.0, 10.0, 20.0):
+        noisy = add_noise(speech, snr, rng)
+        voiced = np.abs(speech) > 1e-4
+        measured = 10 * np.log10(np.mean(speech[voiced] ** 2) / np.mean((noisy - speech) ** 2))
+        assert abs(measured - snr) < 0.1, (snr, measured)
+
+
+def test_templates_make_distinct_sentences_of_three_to_ten_words():
+    import random
+
+    sentences = template_sentences(300, random.Random(1))
+    assert len(set(sentences)) == 300
+    assert all(3 <= len(s.split()) <= 10 for s in sentences)
+    assert any(h in s.split() for s in sentences for h in HOTWORDS)
+
+
+def test_a_corpus_holds_out_sentences_and_accents(tmp_path):
+    settings = SynthSettings(out=tmp_path / "corpus", num_sentences=40, utterances_per_sentence=2, heldout_sentence_share=0.2,
+                             accents=["en-us", "en-gb", "en-029"], heldout_accents=["en-029"], variants=["", "+f3", "+m2"],
+                             noise_share=0.5, snr_db=(8.0, 12.0), seed=3)
+    summary = synthesize(settings)
+    out = settings.out
+    splits = {p.stem: _rows(p) for p in out.glob("*.jsonl")}
+    assert set(splits) == {"train", "validation", "heldout-voices-clean", "heldout-voices-noisy", "hotwords"}
+    assert summary.counts == {k: len(v) for k, v in splits.items()}
+    assert len(splits["train"]) == 32 * 2 and len(splits["validation"]) == 8
+
+    train_texts = {r["text"] for r in splits["train"]}
+    for name in ("validation", "heldout-voices-clean", "heldout-voices-noisy"):
+        assert not train_texts & {r["text"] for r in splits[name]}, name  # held-out sentences
+    accent = lambda r: r["voice"].split("+")[0]  # noqa: E731
+    assert {accent(r) for r in splits["train"] + splits["validation"]} <= {"en-us", "en-gb"}
+    assert {accent(r) for r in splits["heldout-voices-clean"] + splits["heldout-voices-noisy"]} == {"en-029"}
+    assert all(r["snr_db"] is None for r in splits["heldout-voices-clean"] + splits["validation"])
+    assert all(8.0 <= r["snr_db"] <= 12.0 for r in splits["heldout-voices-noisy"])
+    assert 0 < sum(r["snr_db"] is not None for r in splits["train"]) < len(splits["train"])
+    assert all(r["hotwords"] and set(r["hotwords"]) <= set(HOTWORDS) for r in splits["hotwords"])
+    assert {r["audio"] for r in splits["hotwords"]} <= {r["audio"] for r in splits["heldout-voices-clean"] + splits["heldout-voices-noisy"]}
+
+    for row in splits["heldout-voices-noisy"][:3] + splits["train"][:3]:
+        info = sf.info(out / row["audio"])
+        assert info.samplerate == 16000 and info.channels == 1 and info.subtype == "PCM_16"
+        assert abs(info.duration - row["seconds"]) < 0.01
+    # the manifests load as AudioRL data, extra columns kept for rewards
+    records = read_records(out / "hotwords.jsonl", "transcript")
+    good, bad = validate_records(records, AudioLimits(sampling_rate=16000, max_seconds=10), on_bad="error")
+    assert not bad and good[0].extra["hotwords"]
+
+    # the same seed plans the same corpus
+    again = plan(settings)
+    assert [(j.text, j.voice, j.speed, j.snr_db) for j in again if j.split == "train"] == [
+        (r["text"], r["voice"], r["speed"], r["snr_db"]) for r in splits["train"]]
+
+
+def test_sentences_from_a_file_and_clear_errors(tmp_path):
+    text = tmp_path / "sentences.txt"
+    text.write_text("call the bank\nopen the door now\nplay some music\nclose the window\n\ncall the bank\n")
+    out = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "data", "synth", "--out", str(tmp_path / "c"), "--text", str(text),
+                          "--accents", "en-us,en-gb", "--heldout-accents", "en-gb", "--variants", ",+f2", "--heldout-sentence-share", "0.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    texts = {r["text"] for p in (tmp_path / "c").glob("*.jsonl") for r in _rows(p)}
+    assert texts == {"call the bank", "open the door now", "play some music", "close the window"}
+
+    bad_voice = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "data", "synth", "--out", str(tmp_path / "d"),
+                                "--accents", "en-us,xx-nowhere", "--heldout-accents", "xx-nowhere"],
+                               capture_output=True, text=True, timeout=120)
+    assert bad_voice.returncode == 3 and "xx-nowhere" in bad_voice.stderr
+
+    # no espeak-ng on the PATH: say how to install it
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    os.symlink(sys.executable, bare / "python3")
+    missing = subprocess.run([str(bare / "python3"), "-m", "audiorl_cli.main", "data", "synth", "--out", str(tmp_path / "e")],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": str(bare)})
+    assert missing.returncode == 6 and "apt-get install espeak-ng" in missing.stderr
+    assert shutil.which("espeak-ng")  # the rest of the suite still has it
+
+
+def test_nothing_written_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="no training clip"):
+        synthesize(SynthSettings(out=tmp_path / "x", num_sentences=8, accents=["en-us", "en-gb"], heldout_accents=["en-gb"],
+                                 variants=[""], max_seconds=0.1))
