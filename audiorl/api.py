@@ -102,7 +102,7 @@ def build_recipe(cfg: RunConfig, adapter: ModelAdapter, dataset, data_fp: str):
         reference = _reference(cfg, adapter, dataset, collate, data_fp) if objective.beta != 0.0 else None
         reward = build_reward([r.model_dump() for r in objective.rewards])
         return GRPORecipe(adapter, objective, reference, reward, seed=cfg.train.seed), collate
-    return SFTRecipe(adapter), collate
+    return SFTRecipe(adapter, objective.ctc_weight), collate
 
 
 def train(config: RunConfig | str | Path, overrides: list[str] | None = None) -> TrainOutcome:

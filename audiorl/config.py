@@ -126,6 +126,9 @@ class ObjectiveConfig(_Section):
     )
     precompute_reference: bool = False
     disable_dropout: bool = True
+    ctc_weight: float = Field(
+        0.0, ge=0, description="SFT: weight of an auxiliary CTC loss on the encoder output (Whisper; training only)"
+    )
     # GRPO
     num_generations: int = Field(8, ge=2)
     temperature: float = Field(1.0, gt=0)
@@ -149,6 +152,8 @@ class ObjectiveConfig(_Section):
 
     @model_validator(mode="after")
     def _check_losses(self) -> ObjectiveConfig:
+        if self.ctc_weight and self.name != "sft":
+            raise ValueError("ctc_weight applies to objective.name=sft (the auxiliary loss that teaches a new encoder to listen)")
         if self.name == "grpo":
             return self._check_grpo()
         unknown = [name for name in self.loss_type if name not in DPO_LOSS_TYPES and ":" not in name]

@@ -95,13 +95,23 @@ class PreferenceRecipe(Recipe):
 
 
 class SFTRecipe(Recipe):
-    def __init__(self, adapter: ModelAdapter):
+    """Token NLL of the reference; with `ctc_weight`, plus that weight times an auxiliary CTC loss
+    on the encoder output (the adapter's training-only head)."""
+
+    def __init__(self, adapter: ModelAdapter, ctc_weight: float = 0.0):
         self.adapter = adapter
+        self.ctc_weight = ctc_weight
+        if ctc_weight:
+            adapter.add_ctc_head()
 
     def __call__(self, batch: dict[str, Any]) -> LossOutput:
         context = self.adapter.encode(batch["features"])
         scored = self.adapter.sequence_logps(context, batch["target_ids"])
-        return sft_loss(scored.token_logps, scored.mask)
+        out = sft_loss(scored.token_logps, scored.mask)
+        if self.ctc_weight:
+            ctc = self.adapter.ctc_loss(context, batch["target_ids"])
+            out = LossOutput(loss=out.loss + self.ctc_weight * ctc, metrics={**out.metrics, "loss/ctc": ctc.detach()})
+        return out
 
 
 class GRPORecipe(Recipe):

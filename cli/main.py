@@ -26,6 +26,8 @@ data_app = typer.Typer(help="Build and check datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 tracking_app = typer.Typer(help="MLflow housekeeping.", no_args_is_help=True)
 app.add_typer(tracking_app, name="tracking")
+model_app = typer.Typer(help="Make models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 _state = {"debug": False}
 
@@ -366,6 +368,29 @@ def promote(
     out.print(table)
     verdict = "promoted" if decision.promote else "not promoted"
     out.print(f"{verdict}: {decision.reason}")
+
+
+@model_app.command("init-whisper")
+def model_init_whisper(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the new model (save_pretrained layout).")],
+    texts: Annotated[list[Path], typer.Option("--texts", "-t", help="Manifest(s) whose transcripts train the tokenizer; repeatable.")],
+    vocab_size: Annotated[int, typer.Option(help="Byte-level BPE vocabulary (special tokens come on top).")] = 1000,
+    d_model: Annotated[int, typer.Option(help="Width.")] = 160,
+    encoder_layers: Annotated[int, typer.Option(help="Encoder layers.")] = 3,
+    decoder_layers: Annotated[int, typer.Option(help="Decoder layers.")] = 2,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    ffn_dim: Annotated[int, typer.Option(help="Feed-forward width.")] = 640,
+    chunk_seconds: Annotated[int, typer.Option(help="Audio window in seconds (Whisper's is 30).")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+) -> None:
+    """A new Whisper with random weights and its own tokenizer, to train from scratch."""
+    from audiorl.data.records import read_records
+    from audiorl.models.whisper import build_tiny_whisper
+
+    corpus = [r.reference for path in texts for r in read_records(path, "transcript")]
+    path = build_tiny_whisper(out, corpus, vocab_size=vocab_size, d_model=d_model, encoder_layers=encoder_layers,
+                              decoder_layers=decoder_layers, attention_heads=heads, ffn_dim=ffn_dim, chunk_seconds=chunk_seconds, seed=seed)
+    typer.echo(f"written: {path} ({len(corpus)} transcripts for the tokenizer)")
 
 
 @tracking_app.command("sync")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from audiorl.config import ModelConfig
+from audiorl.errors import ModelError
 
 
 class AudioContext(ABC):
@@ -170,6 +171,14 @@ class ModelAdapter(ABC):
         if not self.uses_lora:
             raise RuntimeError("disabled_adapter() needs a LoRA model")
         return self.model.disable_adapter()
+
+    def add_ctc_head(self) -> None:
+        """Add a training-only CTC head over the audio encoder's output (see `ctc_loss`)."""
+        raise ModelError(f"model family {self.family!r} has no auxiliary CTC loss; set objective.ctc_weight to 0")
+
+    def ctc_loss(self, context: AudioContext, targets: list[list[int]]) -> torch.Tensor:
+        """CTC loss of the targets on the encoder output, through the head `add_ctc_head` made."""
+        raise ModelError(f"model family {self.family!r} has no auxiliary CTC loss; set objective.ctc_weight to 0")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

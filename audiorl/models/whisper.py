@@ -40,6 +40,9 @@ def _core(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+CTC_HEAD = "audiorl_ctc_head"
+
+
 class WhisperAdapter(ModelAdapter):
     family = "whisper"
 
@@ -69,6 +72,18 @@ class WhisperAdapter(ModelAdapter):
         model = apply_trainable_settings(model, config, model.model.encoder, projector=None)
         return cls(model, processor, config)
 
+
+    def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
+        """The training-only CTC head never leaves training: the export is a plain Whisper."""
+        core = _core(self.model)
+        head = core._modules.pop(CTC_HEAD, None)
+        if state_dict is not None:
+            state_dict = {k: v for k, v in state_dict.items() if CTC_HEAD not in k}
+        try:
+            super().save_pretrained(directory, state_dict=state_dict)
+        finally:
+            if head is not None:
+                core.add_module(CTC_HEAD, head)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -139,6 +154,32 @@ class WhisperAdapter(ModelAdapter):
         logps = torch.log_softmax(logits.float(), dim=-1)
         token_logps = logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask
         return SequenceLogps(token_logps=token_logps, mask=mask)
+
+    def add_ctc_head(self) -> None:
+        """A linear layer from the encoder's output to the vocabulary plus a blank. Trained with
+        the model (it is a submodule, so it is in the optimizer and the checkpoints) and dropped
+        from the export. A decoder trained from scratch on little speech learns a language model
+        and ignores the audio; a CTC loss on the encoder makes the encoder carry the words."""
+        core = _core(self.model)
+        if not hasattr(core, CTC_HEAD):
+            head = nn.Linear(core.config.d_model, core.config.vocab_size + 1)
+            core.add_module(CTC_HEAD, head.to(device=self.device, dtype=core.dtype))
+
+    def ctc_loss(self, context: AudioContext, targets: list[list[int]]) -> torch.Tensor:
+        """Mean CTC loss (per target token) of the transcripts (without end-of-text) on every
+        encoder position; the blank is the extra last class."""
+        assert isinstance(context, WhisperContext)
+        core = _core(self.model)
+        head = getattr(core, CTC_HEAD, None)
+        if head is None:
+            raise ModelError("ctc_loss needs add_ctc_head() first")
+        hidden = context.hidden_states
+        log_probs = torch.log_softmax(head(hidden).float(), dim=-1).transpose(0, 1)  # (T, B, V + 1)
+        labels = [[t for t in ids if t != self.eos_id] for ids in targets]
+        flat = torch.tensor([t for ids in labels for t in ids], dtype=torch.long, device=hidden.device)
+        lengths = torch.tensor([len(ids) for ids in labels], dtype=torch.long, device=hidden.device)
+        frames = torch.full((len(labels),), hidden.shape[1], dtype=torch.long, device=hidden.device)
+        return nn.functional.ctc_loss(log_probs, flat, frames, lengths, blank=core.config.vocab_size, zero_infinity=True)
 
     @torch.no_grad()
     def generate(
