@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from audiorl.audio import AudioLimits
-from audiorl.config import ModelConfig, RunConfig, TextNormalization, load_config, redact_value
+from audiorl.config import ModelConfig, RunConfig, TextNormalization, load_config
 from audiorl.data.records import Record, Rejected, fingerprint, read_records, validate_records
 from audiorl.errors import ConfigError, DataError
 from audiorl.models.base import ModelAdapter
@@ -148,10 +148,11 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     from audiorl.trainer import resume_target
 
     tracker = Tracker(cfg.tracking, active=dist_info.is_main)
+    tags = run_tags(cfg)
     run_id = tracker.start(
         cfg,
         tags={
-            **run_tags(cfg),
+            **tags,
             "audiorl.data_fingerprint": data_fp,
             "audiorl.config_fingerprint": cfg.fingerprint(dist_info.world_size),
         },
@@ -227,19 +228,16 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
                                   title="WER before and after training")
                 tracker.log_figure(chart, "eval/wer_before_after.png")
             if cfg.tracking.log_model:
-                model_config = cfg.model.model_copy(update={"name_or_path": str(final_dir), "lora": None})
+                registered = (cfg.tracking.registered_model_name or cfg.tracking.experiment_name) if cfg.tracking.register_model else None
                 version = tracker.register_model(
-                    final_dir, model_config,
-                    name=(cfg.tracking.registered_model_name or cfg.tracking.experiment_name) if cfg.tracking.register_model else None,
-                    tags={
-                        "audiorl.base_model": str(redact_value(cfg.model.name_or_path)),
-                        "audiorl.objective": run_tags(cfg)["audiorl.objective"],
-                        "audiorl.data_fingerprint": data_fp,
-                    },
+                    final_dir,
+                    cfg.model.model_copy(update={"name_or_path": str(final_dir), "lora": None}),
+                    name=registered,
+                    tags={key: tags[key] for key in ("audiorl.base_model", "audiorl.objective")} | {"audiorl.data_fingerprint": data_fp},
                     max_new_tokens=cfg.train.generation_max_new_tokens,
                 )
                 if version:
-                    console.print(f"registered {cfg.tracking.registered_model_name or cfg.tracking.experiment_name} version {version} (alias challenger)")
+                    console.print(f"registered {registered} version {version} (alias challenger)")
         distributed.barrier()
         status = "FINISHED"
     except Preempted:

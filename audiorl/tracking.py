@@ -173,6 +173,29 @@ class Tracker:
         client = MlflowClient(self.tracking_uri)
         all_tags = {**self.config.tags, **(tags or {})}
         existing = os.environ.get("MLFLOW_RUN_ID") or (self._recorded_run() if resume else None)
+        try:
+            self._open(client, existing, run_name, all_tags)
+        except Exception as exc:  # noqa: BLE001
+            if not _reachable_error(exc):
+                raise
+            from audiorl.errors import TrainingError
+
+            raise TrainingError(
+                f"MLflow at {redact_value(self.tracking_uri)} cannot be reached before training ({type(exc).__name__}): start the "
+                "server, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false"
+            ) from None
+        self._client = client
+        if self._spill is not None:
+            self._spill.mkdir(parents=True, exist_ok=True)
+            record = {"run_id": self.run_id, "tracking_uri": str(redact_value(self.tracking_uri)), "experiment_id": self.experiment_id}
+            (self._spill / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if existing and all_tags:
+            self.set_tags(all_tags)
+        if run_config is not None:
+            self.log_params(flatten(run_config.to_dict()))
+        return self.run_id
+
+    def _open(self, client, existing: str | None, run_name: str | None, all_tags: dict[str, str]) -> None:
         if existing:
             run = client.get_run(existing)
             client.update_run(existing, status="RUNNING")
@@ -185,16 +208,6 @@ class Tracker:
             self.experiment_id = _experiment_id(client, self.config, self.tracking_uri)
             run = client.create_run(self.experiment_id, run_name=run_name or self.config.run_name, tags=all_tags)
         self.run_id = run.info.run_id
-        self._client = client
-        if self._spill is not None:
-            self._spill.mkdir(parents=True, exist_ok=True)
-            record = {"run_id": self.run_id, "tracking_uri": str(redact_value(self.tracking_uri)), "experiment_id": self.experiment_id}
-            (self._spill / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if existing and all_tags:
-            self.set_tags(all_tags)
-        if run_config is not None:
-            self.log_params(flatten(run_config.to_dict()))
-        return self.run_id
 
     def _recorded_run(self) -> str | None:
         path = self._spill / RUN_FILE if self._spill else None

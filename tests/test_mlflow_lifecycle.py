@@ -233,3 +233,15 @@ def test_no_secret_reaches_params_or_tags(tmp_path, client, tiny_whisper, speech
     assert "hunter2" not in blob
     assert run.data.params["tracking.tracking_uri"].startswith("http://alice:***@")
     assert run.data.params["job.env.NCCL_SOCKET_IFNAME"] == "eth0"
+
+
+def test_an_unreachable_server_before_training_is_a_clear_error(tmp_path, tiny_whisper, speech_dir):
+    from audiorl.errors import TrainingError
+    from tests.mlflow_server import free_port
+
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, "nowhere")
+    cfg.tracking.tracking_uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match="cannot be reached before training.*tracking.enabled=false"):
+        audiorl.train(cfg)
+    assert time.monotonic() - start < 60
