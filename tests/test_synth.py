@@ -111,3 +111,13 @@ def test_nothing_written_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no training clip"):
         synthesize(SynthSettings(out=tmp_path / "x", num_sentences=8, accents=["en-us", "en-gb"], heldout_accents=["en-gb"],
                                  variants=[""], max_seconds=0.1))
+
+
+def test_the_cli_defaults_are_the_library_defaults():
+    # the CLI repeats them so that `audiorl --help` imports no audio stack; they must not drift
+    from audiorl.data import synth
+    from audiorl_cli import main
+
+    assert main.ACCENTS_DEFAULT == synth.ACCENTS
+    assert main.HELDOUT_DEFAULT == synth.HELDOUT_ACCENTS
+    assert main.VARIANTS_DEFAULT == synth.VARIANTS
