@@ -220,8 +220,12 @@ class Tracker:
         logged into the run under `node_id`. One process per node calls this."""
         if not self.run_id:
             return
+        import logging
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        # its start and stop notices would interleave with the progress bar
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, node_id=node_id, tracking_uri=self.tracking_uri)
         self._monitor.start()
 
