@@ -259,6 +259,20 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     )
 
 
+def export_checkpoint(config: RunConfig | str | Path, checkpoint: str | Path, out: str | Path, overrides: list[str] | None = None) -> Path:
+    """A checkpoint of a run (say, one stopped early or preempted) as a `save_pretrained` model,
+    exactly as the run's final export would have written it at that step."""
+    from audiorl.trainer import load_model_weights
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    adapter = load_adapter(cfg.model, "cpu")
+    if cfg.objective.name == "sft" and cfg.objective.ctc_weight:
+        adapter.add_ctc_head()  # the checkpoint holds it; the export leaves it out
+    load_model_weights(adapter.model, Path(checkpoint))
+    adapter.save_pretrained(str(out))
+    return Path(out)
+
+
 def _watch_node(cfg: RunConfig, tracker: Tracker, dist_info):
     """System metrics of this node (CPU, memory, GPU) under node-N, from its first process. Rank 0
     uses its own tracker; the first process of every other node attaches to rank 0's run."""

@@ -136,6 +136,19 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Put a checkpoint's model weights (its `dcp/` folder, written by any number of ranks) into
+    `model`; the optimizer state is left where it is."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    if not (Path(checkpoint) / "trainer_state.json").exists():
+        raise TrainingError(f"{checkpoint}: not a checkpoint folder (no trainer_state.json)")
+    target = {"model": get_model_state_dict(model)}
+    with _quiet_single_process():
+        dcp.load(target, checkpoint_id=str(Path(checkpoint) / "dcp"), no_dist=True)
+    set_model_state_dict(model, target["model"])
+
+
 def resume_target(config: TrainConfig) -> Path | None:
     """The checkpoint a run with this config continues from, if any."""
     resume = config.resume

@@ -370,6 +370,19 @@ def promote(
     out.print(f"{verdict}: {decision.reason}")
 
 
+@model_app.command("export")
+def model_export(
+    config: Annotated[Path, typer.Argument(help="The run's YAML file.")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder of that run (OUTPUT_DIR/checkpoints/checkpoint-N).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model.")],
+    set_: SetOption = None,
+) -> None:
+    """Write a checkpoint's model as a save_pretrained folder, as the run's final export would."""
+    from audiorl.api import export_checkpoint
+
+    typer.echo(f"written: {export_checkpoint(config, checkpoint, out, set_ or [])}")
+
+
 @model_app.command("init-whisper")
 def model_init_whisper(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the new model (save_pretrained layout).")],

@@ -66,3 +66,29 @@ def test_ctc_is_an_sft_option_for_whisper_only(tiny_models):
     qwen = load_adapter(ModelConfig(family="qwen2_audio", name_or_path=str(tiny_models["qwen2_audio"])))
     with pytest.raises(ModelError, match="no auxiliary CTC loss"):
         qwen.add_ctc_head()
+
+
+def test_a_checkpoint_exports_as_the_final_model_would(tmp_path, tiny_whisper, speech_dir):
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path / "ckpt.yaml", {
+        "model": {"name_or_path": str(tiny_whisper)},
+        "data": {"train": str(speech_dir / "transcripts.jsonl"), "max_audio_seconds": 5},
+        "objective": {"name": "sft", "ctc_weight": 0.5},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "learning_rate": 3e-3, "save_steps": 2,
+                  "per_device_train_batch_size": 6, "resume": "never"},
+        "tracking": {"enabled": False},
+    })
+    outcome = audiorl.train(config)
+    out = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "model", "export", str(config),
+                          str(tmp_path / "run" / "checkpoints" / "checkpoint-2"), "--out", str(tmp_path / "exported")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    final = load_file(str(outcome.final_model_dir / "model.safetensors"))
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert final.keys() == exported.keys()
+    assert all(torch.equal(final[k], exported[k]) for k in final)
+    bad = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "model", "export", str(config), str(tmp_path), "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 5 and "not a checkpoint folder" in bad.stderr
