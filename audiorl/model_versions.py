@@ -10,6 +10,8 @@ alias `challenger`; `audiorl promote` decides whether it becomes `champion`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -111,16 +113,33 @@ def log_model(model_dir: str | Path, model_config, *, registered_name: str | Non
     )
 
 
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    """MLflow's model logging is fluent: it reads a process-wide tracking URI, and setting that also
+    rewrites $MLFLOW_TRACKING_URI. Point both at the run's server for this call only and put them
+    back, so that the caller's own setting stands afterwards."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 def register(run_id: str, tracking_uri: str, model_dir: str | Path, model_config, *, name: str | None, tags: dict[str, str],
              max_new_tokens: int = 128) -> str | None:
     """Log `model_dir` into run `run_id`; with a `name`, register it as a new version with `tags`
     and point the `challenger` alias at it. Returns the version (None when not registered)."""
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
-    with mlflow.start_run(run_id=run_id):
+    with _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = log_model(model_dir, model_config, registered_name=name, max_new_tokens=max_new_tokens)
     client.update_run(run_id, status=status)  # leaving start_run marked the run finished
     if name is None:

@@ -245,3 +245,15 @@ def test_an_unreachable_server_before_training_is_a_clear_error(tmp_path, tiny_w
     with pytest.raises(TrainingError, match="cannot be reached before training.*tracking.enabled=false"):
         audiorl.train(cfg)
     assert time.monotonic() - start < 60
+
+
+def test_registering_leaves_the_callers_tracking_uri_alone(tmp_path, tiny_whisper, speech_dir, server, monkeypatch):
+    import mlflow
+
+    mine = f"sqlite:///{tmp_path / 'mine.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mine)
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, "elsewhere", max_steps=1)
+    cfg.tracking.tracking_uri = server.url
+    cfg.data.eval = None
+    audiorl.train(cfg)
+    assert os.environ["MLFLOW_TRACKING_URI"] == mine and mlflow.get_tracking_uri() == mine
