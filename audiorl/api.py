@@ -109,6 +109,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     """Train as the config says; returns where the final model and the MLflow run are."""
     from audiorl.data.collate import RecordDataset
     from audiorl.evaluation import evaluate as run_eval
+    from audiorl.evaluation import pooled
     from audiorl.trainer import Trainer
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
@@ -136,10 +137,11 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     records, skipped = load_records(
         cfg.data.train, adapter, limits, kind, on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens, label="train data"
     )
-    eval_records: list[Record] = []
-    if cfg.data.eval:
-        eval_records, eval_skipped = load_records(
-            cfg.data.eval, adapter, limits, "transcript", on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens, label="eval data"
+    eval_sets: dict[str, list[Record]] = {}
+    for set_name, path in cfg.data.eval_sets().items():
+        eval_sets[set_name], eval_skipped = load_records(
+            path, adapter, limits, "transcript", on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens,
+            label=f"eval data ({set_name})",
         )
         skipped += eval_skipped
     data_fp = fingerprint(records)
@@ -175,26 +177,39 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         eval_before: dict[str, float] = {}
 
         def evaluate_now(step: int) -> dict[str, float]:
-            result = run_eval(
-                adapter,
-                eval_records,
-                limits,
-                normalization=cfg.data.normalize,
-                batch_size=cfg.train.per_device_eval_batch_size,
-                max_new_tokens=cfg.train.generation_max_new_tokens,
-                description=f"eval @ step {step}",
-            )
-            metrics = result.metrics("eval/")
+            # one test set: eval/wer, ...; several: eval/<set>/wer per set and eval/wer over all
+            results = {
+                set_name: run_eval(
+                    adapter,
+                    records_of_set,
+                    limits,
+                    normalization=cfg.data.normalize,
+                    batch_size=cfg.train.per_device_eval_batch_size,
+                    max_new_tokens=cfg.train.generation_max_new_tokens,
+                    description=f"eval {set_name} @ step {step}" if len(eval_sets) > 1 else f"eval @ step {step}",
+                )
+                for set_name, records_of_set in eval_sets.items()
+            }
+            metrics: dict[str, float] = {}
+            if len(results) == 1:
+                (result,) = results.values()
+                tracker.log_dict(result.to_dict(), f"eval/step-{step:06d}.json")
+            else:
+                for set_name, result in results.items():
+                    metrics.update(result.metrics(f"eval/{set_name}/"))
+                    tracker.log_dict(result.to_dict(), f"eval/{set_name}/step-{step:06d}.json")
+                    console.print(f"eval @ step {step} {set_name}: WER {result.wer:.3f}  CER {result.cer:.3f}")
+                result = pooled(list(results.values()), cfg.data.normalize)
+            metrics.update(result.metrics("eval/"))
             if step == 0 and not eval_before:
                 eval_before.update(metrics)
-            tracker.log_dict(result.to_dict(), f"eval/step-{step:06d}.json")
-            console.print(f"eval @ step {step}: WER {result.wer:.3f}  CER {result.cer:.3f}")
+            console.print(f"eval @ step {step}{' (all sets)' if len(results) > 1 else ''}: WER {result.wer:.3f}  CER {result.cer:.3f}")
             return metrics
 
         # Under FSDP the sharded model cannot generate on rank 0 alone: evaluate before sharding
         # and, at the end, on the exported model.
-        in_loop_eval = eval_records and dist_info.is_main and not fsdp
-        if fsdp and eval_records and dist_info.is_main and cfg.train.eval_before_training:
+        in_loop_eval = eval_sets and dist_info.is_main and not fsdp
+        if fsdp and eval_sets and dist_info.is_main and cfg.train.eval_before_training:
             evaluate_now(0)
         trainer = Trainer(
             cfg.train,
@@ -214,7 +229,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         if dist_info.is_main:  # every rank holds the same weights; one writes them
             adapter.save_pretrained(str(final_dir), state_dict=full_weights)
             (output_dir / "config.yaml").write_text(cfg.to_yaml())
-            if fsdp and eval_records:
+            if fsdp and eval_sets:
                 final = load_adapter(cfg.model.model_copy(update={"name_or_path": str(final_dir), "lora": None}), device)
                 adapter = final
                 metrics = evaluate_now(result.global_step)
@@ -223,9 +238,10 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
             if eval_before and result.eval_metrics:
                 from audiorl.plots import wer_chart
 
-                name = Path(cfg.data.eval).stem if cfg.data.eval else "eval"
-                chart = wer_chart({name: {"before": eval_before["eval/wer"], "after": result.eval_metrics["eval/wer"]}},
-                                  title="WER before and after training")
+                after = result.eval_metrics
+                keys = {name: f"eval/{name}/wer" for name in eval_sets} if len(eval_sets) > 1 else {next(iter(eval_sets)): "eval/wer"}
+                chart = wer_chart({name: {"before": eval_before[key], "after": after[key]} for name, key in keys.items()},
+                                  title=f"WER before and after training ({tags['audiorl.objective']})")
                 tracker.log_figure(chart, "eval/wer_before_after.png")
             if cfg.tracking.log_model:
                 registered = (cfg.tracking.registered_model_name or cfg.tracking.experiment_name) if cfg.tracking.register_model else None

@@ -91,14 +91,39 @@ class TextNormalization(_Section):
     remove_punctuation: bool = True
 
 
+_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 class DataConfig(_Section):
     train: str | None = Field(None, description="JSONL manifest or a Hugging Face dataset saved with save_to_disk")
-    eval: str | None = None
+    eval: str | dict[str, str] | None = Field(
+        None, description="a transcript manifest, or several as {test set name: manifest}; WER/CER per set"
+    )
     max_audio_seconds: float = Field(30.0, gt=0)
     max_target_tokens: int | None = Field(None, gt=0, description="default: the model's own limit")
     on_bad_record: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0)
     normalize: TextNormalization = Field(default_factory=TextNormalization)
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_names(cls, value):
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("an empty mapping: give one or more {name: manifest}, or leave eval out")
+            for name in value:
+                if not _SET_NAME.match(name):
+                    raise ValueError(f"test set name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit "
+                                     "(it names the MLflow metrics eval/<name>/wer)")
+        return value
+
+    def eval_sets(self) -> dict[str, str]:
+        """The evaluation manifests by test-set name (one manifest is named after its file)."""
+        if self.eval is None:
+            return {}
+        if isinstance(self.eval, str):
+            return {Path(self.eval).stem or "eval": self.eval}
+        return dict(self.eval)
 
 
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")

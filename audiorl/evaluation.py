@@ -101,6 +101,13 @@ def score(
     )
 
 
+def pooled(results: list[EvalResult], normalization: TextNormalization | None = None) -> EvalResult:
+    """One result over the utterances of several (corpus WER/CER over all of them)."""
+    utterances = [u for result in results for u in result.utterances]
+    return score([u.reference for u in utterances], [u.hypothesis for u in utterances], normalization,
+                 sources=[u.source for u in utterances])
+
+
 @torch.no_grad()
 def transcribe(
     adapter: ModelAdapter,

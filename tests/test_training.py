@@ -1,5 +1,6 @@
 """Training through the Python API on real speech and a tiny Whisper."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,47 @@ def test_mpo_with_eval_logs_to_mlflow(tmp_path, tiny_whisper, speech_dir):
     # the exported model loads back through the family's loader and transcribes
     result = audiorl.evaluate(outcome.final_model_dir, speech_dir / "transcripts.jsonl", max_new_tokens=8)
     assert result.num_utterances == 12
+
+
+def test_several_test_sets_are_scored_apart_and_together(tmp_path, tiny_whisper, speech_dir):
+    lines = (speech_dir / "transcripts.jsonl").read_text().replace('"clips/', f'"{speech_dir}/clips/').splitlines(keepends=True)
+    (tmp_path / "a.jsonl").write_text("".join(lines[:5]))
+    (tmp_path / "b.jsonl").write_text("".join(lines[5:]))
+    cfg = make_config(
+        tmp_path, tiny_whisper, speech_dir,
+        data={"eval": {"set-a": str(tmp_path / "a.jsonl"), "set-b": str(tmp_path / "b.jsonl")}},
+        train={"max_steps": 2, "eval_steps": 2, "generation_max_new_tokens": 8, "save_steps": None},
+        tracking={"enabled": True, "experiment_name": "sets", "log_model": False},
+    )
+    outcome = audiorl.train(cfg)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    final = outcome.result.eval_metrics
+    assert {m.step for m in client.get_metric_history(outcome.run_id, "eval/set-b/wer")} == {0, 2}
+    # eval/wer is the corpus WER over both sets: errors summed, divided by all reference words
+    counts = {}
+    for name in ("set-a", "set-b"):
+        path = client.download_artifacts(outcome.run_id, f"eval/{name}/step-000002.json", str(tmp_path / "dl"))
+        result = json.loads(Path(path).read_text())
+        assert result["num_utterances"] == (5 if name == "set-a" else len(lines) - 5)
+        assert result["wer"] == pytest.approx(final[f"eval/{name}/wer"])
+        counts[name] = result
+    errors = sum(r["substitutions"] + r["deletions"] + r["insertions"] for r in counts.values())
+    words = sum(r["substitutions"] + r["deletions"] + r["hits"] for r in counts.values())
+    assert final["eval/wer"] == pytest.approx(errors / words)
+    assert "eval/wer_before_after.png" in {a.path for a in client.list_artifacts(outcome.run_id, "eval")}
+    assert outcome.eval_before.keys() == final.keys()
+
+
+def test_a_test_set_name_must_suit_a_metric_key(tmp_path):
+    from audiorl.config import validate_config
+    from audiorl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="run.yaml: invalid config: data.eval: .*test set name 'held out'"):
+        validate_config({"model": {"name_or_path": "m"}, "data": {"eval": {"held out": "x.jsonl"}}}, "run.yaml")
+    one = validate_config({"model": {"name_or_path": "m"}, "data": {"eval": "data/test-clean.jsonl"}})
+    assert one.data.eval_sets() == {"test-clean": "data/test-clean.jsonl"}
 
 
 def test_bad_record_skipped_and_counted(tmp_path, tiny_whisper, speech_dir):
