@@ -265,10 +265,15 @@ def data_synth(
     max_seconds: Annotated[float, typer.Option(help="Longer clips are dropped (and listed).")] = 10.0,
     seed: Annotated[int, typer.Option(help="Seed for sentences, voices and noise.")] = 0,
     workers: Annotated[int, typer.Option(help="Clips spoken in parallel.")] = 2,
+    exclude: Annotated[Optional[list[Path]], typer.Option(help="A manifest whose sentences must not be spoken (another corpus's test set); repeatable.")] = None,
+    noisy_validation: Annotated[bool, typer.Option(help="Also speak the validation sentences with noise (split validation-noisy).")] = False,
 ) -> None:
     """Speak a corpus with espeak-ng: many accents and voices, silence and noise, split so that
     evaluation holds out whole sentences and whole accents; a JSONL manifest per split."""
+    from audiorl.data.records import read_records
     from audiorl.data.synth import SynthSettings, synthesize
+
+    excluded = frozenset(r.reference for path in exclude or [] for r in read_records(path, "transcript"))
 
     sentences = None
     if text is not None:
@@ -284,6 +289,7 @@ def data_synth(
         accents=[a for a in split(accents) if a], heldout_accents=[a for a in split(heldout_accents) if a], variants=split(variants),
         heldout_sentence_share=heldout_sentence_share, speed=_range(speed, "speed", int), pitch=_range(pitch, "pitch", int),
         noise_share=noise_share, snr_db=_range(snr, "snr"), max_seconds=max_seconds, seed=seed, workers=workers,
+        exclude=excluded, noisy_validation=noisy_validation,
     ))
     for line in summary.lines():
         typer.echo(line)
@@ -317,27 +323,33 @@ def data_check(
 
 @app.command()
 def quickstart(
-    workdir: Annotated[Path, typer.Option(help="Where data, model, run and config go.")] = Path("audiorl-quickstart"),
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 600,
-    seed: Annotated[int, typer.Option(help="Seed for data and model.")] = 0,
+    workdir: Annotated[Path, typer.Option(help="Where speech, pairs, run and config go.")] = Path("audiorl-quickstart"),
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps of preference tuning.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed for speech, sampling and training.")] = 0,
+    base: Annotated[Optional[Path], typer.Option(help="Base model (default: models/tiny-whisper-base of this repository).")] = None,
 ) -> None:
-    """Speak a small dataset with espeak-ng, build a tiny Whisper, train it with DPO (MPO weights),
-    evaluate before and after, and log it all to the local MLflow store."""
-    from audiorl.quickstart import run
+    """Speak fresh sentences in accents the shipped base never heard, build N-best preference
+    pairs with it, tune it with MPO, and show WER before and after per test set (logged to the
+    local MLflow store)."""
+    from audiorl.quickstart import TEST_SETS, run
 
-    config_path, outcome = run(workdir, max_steps=max_steps, seed=seed)
+    config_path, outcome = run(workdir, max_steps=max_steps, seed=seed, base=base)
     out = _out()
     before, after = outcome.eval_before, outcome.result.eval_metrics
     last = outcome.result.last_metrics
     out.print("\n[bold]AudioRL quickstart done[/]")
     if before and after:
-        out.print(f"  held-out voice WER: {before['eval/wer']:.3f} before -> {after['eval/wer']:.3f} after")
-        out.print(f"  held-out voice CER: {before['eval/cer']:.3f} before -> {after['eval/cer']:.3f} after")
+        for name in TEST_SETS:
+            b, a = before[f"eval/{name}/wer"], after[f"eval/{name}/wer"]
+            out.print(f"  {name} WER: {b:.3f} before -> {a:.3f} after ({(a - b) / b:+.0%} relative)" if b else
+                      f"  {name} WER: {b:.3f} before -> {a:.3f} after")
     if "rewards/accuracies" in last:
         out.print(f"  reward accuracy (last logging window): {last['rewards/accuracies']:.2f}")
-    out.print(f"  final model: {outcome.final_model_dir}")
+    out.print(f"  tuned model: {outcome.final_model_dir}")
     out.print(f"  run config:  {config_path}  (re-run with: audiorl train {config_path})")
     out.print(f"  {outcome.tracking}")
+    if outcome.run_id:
+        out.print("  WER chart:   eval/wer_before_after.png among the run's artifacts")
 
 
 @app.command()

@@ -30,6 +30,15 @@ def test_pairing_policies_by_hand():
     assert _rank_pairs(_record(), hyps[:2], "best-worst", 0.5, 4, norm) == "best and worst samples closer than the margin"
 
 
+def test_empty_samples_never_become_a_side_of_a_pair():
+    # an empty sample has WER 1.0 and would be "chosen" over a worse one, but a record with an
+    # empty transcript is refused by training: it must not be written
+    norm = TextNormalization()
+    pairs = _rank_pairs(_record("a b"), ["", "x y z w", "a b c"], "best-worst", 0.1, 4, norm)
+    assert pairs == [("a b c", "x y z w", 0.5, 2.0)]
+    assert _rank_pairs(_record("a b"), ["", " "], "reference-worst", 0.1, 4, norm) == "every sample empty"
+
+
 def test_pairs_from_a_model(tmp_path, tiny_whisper, speech_dir):
     out = tmp_path / "out" / "pairs.jsonl"
     # a random model's samples are all equally wrong, so pair them against the reference

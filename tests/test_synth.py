@@ -121,3 +121,25 @@ def test_the_cli_defaults_are_the_library_defaults():
     assert main.ACCENTS_DEFAULT == synth.ACCENTS
     assert main.HELDOUT_DEFAULT == synth.HELDOUT_ACCENTS
     assert main.VARIANTS_DEFAULT == synth.VARIANTS
+
+
+def test_a_tuning_corpus_in_the_held_out_accents_never_speaks_a_test_sentence(tmp_path):
+    # the recipe for preference tuning: every accent of the new corpus is one the base never heard,
+    # nothing is held out by accent, and the base corpus's test sentences are excluded
+    base = synthesize(SynthSettings(out=tmp_path / "base", num_sentences=30, utterances_per_sentence=1, heldout_sentence_share=0.3,
+                                    accents=["en-us", "en-029"], heldout_accents=["en-029"], variants=[""], seed=0))
+    test_texts = {r["text"] for r in _rows(base.out / "heldout-voices-clean.jsonl")}
+    out = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "data", "synth", "--out", str(tmp_path / "tune"),
+                          "--num-sentences", "30", "--utterances-per-sentence", "1", "--accents", "en-029", "--heldout-accents", "",
+                          "--variants", ",+f2", "--noisy-validation", "--seed", "0",
+                          "--exclude", str(base.out / "heldout-voices-clean.jsonl")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    tune = {p.stem: _rows(p) for p in (tmp_path / "tune").glob("*.jsonl")}
+    assert set(tune) == {"train", "validation", "validation-noisy"}
+    spoken = {r["text"] for rows in tune.values() for r in rows}
+    assert len(spoken) == 30 and not spoken & test_texts  # same seed, same templates: only the exclusion keeps them apart
+    assert [r["text"] for r in tune["validation"]] == [r["text"] for r in tune["validation-noisy"]]
+    assert all(r["snr_db"] is None for r in tune["validation"]) and all(r["snr_db"] is not None for r in tune["validation-noisy"])
+    assert {r["voice"].split("+")[0] for rows in tune.values() for r in rows} == {"en-029"}
+    assert json.loads((tmp_path / "tune" / "synth.json").read_text())["excluded_sentences"] == len(test_texts)

@@ -137,7 +137,10 @@ def build_pairs(
 
 def _rank_pairs(record, hyps, policy, margin, max_pairs, norm):
     reference = record.reference
-    distinct = list(dict.fromkeys(h.strip() for h in hyps))
+    # an empty sample cannot be a record (manifests refuse empty transcripts): it takes no part
+    distinct = [h for h in dict.fromkeys(h.strip() for h in hyps) if h]
+    if not distinct:
+        return "every sample empty"
     scored = sorted(zip(_scores(reference, distinct, norm), distinct))
     if policy == "reference-worst":
         worst_wer, worst = scored[-1]

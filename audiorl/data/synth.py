@@ -6,6 +6,7 @@ holds out whole sentences and whole accents.
 Splits (one JSONL manifest each, audio paths relative to it):
 - `train`: training sentences in the training accents;
 - `validation`: held-out sentences in the training accents (new words in familiar voices);
+- `validation-noisy` (on request): the same sentences again, in new draws of those voices, with noise;
 - `heldout-voices-clean` and `heldout-voices-noisy`: held-out sentences in the held-out accents,
   without and with noise (neither voice nor sentence was heard in training);
 - `hotwords`: the held-out-voice clips whose sentence contains a hotword, with a `hotwords` column
@@ -65,9 +66,9 @@ _TEMPLATES = [
 ]
 
 
-def template_sentences(count: int, rng: random.Random, random_share: float = 0.15) -> list[str]:
+def template_sentences(count: int, rng: random.Random, random_share: float = 0.15, exclude: frozenset[str] = frozenset()) -> list[str]:
     """`count` distinct sentences of 3-10 words from the templates, plus a share of random word
-    strings (so that a model cannot lean on templates alone)."""
+    strings (so that a model cannot lean on templates alone); none of them in `exclude`."""
     vocabulary = sorted({w for group in (_NAMES, _NUMBERS, _PLACES, _THINGS, _TIMES, _VERBS) for item in group for w in item.split()})
     seen: dict[str, None] = {}
     attempts = 0
@@ -81,7 +82,7 @@ def template_sentences(count: int, rng: random.Random, random_share: float = 0.1
             sentence = rng.choice(_TEMPLATES).format(
                 verb=rng.choice(_VERBS), thing=rng.choice(_THINGS), place=rng.choice(_PLACES), time=rng.choice(_TIMES),
                 name=rng.choice(_NAMES), number=rng.choice(_NUMBERS), hotword=rng.choice(HOTWORDS))
-        if 3 <= len(sentence.split()) <= 10:
+        if 3 <= len(sentence.split()) <= 10 and sentence not in exclude:
             seen.setdefault(sentence, None)
     return list(seen)
 
@@ -117,6 +118,8 @@ class SynthSettings:
     max_seconds: float = 10.0
     seed: int = 0
     workers: int = 2
+    exclude: frozenset[str] = frozenset()  # sentences never spoken (another corpus's test set)
+    noisy_validation: bool = False  # also speak the validation sentences with noise (`validation-noisy`)
 
 
 @dataclass
@@ -165,8 +168,11 @@ def _check(settings: SynthSettings) -> None:
 def plan(settings: SynthSettings) -> list[_Job]:
     """Which sentence goes to which split, in which voice: reproducible from the seed."""
     rng = random.Random(settings.seed)
-    sentences = settings.sentences if settings.sentences is not None else template_sentences(settings.num_sentences, rng)
-    sentences = list(dict.fromkeys(s.strip() for s in sentences if s.strip()))
+    if settings.sentences is not None:
+        sentences = [s.strip() for s in settings.sentences if s.strip() and s.strip() not in settings.exclude]
+    else:
+        sentences = template_sentences(settings.num_sentences, rng, exclude=settings.exclude)
+    sentences = list(dict.fromkeys(sentences))
     if len(sentences) < 4:
         raise ConfigError(f"{len(sentences)} distinct sentences: give at least 4")
     # hold out the same share of hotword sentences as of the others, so the hotword split is not
@@ -198,6 +204,8 @@ def plan(settings: SynthSettings) -> list[_Job]:
             add("train", text, train_accents, None)
     for text in held:
         add("validation", text, train_accents, False)
+        if settings.noisy_validation:
+            add("validation-noisy", text, train_accents, True)
         if settings.heldout_accents:
             add("heldout-voices-clean", text, settings.heldout_accents, False)
             add("heldout-voices-noisy", text, settings.heldout_accents, True)
@@ -253,7 +261,8 @@ def synthesize(settings: SynthSettings) -> SynthSummary:
         (out / "dropped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dropped))
     if not records.get("train"):
         raise DataError(f"{out}: no training clip was written (all {len(dropped)} over {settings.max_seconds} s?)")
-    settings_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.__dict__.items() if k != "sentences"}
+    settings_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.__dict__.items() if k not in ("sentences", "exclude")}
+    settings_record["excluded_sentences"] = len(settings.exclude)
     (out / "synth.json").write_text(json.dumps({**settings_record, "counts": {k: len(v) for k, v in records.items()}}, indent=2))
     hours = {split: sum(r["seconds"] for r in rows) / 3600 for split, rows in records.items()}
     return SynthSummary(out, {k: len(v) for k, v in records.items()}, hours, [r["audio"] for r in dropped])
