@@ -11,6 +11,7 @@ alias `challenger`; `audiorl promote` decides whether it becomes `champion`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -139,6 +140,8 @@ def register(run_id: str, tracking_uri: str, model_dir: str | Path, model_config
 
     client = MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
+    # a local model has no hub card or licence to look up: those warnings would only mislead
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     with _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = log_model(model_dir, model_config, registered_name=name, max_new_tokens=max_new_tokens)
     client.update_run(run_id, status=status)  # leaving start_run marked the run finished

@@ -398,7 +398,6 @@ class Tracker:
     def log_figure(self, figure, artifact_file: str) -> None:
         if not self._client:
             return
-        item = {"kind": "figure", "artifact_file": artifact_file}
 
         def keep() -> dict[str, Any]:
             copy = self._spill_file(Path(artifact_file).name, lambda dest: figure.savefig(dest, dpi=120, bbox_inches="tight"))

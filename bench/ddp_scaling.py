@@ -4,13 +4,14 @@ thread each, the same per-process batch (weak scaling). Prints the scaling effic
 
     python bench/ddp_scaling.py [--steps 20] [--batch 8]
 
-Speech comes from espeak-ng (the quickstart's data); the model is a Whisper with random weights
+Speech comes from espeak-ng (`audiorl data synth`, 128 clips); the model is a Whisper with random weights
 (d_model 256, 4 + 4 layers, 10 s windows).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -34,14 +35,20 @@ def main() -> None:
     args = parser.parse_args()
     from mlflow.tracking import MlflowClient
 
+    from audiorl.data.builders import write_jsonl
+    from audiorl.data.synth import SynthSettings, synthesize
     from audiorl.models.whisper import build_tiny_whisper
-    from audiorl.quickstart import make_data
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AUDIORL_NO_PROGRESS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = make_data(root / "data")
-        model = build_tiny_whisper(root / "model", data.texts, vocab_size=400, d_model=256, encoder_layers=4,
+        corpus = synthesize(SynthSettings(out=root / "data", num_sentences=64, utterances_per_sentence=2, seed=0)).out
+        rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()]
+        # throughput does not depend on what the pairs say: the rejected side is the sentence reversed
+        pairs = write_jsonl([{"audio": r["audio"], "chosen": r["text"], "rejected": " ".join(r["text"].split()[::-1])} for r in rows],
+                            corpus / "pairs.jsonl")
+        texts = [r["text"] for r in rows] + [" ".join(r["text"].split()[::-1]) for r in rows]
+        model = build_tiny_whisper(root / "model", texts, vocab_size=400, d_model=256, encoder_layers=4,
                                    decoder_layers=4, attention_heads=4, ffn_dim=1024, chunk_seconds=10)
         uri = f"sqlite:///{root / 'mlflow.db'}"
         rates = {}
@@ -50,7 +57,7 @@ def main() -> None:
             config = root / f"{name}.yaml"
             config.write_text(yaml.safe_dump({
                 "model": {"name_or_path": str(model)},
-                "data": {"train": str(data.train_manifest), "max_audio_seconds": 10},
+                "data": {"train": str(pairs), "max_audio_seconds": 10},
                 "objective": {"loss_type": ["sigmoid"]},
                 "train": {"output_dir": str(root / name), "max_steps": args.steps, "per_device_train_batch_size": args.batch,
                           "learning_rate": 1e-4, "logging_steps": 1, "save_steps": None, "resume": "never", "num_threads": 1},
