@@ -45,9 +45,13 @@ class EvalResult:
     num_utterances: int
     decoding: str = "greedy"
     utterances: list[Utterance] = field(default_factory=list)
+    no_speech_clips: int = 0  # clips whose reference is empty (no speech in them)
+    no_speech_output_rate: float | None = None  # share of those the model wrote something for
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         keys = ("wer", "cer", "substitutions", "deletions", "insertions", "sentence_error_rate")
+        if self.no_speech_output_rate is not None:
+            keys += ("no_speech_output_rate",)
         return {f"{prefix}{k}": float(getattr(self, k)) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,7 +66,10 @@ def score(
     normalization: TextNormalization | None = None,
     sources: list[str] | None = None,
 ) -> EvalResult:
-    """Corpus WER/CER (errors summed over utterances, divided by reference words/characters)."""
+    """Corpus WER/CER (errors summed over utterances, divided by reference words/characters).
+
+    A clip without speech (an empty reference) adds every word written for it as insertions, and
+    the result says how many such clips got any output (`no_speech_output_rate`)."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     if not references:
@@ -88,7 +95,10 @@ def score(
                 reference_words=len(out.references[i]),
             )
         )
+    silent = [u for u in utterances if u.reference_words == 0]
     return EvalResult(
+        no_speech_clips=len(silent),
+        no_speech_output_rate=sum(u.errors > 0 for u in silent) / len(silent) if silent else None,
         wer=float(out.wer),
         cer=float(cer),
         substitutions=out.substitutions,

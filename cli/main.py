@@ -152,6 +152,8 @@ def evaluate(
             f"I {result.insertions}; sentence error rate {result.sentence_error_rate:.3f}; "
             f"{result.num_utterances} utterances, {result.decoding} decoding){was}"
         )
+        if result.no_speech_output_rate is not None:
+            out.print(f"  clips without speech: {result.no_speech_clips}, transcribed as something: {result.no_speech_output_rate:.1%}")
         for utt in sorted(result.utterances, key=lambda u: -u.wer)[:worst]:
             out.print(f"  {utt.wer:5.2f}  {utt.source}\n         ref: {utt.reference}\n         hyp: {utt.hypothesis}")
     if output:
@@ -267,6 +269,7 @@ def data_synth(
     workers: Annotated[int, typer.Option(help="Clips spoken in parallel.")] = 2,
     exclude: Annotated[Optional[list[Path]], typer.Option(help="A manifest whose sentences must not be spoken (another corpus's test set); repeatable.")] = None,
     noisy_validation: Annotated[bool, typer.Option(help="Also speak the validation sentences with noise (split validation-noisy).")] = False,
+    no_speech_share: Annotated[float, typer.Option(help="No-speech clips (silence or noise, empty transcript) added to train and validation, per speech clip.")] = 0.0,
 ) -> None:
     """Speak a corpus with espeak-ng: many accents and voices, silence and noise, split so that
     evaluation holds out whole sentences and whole accents; a JSONL manifest per split."""
@@ -289,7 +292,7 @@ def data_synth(
         accents=[a for a in split(accents) if a], heldout_accents=[a for a in split(heldout_accents) if a], variants=split(variants),
         heldout_sentence_share=heldout_sentence_share, speed=_range(speed, "speed", int), pitch=_range(pitch, "pitch", int),
         noise_share=noise_share, snr_db=_range(snr, "snr"), max_seconds=max_seconds, seed=seed, workers=workers,
-        exclude=excluded, noisy_validation=noisy_validation,
+        exclude=excluded, noisy_validation=noisy_validation, no_speech_share=no_speech_share,
     ))
     for line in summary.lines():
         typer.echo(line)

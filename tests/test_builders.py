@@ -132,3 +132,20 @@ def test_pairs_command_line(tmp_path, tiny_whisper, speech_dir):
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "--policy 'best-of-all'" in bad.stderr
+
+
+def test_a_clip_without_speech_gives_no_pair(tmp_path, tiny_whisper, speech_dir):
+    rows = [json.loads(line) for line in (speech_dir / "transcripts.jsonl").read_text().splitlines()][:3]
+    noise = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.01
+    sf.write(tmp_path / "noise.wav", noise, 16000)
+    manifest = tmp_path / "mixed.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in [
+        *({**r, "audio": str(speech_dir / r["audio"])} for r in rows),
+        {"audio": "noise.wav", "text": "", "no_speech": True},
+    ]))
+    out = tmp_path / "pairs.jsonl"
+    summary = make_pairs(tiny_whisper, manifest, out, num_samples=4, max_new_tokens=8, policy="reference-worst", seed=0)
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.clips == 4 and len(written) == 3
+    assert summary.reasons["no speech in the clip (an empty transcript cannot be chosen)"] == 1
+    assert all(row["chosen"] for row in written)

@@ -38,3 +38,15 @@ def test_non_latin_script():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
         score(["a", "b"], ["a"])
+
+
+def test_clips_without_speech_count_their_words_as_insertions_and_report_an_output_rate():
+    # 2 reference words in all; the first no-speech clip gets 2 invented words, the second none
+    result = score(["call home", "", ""], ["call home", "thank you", ""])
+    assert (result.substitutions, result.deletions, result.insertions) == (0, 0, 2)
+    assert result.wer == pytest.approx(2 / 2)
+    assert result.no_speech_clips == 2 and result.no_speech_output_rate == pytest.approx(0.5)
+    assert result.metrics("eval/")["eval/no_speech_output_rate"] == pytest.approx(0.5)
+    # a set with speech only reports no such rate
+    speech_only = score(["call home"], ["call home"])
+    assert speech_only.no_speech_output_rate is None and "no_speech_output_rate" not in speech_only.metrics()

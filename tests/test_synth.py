@@ -143,3 +143,28 @@ def test_a_tuning_corpus_in_the_held_out_accents_never_speaks_a_test_sentence(tm
     assert all(r["snr_db"] is None for r in tune["validation"]) and all(r["snr_db"] is not None for r in tune["validation-noisy"])
     assert {r["voice"].split("+")[0] for rows in tune.values() for r in rows} == {"en-029"}
     assert json.loads((tmp_path / "tune" / "synth.json").read_text())["excluded_sentences"] == len(test_texts)
+
+
+def test_clips_without_speech_join_train_and_validation_and_leave_the_speech_as_it_was(tmp_path):
+    common = dict(num_sentences=20, utterances_per_sentence=1, heldout_sentence_share=0.25, accents=["en-us", "en-029"],
+                  heldout_accents=["en-029"], variants=[""], seed=5)
+    plain = plan(SynthSettings(out=tmp_path / "a", **common))
+    settings = SynthSettings(out=tmp_path / "b", no_speech_share=0.2, no_speech_level_db=(-40.0, -30.0), **common)
+    assert [(j.split, j.text, j.voice, j.speed) for j in plan(settings)][: len(plain)] == [(j.split, j.text, j.voice, j.speed) for j in plain]
+    synthesize(settings)
+    splits = {p.stem: _rows(p) for p in settings.out.glob("*.jsonl")}
+    for split, speech_clips in (("train", 15), ("validation", 5)):
+        silent = [r for r in splits[split] if r.get("no_speech")]
+        assert len(splits[split]) - len(silent) == speech_clips and len(silent) == round(speech_clips * 0.2)
+        for row in silent:
+            assert row["text"] == "" and -40.0 <= row["level_db"] <= -30.0
+            samples, rate = sf.read(settings.out / row["audio"], dtype="float32")
+            assert rate == 16000 and 1.0 <= len(samples) / rate <= 4.0
+            assert abs(20 * np.log10(np.sqrt(np.mean(samples**2))) - row["level_db"]) < 0.5
+    assert not any(r.get("no_speech") for r in splits["heldout-voices-clean"] + splits["heldout-voices-noisy"])
+    # they load as transcript records whose reference is empty, the no_speech column kept for the rewards
+    records = read_records(settings.out / "validation.jsonl", "transcript")
+    silent = [r for r in records if r.extra.get("no_speech")]
+    assert silent and all(r.reference == "" for r in silent)
+    with pytest.raises(Exception, match="no_speech_share"):
+        synthesize(SynthSettings(out=tmp_path / "c", no_speech_share=1.5, **common))

@@ -107,7 +107,9 @@ def build_pairs(
                 rollout = None if dropout_ntp else sample(adapter, context, settings, generator=generator)
             for i, record in enumerate(chunk):
                 summary.clips += 1
-                if dropout_ntp:
+                if not record.reference.strip():
+                    made = "no speech in the clip (an empty transcript cannot be chosen)"
+                elif dropout_ntp:
                     made = _dropout_ntp_pair(adapter, record, waves[i], dropout_ntp, start_ratio, settings, rng, norm)
                 else:
                     hyps = rollout.texts[i * num_samples : (i + 1) * num_samples]

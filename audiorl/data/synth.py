@@ -12,8 +12,13 @@ Splits (one JSONL manifest each, audio paths relative to it):
 - `hotwords`: the held-out-voice clips whose sentence contains a hotword, with a `hotwords` column
   for the hotword reward.
 
-Every record carries `text`, `voice`, `speed`, `pitch`, `snr_db` (null for clean clips) and
-`hotwords` (possibly empty).
+On request (`no_speech_share`), `train` and `validation` also get clips with no speech in them:
+silence with a little hiss up to clearly audible white noise, an empty `text` and `no_speech:
+true`, which is what the hallucination reward and the evaluation's `no_speech_output_rate` read.
+
+Every speech record carries `text`, `voice`, `speed`, `pitch`, `snr_db` (null for clean clips)
+and `hotwords` (possibly empty); a no-speech record carries `text: ""`, `no_speech: true` and
+`level_db` (the noise's RMS level in dB full scale).
 """
 
 from __future__ import annotations
@@ -120,6 +125,8 @@ class SynthSettings:
     workers: int = 2
     exclude: frozenset[str] = frozenset()  # sentences never spoken (another corpus's test set)
     noisy_validation: bool = False  # also speak the validation sentences with noise (`validation-noisy`)
+    no_speech_share: float = 0.0  # add this many no-speech clips per speech clip to train and validation
+    no_speech_level_db: tuple[float, float] = (-70.0, -25.0)  # their noise level, dB full scale (RMS)
 
 
 @dataclass
@@ -134,6 +141,7 @@ class _Job:
     tail: float
     snr_db: float | None
     seed: int
+    level_db: float | None = None  # a clip with no speech: noise at this RMS level (dBFS)
 
 
 @dataclass
@@ -158,6 +166,8 @@ def _check(settings: SynthSettings) -> None:
         raise ConfigError("every accent is held out: keep at least one for training")
     if not 0 < settings.heldout_sentence_share < 1:
         raise ConfigError("heldout_sentence_share must lie between 0 and 1")
+    if not 0 <= settings.no_speech_share <= 1:
+        raise ConfigError(f"no_speech_share {settings.no_speech_share}: give a share between 0 and 1")
     # a clear error for an unknown accent or variant now, not after an hour of work
     probes = [a + settings.variants[0] for a in settings.accents] + [settings.accents[0] + v for v in settings.variants]
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,10 +219,28 @@ def plan(settings: SynthSettings) -> list[_Job]:
         if settings.heldout_accents:
             add("heldout-voices-clean", text, settings.heldout_accents, False)
             add("heldout-voices-noisy", text, settings.heldout_accents, True)
+    # drawn after everything else, so that a corpus with them speaks the same clips as one without
+    for split in ("train", "validation") if settings.no_speech_share > 0 else ():
+        for _ in range(round(counts.get(split, 0) * settings.no_speech_share)):
+            counts[split] += 1
+            seconds = round(rng.uniform(1.0, max(1.0, min(4.0, settings.max_seconds))), 2)
+            jobs.append(_Job(split, counts[split] - 1, "", "", 0, 0, seconds, 0.0, None, rng.randrange(2**31),
+                             level_db=round(rng.uniform(*settings.no_speech_level_db), 1)))
     return jobs
 
 
+def _no_speech(job: _Job, out: Path) -> dict:
+    samples = np.random.default_rng(job.seed).standard_normal(int(job.lead * SAMPLING_RATE)) * 10 ** (job.level_db / 20)
+    name = f"clips/{job.split}/{job.index:06d}.wav"
+    path = out / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.clip(samples, -1.0, 1.0).astype(np.float32), SAMPLING_RATE, subtype="PCM_16")
+    return {"audio": name, "text": "", "no_speech": True, "level_db": job.level_db, "hotwords": [], "seconds": job.lead}
+
+
 def _render(job: _Job, out: Path, max_seconds: float) -> dict | None:
+    if job.level_db is not None:
+        return _no_speech(job, out)
     with tempfile.TemporaryDirectory() as tmp:
         raw = speak(job.text, Path(tmp) / "raw.wav", voice=job.voice, speed=job.speed, pitch=job.pitch)
         samples, rate = sf.read(raw, dtype="float32", always_2d=False)
