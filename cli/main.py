@@ -79,8 +79,12 @@ def train(
     outcome = run_train(config, set_ or [])
     out = _out()
     out.print(f"final model: {outcome.final_model_dir}")
-    if outcome.result.eval_metrics:
-        out.print(f"eval: WER {outcome.result.eval_metrics['eval/wer']:.3f}  CER {outcome.result.eval_metrics['eval/cer']:.3f}")
+    after, before = outcome.result.eval_metrics, outcome.eval_before
+    if after:
+        sets = list(dict.fromkeys(key.split("/")[1] for key in after if key.count("/") == 2))
+        for name, prefix in [(name, f"eval/{name}/") for name in sets] + [("all sets" if sets else "eval", "eval/")]:
+            was = f" (before: {before[prefix + 'wer']:.3f})" if prefix + "wer" in before else ""
+            out.print(f"{name}: WER {after[prefix + 'wer']:.3f}{was}  CER {after[prefix + 'cer']:.3f}")
     out.print(outcome.tracking)
 
 

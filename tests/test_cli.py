@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ def test_train_then_eval_from_the_command_line(tmp_path, tiny_whisper, speech_di
     )
     assert proc.returncode == 0, proc.stderr
     assert f"final model: {out / 'final'}" in proc.stdout.replace("\n", "")
+    assert re.search(r"^eval: WER [0-9.]+ \(before: [0-9.]+\)  CER [0-9.]+$", proc.stdout, re.MULTILINE), proc.stdout
     assert "MLflow run" in proc.stdout
     assert (out / "final" / "model.safetensors").exists()
     assert (out / "config.yaml").exists()
