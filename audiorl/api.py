@@ -176,8 +176,12 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
 
         eval_before: dict[str, float] = {}
 
+        # one test set keeps the plain names (eval/wer, eval/step-N.json); several get eval/<set>/...
+        # each, and eval/wer is then the corpus WER over all of them
+        several = len(eval_sets) > 1
+        prefixes = {set_name: f"eval/{set_name}/" if several else "eval/" for set_name in eval_sets}
+
         def evaluate_now(step: int) -> dict[str, float]:
-            # one test set: eval/wer, ...; several: eval/<set>/wer per set and eval/wer over all
             results = {
                 set_name: run_eval(
                     adapter,
@@ -186,24 +190,22 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
                     normalization=cfg.data.normalize,
                     batch_size=cfg.train.per_device_eval_batch_size,
                     max_new_tokens=cfg.train.generation_max_new_tokens,
-                    description=f"eval {set_name} @ step {step}" if len(eval_sets) > 1 else f"eval @ step {step}",
+                    description=f"eval {set_name} @ step {step}" if several else f"eval @ step {step}",
                 )
                 for set_name, records_of_set in eval_sets.items()
             }
             metrics: dict[str, float] = {}
-            if len(results) == 1:
-                (result,) = results.values()
-                tracker.log_dict(result.to_dict(), f"eval/step-{step:06d}.json")
-            else:
-                for set_name, result in results.items():
-                    metrics.update(result.metrics(f"eval/{set_name}/"))
-                    tracker.log_dict(result.to_dict(), f"eval/{set_name}/step-{step:06d}.json")
+            for set_name, result in results.items():
+                metrics.update(result.metrics(prefixes[set_name]))
+                tracker.log_dict(result.to_dict(), f"{prefixes[set_name]}step-{step:06d}.json")
+                if several:
                     console.print(f"eval @ step {step} {set_name}: WER {result.wer:.3f}  CER {result.cer:.3f}")
-                result = pooled(list(results.values()), cfg.data.normalize)
-            metrics.update(result.metrics("eval/"))
+            overall = pooled(list(results.values()), cfg.data.normalize) if several else next(iter(results.values()))
+            if several:
+                metrics.update(overall.metrics("eval/"))
             if step == 0 and not eval_before:
                 eval_before.update(metrics)
-            console.print(f"eval @ step {step}{' (all sets)' if len(results) > 1 else ''}: WER {result.wer:.3f}  CER {result.cer:.3f}")
+            console.print(f"eval @ step {step}{' (all sets)' if several else ''}: WER {overall.wer:.3f}  CER {overall.cer:.3f}")
             return metrics
 
         # Under FSDP the sharded model cannot generate on rank 0 alone: evaluate before sharding
@@ -239,8 +241,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
                 from audiorl.plots import wer_chart
 
                 after = result.eval_metrics
-                keys = {name: f"eval/{name}/wer" for name in eval_sets} if len(eval_sets) > 1 else {next(iter(eval_sets)): "eval/wer"}
-                chart = wer_chart({name: {"before": eval_before[key], "after": after[key]} for name, key in keys.items()},
+                chart = wer_chart({name: {"before": eval_before[prefix + "wer"], "after": after[prefix + "wer"]} for name, prefix in prefixes.items()},
                                   title=f"WER before and after training ({tags['audiorl.objective']})")
                 tracker.log_figure(chart, "eval/wer_before_after.png")
             if cfg.tracking.log_model:

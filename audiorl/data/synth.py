@@ -229,18 +229,7 @@ def plan(settings: SynthSettings) -> list[_Job]:
     return jobs
 
 
-def _no_speech(job: _Job, out: Path) -> dict:
-    samples = np.random.default_rng(job.seed).standard_normal(int(job.lead * SAMPLING_RATE)) * 10 ** (job.level_db / 20)
-    name = f"clips/{job.split}/{job.index:06d}.wav"
-    path = out / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, np.clip(samples, -1.0, 1.0).astype(np.float32), SAMPLING_RATE, subtype="PCM_16")
-    return {"audio": name, "text": "", "no_speech": True, "level_db": job.level_db, "hotwords": [], "seconds": job.lead}
-
-
-def _render(job: _Job, out: Path, max_seconds: float) -> dict | None:
-    if job.level_db is not None:
-        return _no_speech(job, out)
+def _speech(job: _Job) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         raw = speak(job.text, Path(tmp) / "raw.wav", voice=job.voice, speed=job.speed, pitch=job.pitch)
         samples, rate = sf.read(raw, dtype="float32", always_2d=False)
@@ -249,16 +238,26 @@ def _render(job: _Job, out: Path, max_seconds: float) -> dict | None:
     samples = np.concatenate([pad(job.lead), samples, pad(job.tail)])
     if job.snr_db is not None:
         samples = add_noise(samples, job.snr_db, np.random.default_rng(job.seed))
-    seconds = len(samples) / SAMPLING_RATE
+    return samples
+
+
+def _render(job: _Job, out: Path, max_seconds: float) -> dict | None:
     name = f"clips/{job.split}/{job.index:06d}.wav"
-    record = {"audio": name, "text": job.text, "voice": job.voice, "speed": job.speed, "pitch": job.pitch,
-              "snr_db": job.snr_db, "hotwords": _hotwords(job.text), "seconds": round(seconds, 3)}
-    if seconds > max_seconds:
-        return {**record, "dropped": f"{seconds:.1f} s is over {max_seconds} s"}
-    peak = float(np.max(np.abs(samples))) or 1.0
+    if job.level_db is not None:  # no speech: white noise at the job's level for `lead` seconds
+        noise = np.random.default_rng(job.seed).standard_normal(int(job.lead * SAMPLING_RATE)) * 10 ** (job.level_db / 20)
+        samples = noise.astype(np.float32)
+        record = {"audio": name, "text": "", "no_speech": True, "level_db": job.level_db, "hotwords": [], "seconds": job.lead}
+    else:
+        samples = _speech(job)
+        seconds = len(samples) / SAMPLING_RATE
+        record = {"audio": name, "text": job.text, "voice": job.voice, "speed": job.speed, "pitch": job.pitch,
+                  "snr_db": job.snr_db, "hotwords": _hotwords(job.text), "seconds": round(seconds, 3)}
+        if seconds > max_seconds:
+            return {**record, "dropped": f"{seconds:.1f} s is over {max_seconds} s"}
+    peak = float(np.max(np.abs(samples)))
     path = out / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, samples / max(peak, 1.0) if peak > 1.0 else samples, SAMPLING_RATE, subtype="PCM_16")
+    sf.write(path, samples / peak if peak > 1.0 else samples, SAMPLING_RATE, subtype="PCM_16")
     return record
 
 
