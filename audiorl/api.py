@@ -100,7 +100,7 @@ def build_recipe(cfg: RunConfig, adapter: ModelAdapter, dataset, data_fp: str):
     if objective.name == "grpo":
         # TRL's convention: beta 0 loads no reference model
         reference = _reference(cfg, adapter, dataset, collate, data_fp) if objective.beta != 0.0 else None
-        reward = build_reward([r.model_dump() for r in objective.rewards])
+        reward = build_reward([r.model_dump() for r in objective.rewards], cfg.data.normalize)
         return GRPORecipe(adapter, objective, reference, reward, seed=cfg.train.seed), collate
     return SFTRecipe(adapter, objective.ctc_weight), collate
 
@@ -288,6 +288,58 @@ def export_checkpoint(config: RunConfig | str | Path, checkpoint: str | Path, ou
     load_model_weights(adapter.model, Path(checkpoint))
     adapter.save_pretrained(str(out))
     return Path(out)
+
+
+def import_model(source: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
+    """A faster-whisper (CTranslate2) Whisper directory as a `save_pretrained` model."""
+    from audiorl.models.faster_whisper import import_ct2_whisper
+
+    return import_ct2_whisper(source, out, dtype=dtype)
+
+
+def export_model(source: str | Path, out: str | Path, *, format: str = "ctranslate2", quantization: str = "float32",
+                 force: bool = False) -> Path:
+    """A saved Whisper (a `save_pretrained` or LoRA-adapter directory, or an MLflow model URI such as
+    `models:/NAME@champion` or `runs:/RUN/model`) as a faster-whisper model."""
+    import tempfile
+
+    from audiorl.models.faster_whisper import export_ct2_whisper
+
+    if format != "ctranslate2":
+        raise ConfigError(f"--format {format!r}: use ctranslate2 here; a run's checkpoint exports as transformers with CONFIG CHECKPOINT")
+    with tempfile.TemporaryDirectory(prefix="audiorl-export-") as tmp:
+        model_dir = _saved_whisper(str(source), Path(tmp))
+        return export_ct2_whisper(model_dir, out, quantization=quantization, force=force)
+
+
+def _saved_whisper(source: str, tmp: Path) -> Path:
+    """A plain `save_pretrained` Whisper directory for `source`: itself, a LoRA adapter merged into
+    its base, or an MLflow model's components written out."""
+    from audiorl.errors import ModelError
+
+    if source.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        try:
+            components = mlflow.transformers.load_model(source, return_type="components", device="cpu")
+        except Exception as exc:  # MLflow raises several kinds for a missing or foreign model
+            raise ModelError(f"{source}: cannot load it as an MLflow transformers model ({exc})") from None
+        for part in components.values():
+            if hasattr(part, "save_pretrained"):
+                part.save_pretrained(tmp)
+        return tmp
+    path = Path(source)
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModel
+        from transformers import WhisperProcessor
+
+        AutoPeftModel.from_pretrained(str(path)).merge_and_unload().save_pretrained(tmp)
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        WhisperProcessor.from_pretrained(str(path) if (path / "tokenizer.json").is_file() else base).save_pretrained(tmp)
+        return tmp
+    if detect_family(str(path)) != "whisper":
+        raise ModelError(f"{path}: not a saved Whisper model (no config.json with model_type whisper); only Whisper exports to faster-whisper")
+    return path
 
 
 def _watch_node(cfg: RunConfig, tracker: Tracker, dist_info):

@@ -87,6 +87,11 @@ class ModelConfig(_Section):
 class TextNormalization(_Section):
     """How hypotheses and references are normalised before WER/CER."""
 
+    normalizer: Literal["plain", "whisper_english", "whisper_basic"] = Field(
+        "plain",
+        description="plain: only the two switches below; whisper_english: Whisper's English normaliser (numbers, "
+        "spellings, contractions, fillers), as Whisper's papers score; whisper_basic: its language-neutral one",
+    )
     lowercase: bool = True
     remove_punctuation: bool = True
 

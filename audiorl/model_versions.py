@@ -89,9 +89,12 @@ def log_model(model_dir: str | Path, model_config, *, registered_name: str | Non
         import transformers
 
         pipe = transformers.pipeline("automatic-speech-recognition", model=model_dir, device="cpu")
-        generate: dict[str, Any] = {"num_beams": 1, "max_new_tokens": max_new_tokens, "task": model_config.task}
-        if model_config.language:
-            generate["language"] = model_config.language
+        generate: dict[str, Any] = {"num_beams": 1, "max_new_tokens": max_new_tokens}
+        # an English-only Whisper takes neither language nor task (transformers refuses both)
+        if getattr(pipe.model.generation_config, "is_multilingual", True) is not False:
+            generate["task"] = model_config.task
+            if model_config.language:
+                generate["language"] = model_config.language
         return mlflow.transformers.log_model(
             pipe,
             name="model",

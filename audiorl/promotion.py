@@ -89,9 +89,10 @@ def _fingerprint(path: Path) -> str:
     return fingerprint(read_records(path, "transcript"))
 
 
-def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, batch_size: int = 8, log=print) -> dict[str, float]:
+def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, batch_size: int = 8, log=print,
+                  normalizer: str = "plain") -> dict[str, float]:
     """WER of one registered version on each test set: from its tags when they were measured on
-    the same data, else by transcribing through the version's pyfunc (and saved as tags)."""
+    the same data and normaliser, else by transcribing through the version's pyfunc (and saved as tags)."""
     import mlflow
 
     from audiorl.config import TextNormalization
@@ -102,7 +103,7 @@ def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, 
     wers: dict[str, float] = {}
     model = None
     for set_name, path in sets.items():
-        data_fp = _fingerprint(path)
+        data_fp = _fingerprint(path) if normalizer == "plain" else f"{_fingerprint(path)}+{normalizer}"
         if tags.get(_DATA_TAG.format(set_name)) == data_fp and _WER_TAG.format(set_name) in tags:
             wers[set_name] = float(tags[_WER_TAG.format(set_name)])
             continue
@@ -114,7 +115,8 @@ def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, 
         hypotheses: list[str] = []
         for start in range(0, len(audio), batch_size):
             hypotheses += [str(h) for h in model.predict(audio[start : start + batch_size])]
-        result = score([r.reference for r in records], hypotheses, TextNormalization(), sources=[r.source for r in records])
+        result = score([r.reference for r in records], hypotheses, TextNormalization(normalizer=normalizer),
+                       sources=[r.source for r in records])
         log(f"{name} v{version} on {set_name}: WER {result.wer:.4f} ({result.num_utterances} utterances)")
         for tag, value in ((_WER_TAG, result.wer), (_CER_TAG, result.cer), (_DATA_TAG, data_fp)):
             client.set_model_version_tag(name, version, tag.format(set_name), str(value))
@@ -132,7 +134,8 @@ def _version_by_alias(client, name: str, alias: str):
 
 
 def promote(name: str, gate: Mapping[str, Path], checks: Mapping[str, Path] | None = None, *, margin: float = 0.0,
-            tolerance: float = 0.0, tracking_uri: str | None = None, batch_size: int = 8, log=print) -> Decision:
+            tolerance: float = 0.0, tracking_uri: str | None = None, batch_size: int = 8, log=print,
+            normalizer: str = "plain") -> Decision:
     """Compare the `challenger` version of `name` with its `champion` on the gate (and check) sets,
     move `champion` if the challenger wins, and record the decision on the challenger's tags."""
     from mlflow.tracking import MlflowClient
@@ -152,11 +155,11 @@ def promote(name: str, gate: Mapping[str, Path], checks: Mapping[str, Path] | No
     champion = _version_by_alias(client, name, CHAMPION)
     sets = {**gate, **(checks or {})}
     if champion is not None and champion.version == challenger.version:
-        wers = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log)
+        wers = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log, normalizer=normalizer)
         decision = decide(None, wers, list(gate), margin=margin, tolerance=tolerance)
         return Decision(False, f"version {challenger.version} is already the champion", decision.rows, challenger.version, champion.version)
-    new = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log)
-    old = score_version(client, name, champion.version, sets, batch_size=batch_size, log=log) if champion else None
+    new = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log, normalizer=normalizer)
+    old = score_version(client, name, champion.version, sets, batch_size=batch_size, log=log, normalizer=normalizer) if champion else None
     decision = decide(old, new, list(gate), margin=margin, tolerance=tolerance)
     decision.challenger_version = challenger.version
     decision.champion_version = champion.version if champion else None

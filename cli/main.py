@@ -26,7 +26,7 @@ data_app = typer.Typer(help="Build and check datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 tracking_app = typer.Typer(help="MLflow housekeeping.", no_args_is_help=True)
 app.add_typer(tracking_app, name="tracking")
-model_app = typer.Typer(help="Make models.", no_args_is_help=True)
+model_app = typer.Typer(help="Make, import and export models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 _state = {"debug": False}
@@ -35,6 +35,12 @@ _state = {"debug": False}
 ACCENTS_DEFAULT = ["en-us", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-scotland", "en-029"]
 HELDOUT_DEFAULT = ["en-gb-scotland", "en-029"]
 VARIANTS_DEFAULT = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5"]
+
+NormalizerOption = Annotated[
+    str,
+    typer.Option(help="Text normaliser before scoring: plain (case and punctuation only), whisper_english "
+                      "(Whisper's English normaliser: numbers, spellings, fillers) or whisper_basic."),
+]
 
 SetOption = Annotated[
     Optional[list[str]],
@@ -119,6 +125,7 @@ def evaluate(
     remove_punctuation: Annotated[
         bool, typer.Option("--remove-punctuation/--keep-punctuation", help="Strip punctuation before scoring.")
     ] = True,
+    normalizer: NormalizerOption = "plain",
     skip_bad: Annotated[bool, typer.Option("--skip-bad-records", help="Skip unusable records instead of stopping.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the full results (per utterance) as JSON.")] = None,
     worst: Annotated[int, typer.Option(help="How many of the worst utterances to print per test set.")] = 5,
@@ -131,7 +138,6 @@ def evaluate(
     """Transcribe one or more test sets (greedy decoding), report WER and CER for each, and log the
     evaluation to MLflow (a nested run per test set, the utterances worst first, a WER chart)."""
     from audiorl.api import evaluate_and_log
-    from audiorl.config import TextNormalization
 
     results, before, run_id = evaluate_and_log(
         model,
@@ -144,7 +150,7 @@ def evaluate(
         language=language,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        normalization=TextNormalization(lowercase=lowercase, remove_punctuation=remove_punctuation),
+        normalization=_normalization(normalizer, lowercase=lowercase, remove_punctuation=remove_punctuation),
         on_bad_record="skip" if skip_bad else "error",
         device=device,
     )
@@ -165,6 +171,18 @@ def evaluate(
         out.print(f"full results: {output}")
     if run_id:
         out.print(f"logged to MLflow: run {run_id} in experiment '{experiment}'")
+
+
+def _normalization(normalizer: str, **switches):
+    from pydantic import ValidationError
+
+    from audiorl.config import TextNormalization
+    from audiorl.errors import ConfigError
+
+    try:
+        return TextNormalization(normalizer=normalizer, **switches)
+    except ValidationError:
+        raise ConfigError(f"--normalizer {normalizer!r}: use plain, whisper_english or whisper_basic") from None
 
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model directory (save_pretrained) or hub id.")]
@@ -198,6 +216,7 @@ def data_pairs(
     max_new_tokens: Annotated[int, typer.Option(help="Longest hypothesis.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
     language: Annotated[str, typer.Option(help="Language of the speech.")] = "en",
+    normalizer: NormalizerOption = "plain",
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
@@ -213,6 +232,7 @@ def data_pairs(
         model, data, out, family=family, language=language, device=device, temperature=temperature, top_p=top_p,
         top_k=top_k, max_new_tokens=max_new_tokens, num_samples=num_samples, policy=policy, min_wer_margin=min_wer_margin,
         max_pairs_per_clip=max_pairs_per_clip, dropout_ntp=dropout_ntp, start_ratio=start_ratio, batch_size=batch_size, seed=seed,
+        normalization=_normalization(normalizer),
     )
     _print_summary(summary, out)
 
@@ -230,6 +250,7 @@ def data_hard_cases(
     max_new_tokens: Annotated[int, typer.Option(help="Longest transcript.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
     language: Annotated[str, typer.Option(help="Language of the speech.")] = "en",
+    normalizer: NormalizerOption = "plain",
     seed: Annotated[int, typer.Option(help="Seed for sampling and the easy share.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
@@ -239,7 +260,7 @@ def data_hard_cases(
     summary = make_hard_cases(
         model, data, out, family=family, language=language, device=device, wer_threshold=wer_threshold,
         num_samples=num_samples, disagreement_threshold=disagreement_threshold, easy_fraction=easy_fraction,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, normalization=_normalization(normalizer),
     )
     _print_summary(summary, out)
 
@@ -367,6 +388,7 @@ def promote(
     margin: Annotated[float, typer.Option(help="Least relative WER improvement on every gate set (0.02 = 2%).")] = 0.0,
     tolerance: Annotated[float, typer.Option(help="Largest relative WER increase allowed on a check set.")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Clips per prediction call.")] = 8,
+    normalizer: NormalizerOption = "plain",
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns).")] = None,
 ) -> None:
     """Promote NAME@challenger to NAME@champion if it beats the champion on the gate sets."""
@@ -375,7 +397,8 @@ def promote(
     from audiorl.promotion import promote as run_promote
 
     decision = run_promote(name, _test_sets(gate), _test_sets(check or []), margin=margin, tolerance=tolerance,
-                           tracking_uri=tracking_uri, batch_size=batch_size, log=typer.echo)
+                           tracking_uri=tracking_uri, batch_size=batch_size, log=typer.echo,
+                           normalizer=_normalization(normalizer).normalizer)
     table = Table(title=f"{name}: champion v{decision.champion_version or '-'} vs challenger v{decision.challenger_version}")
     for column in ("test set", "role", "champion WER", "challenger WER", "change", "ok"):
         table.add_column(column)
@@ -391,15 +414,47 @@ def promote(
 
 @model_app.command("export")
 def model_export(
-    config: Annotated[Path, typer.Argument(help="The run's YAML file.")],
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder of that run (OUTPUT_DIR/checkpoints/checkpoint-N).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model.")],
+    source: Annotated[str, typer.Argument(help="A run's YAML file (with CHECKPOINT), a save_pretrained Whisper directory, or an MLflow model URI (models:/NAME@champion).")],
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="With a run's YAML: a checkpoint folder of that run (OUTPUT_DIR/checkpoints/checkpoint-N).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model.")] = ...,
+    format: Annotated[str, typer.Option("--format", help="transformers (save_pretrained) or ctranslate2 (a faster-whisper model).")] = "transformers",
+    quantization: Annotated[str, typer.Option(help="With --format ctranslate2: float32, float16, int8, int8_float32, int8_float16, ...")] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out.")] = False,
     set_: SetOption = None,
 ) -> None:
-    """Write a checkpoint's model as a save_pretrained folder, as the run's final export would."""
-    from audiorl.api import export_checkpoint
+    """Export a model: a run's checkpoint as the run's final export would write it, and any saved
+    Whisper (LoRA merged first) as a faster-whisper model."""
+    import tempfile
 
-    typer.echo(f"written: {export_checkpoint(config, checkpoint, out, set_ or [])}")
+    from audiorl.api import export_checkpoint, export_model
+    from audiorl.errors import ConfigError
+
+    if format not in ("transformers", "ctranslate2"):
+        raise ConfigError(f"--format {format!r}: use transformers or ctranslate2")
+    if checkpoint is not None:
+        if format == "transformers":
+            typer.echo(f"written: {export_checkpoint(Path(source), checkpoint, out, set_ or [])}")
+            return
+        with tempfile.TemporaryDirectory(prefix="audiorl-export-") as tmp:
+            export_checkpoint(Path(source), checkpoint, tmp, set_ or [])
+            typer.echo(f"written: {export_model(tmp, out, quantization=quantization, force=force)} (faster-whisper, {quantization})")
+        return
+    if format == "transformers":
+        raise ConfigError("a save_pretrained model is already in the transformers format; give --format ctranslate2, "
+                          "or a run's YAML and a CHECKPOINT to export a checkpoint")
+    typer.echo(f"written: {export_model(source, out, quantization=quantization, force=force)} (faster-whisper, {quantization})")
+
+
+@model_app.command("import")
+def model_import(
+    source: Annotated[Path, typer.Argument(help="A faster-whisper (CTranslate2) Whisper directory: model.bin, config.json, tokenizer.json.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the save_pretrained model.")],
+    dtype: Annotated[str, typer.Option(help="Weights' type in the new model: float32, float16 or bfloat16.")] = "float32",
+) -> None:
+    """Turn a faster-whisper model into a save_pretrained Whisper that AudioRL, transformers and MLflow load."""
+    from audiorl.api import import_model
+
+    typer.echo(f"written: {import_model(source, out, dtype=dtype)}")
 
 
 @model_app.command("init-whisper")

