@@ -299,8 +299,8 @@ def import_model(source: str | Path, out: str | Path, *, dtype: str = "float32")
 
 def export_model(source: str | Path, out: str | Path, *, format: str = "ctranslate2", quantization: str = "float32",
                  force: bool = False) -> Path:
-    """A saved Whisper (a `save_pretrained` or LoRA-adapter directory, or an MLflow model URI such as
-    `models:/NAME@champion` or `runs:/RUN/model`) as a faster-whisper model."""
+    """A saved Whisper (a `save_pretrained` directory, which AudioRL writes with LoRA merged, or an
+    MLflow model URI such as `models:/NAME@champion` or `runs:/RUN/model`) as a faster-whisper model."""
     import tempfile
 
     from audiorl.models.faster_whisper import export_ct2_whisper
@@ -313,8 +313,8 @@ def export_model(source: str | Path, out: str | Path, *, format: str = "ctransla
 
 
 def _saved_whisper(source: str, tmp: Path) -> Path:
-    """A plain `save_pretrained` Whisper directory for `source`: itself, a LoRA adapter merged into
-    its base, or an MLflow model's components written out."""
+    """A plain `save_pretrained` Whisper directory for `source`: itself, or an MLflow model's
+    components written out."""
     from audiorl.errors import ModelError
 
     if source.startswith(("models:/", "runs:/")):
@@ -329,14 +329,6 @@ def _saved_whisper(source: str, tmp: Path) -> Path:
                 part.save_pretrained(tmp)
         return tmp
     path = Path(source)
-    if (path / "adapter_config.json").is_file():
-        from peft import AutoPeftModel
-        from transformers import WhisperProcessor
-
-        AutoPeftModel.from_pretrained(str(path)).merge_and_unload().save_pretrained(tmp)
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        WhisperProcessor.from_pretrained(str(path) if (path / "tokenizer.json").is_file() else base).save_pretrained(tmp)
-        return tmp
     if detect_family(str(path)) != "whisper":
         raise ModelError(f"{path}: not a saved Whisper model (no config.json with model_type whisper); only Whisper exports to faster-whisper")
     return path

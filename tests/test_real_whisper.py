@@ -270,3 +270,57 @@ def test_import_from_the_command_line(tmp_path, ct2_dir):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 4
     assert proc.stderr.startswith("error: ") and "model.bin" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_lora_checkpoint_and_a_registered_model_export_to_faster_whisper(tmp_path, tiny_whisper, speech_dir):
+    """A LoRA run's checkpoint goes out merged (its CTranslate2 weights are the run's merged final
+    export), and so does the version the run registered in MLflow."""
+    import audiorl
+    from safetensors.torch import load_file
+
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path / "lora.yaml", {
+        "model": {"name_or_path": str(tiny_whisper), "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "fc1"]}},
+        "data": {"train": str(speech_dir / "transcripts.jsonl"), "max_audio_seconds": 5},
+        "objective": {"name": "sft"},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "learning_rate": 3e-2, "save_steps": 2,
+                  "per_device_train_batch_size": 6, "resume": "never"},
+        "tracking": {"registered_model_name": "tiny-lora"},
+    })
+    outcome = audiorl.train(config)
+    proc = subprocess.run(
+        [sys.executable, "-m", "audiorl_cli.main", "model", "export", str(config), str(tmp_path / "run" / "checkpoints" / "checkpoint-2"),
+         "--format", "ctranslate2", "--out", str(tmp_path / "ct2")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = load_file(str(outcome.final_model_dir / "model.safetensors"))
+    base = load_file(str(tiny_whisper / "model.safetensors"))
+    exported = read_ct2(tmp_path / "ct2" / "model.bin").variables
+    fc1 = "model.decoder.layers.0.fc1.weight"
+    assert not torch.equal(final[fc1], base[fc1])  # LoRA changed it and the merge kept the change
+    np.testing.assert_allclose(exported["decoder/layer_0/ffn/linear_0/weight"], final[fc1].numpy(), rtol=0, atol=1e-6)
+
+    from audiorl.api import export_model
+
+    export_model("models:/tiny-lora/1", tmp_path / "from-mlflow")
+    registered = read_ct2(tmp_path / "from-mlflow" / "model.bin").variables
+    np.testing.assert_array_equal(registered["decoder/layer_0/ffn/linear_0/weight"], exported["decoder/layer_0/ffn/linear_0/weight"])
+    with pytest.raises(ModelError, match="not a saved Whisper"):
+        export_model(tmp_path, tmp_path / "nothing")
+
+
+def test_imported_model_registers_in_mlflow_and_transcribes_there(tiny_en, clips, ours):
+    """MLflow logs the English-only checkpoint as a transformers ASR pipeline without a language
+    or task (transformers refuses both for English-only models); the version transcribes."""
+    import mlflow
+
+    from audiorl.model_versions import log_model
+
+    with mlflow.start_run():
+        info = log_model(tiny_en, ModelConfig(name_or_path=str(tiny_en)), registered_name="tiny-en")
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    heard = [str(t).strip() for t in model.predict([Path(r.audio).read_bytes() for r in clips[:4]])]
+    norm = TextNormalization(normalizer="whisper_english")
+    assert score([r.reference for r in clips[:4]], heard, norm).wer <= score([r.reference for r in clips[:4]], ours[:4], norm).wer + 0.15
