@@ -5,13 +5,17 @@ model, encoder included, for the policy and again for the reference: four encode
 AudioRL encodes each clip once for the policy and once for the reference. With a frozen encoder
 the one pass serves both; with a precomputed reference only the policy runs.
 
-    python bench/dpo_step.py                      # whisper-base size, 4 pairs of 30 s clips
-    python bench/dpo_step.py --size tiny --steps 1 # a quick look
+    python bench/dpo_step.py                         # whisper-base size, 4 pairs of 30 s clips, 5 rounds
+    python bench/dpo_step.py --size tiny --rounds 3  # a quick look
     python bench/dpo_step.py --size qwen2-audio-small --seconds 10
-                                                  # Qwen2-Audio: audio tower once per clip vs per sequence
+                                                     # Qwen2-Audio: audio tower once per clip vs per sequence
 
-Each variant runs in its own process (peak RSS is per process); the parent checks first that the
-naive and shared paths give the same loss and gradients.
+The parent checks first that the naive and shared paths give the same loss and gradients (exit
+code 1 if not). Each variant then lives in its own process (peak RSS is per process), all of
+them loaded at once (their memory must fit together); each round asks every process in turn, in
+a shuffled order, for one timed step (--steps: more, averaged), so the variants share the load
+of a shared machine. The table gives the median over rounds of naive's step time / the
+variant's in the same round, with its min-max and interquartile range.
 """
 
 from __future__ import annotations
@@ -26,18 +30,22 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _interleave import add_arguments, interleave, print_table
+
 SIZES = {
     # whisper-base: 6+6 layers, d_model 512, 30 s windows (1500 encoder positions), 51865 tokens
-    "base": ("whisper", dict(d_model=512, encoder_layers=6, decoder_layers=6, attention_heads=8, ffn_dim=2048,
-                             chunk_seconds=30, max_target_positions=448, pad_vocab_to=51865)),
-    "tiny": ("whisper", dict(d_model=64, encoder_layers=2, decoder_layers=2, attention_heads=4, ffn_dim=256,
-                             chunk_seconds=5, max_target_positions=128, pad_vocab_to=None)),
+    "base": ("whisper", {"d_model": 512, "encoder_layers": 6, "decoder_layers": 6, "attention_heads": 8, "ffn_dim": 2048,
+                         "chunk_seconds": 30, "max_target_positions": 448, "pad_vocab_to": 51865}),
+    "tiny": ("whisper", {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 4, "ffn_dim": 256,
+                         "chunk_seconds": 5, "max_target_positions": 128, "pad_vocab_to": None}),
     # a small Qwen2-Audio: a Whisper-base-sized audio tower over 30 s windows, a 4-layer LLM
-    "qwen2-audio-small": ("qwen2_audio", dict(audio_d_model=512, audio_layers=6, hidden_size=512, text_layers=4,
-                                              heads=8, chunk_seconds=30)),
+    "qwen2-audio-small": ("qwen2_audio", {"audio_d_model": 512, "audio_layers": 6, "hidden_size": 512, "text_layers": 4,
+                                          "heads": 8, "chunk_seconds": 30}),
 }
 VARIANTS = ["naive", "shared", "frozen_encoder", "precomputed_reference", "frozen_encoder+precomputed"]
-WORDS = "the quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing matches".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven", "wizards", "quietly",
+         "judge", "boxing", "matches"]
 
 
 def build(size: str, root: Path) -> Path:
@@ -123,34 +131,76 @@ def load(model_dir: Path, threads: int, freeze_encoder: bool = False):
     return load_adapter(ModelConfig(family=family, name_or_path=str(model_dir), freeze_encoder=freeze_encoder))
 
 
-def worker(args) -> None:
-    import psutil
+class PeakRSS:
+    """Resident memory above what the process held before its first step, sampled while steps run."""
 
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.baseline = self.peak = self.proc.memory_info().rss
+
+    def _sample(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __enter__(self):
+        # only while a step runs: an idle worker polling would load the CPU under another's timed step
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def worker(args) -> None:
+    """One variant: after a ready line, each line on stdin runs --steps timed steps; EOF ends it."""
+    replies, sys.stdout = sys.stdout, sys.stderr  # so a library's print cannot garble a reply
     adapter = load(Path(args.model_dir), args.threads, freeze_encoder=args.worker.startswith("frozen_encoder"))
     batch = make_batch(adapter, args.pairs, args.seconds, args.tokens)
     step = make_step(args.worker, adapter, batch)
-    proc = psutil.Process()
-    baseline = proc.memory_info().rss
-    peak = [baseline]
-    stop = threading.Event()
+    peak = PeakRSS()
+    print(json.dumps({"ready": args.worker}), file=replies, flush=True)
+    for _ in sys.stdin:
+        times = []
+        with peak:
+            for _ in range(args.steps):
+                adapter.model.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                loss = step()
+                loss.backward()
+                times.append(time.perf_counter() - start)
+        print(json.dumps({"seconds": sum(times) / len(times)}), file=replies, flush=True)
+    print(json.dumps({"peak_mb": (peak.peak - peak.baseline) / 2**20}), file=replies, flush=True)
 
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    times = []
-    for _ in range(args.steps):
-        adapter.model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        loss = step()
-        loss.backward()
-        times.append(time.perf_counter() - start)
-    stop.set()
-    sampler.join()
-    print(json.dumps({"variant": args.worker, "seconds": min(times), "all": times, "peak_mb": (peak[0] - baseline) / 2**20, "loss": float(loss)}))
+class Worker:
+    """The parent's end of a worker process."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path):
+        self.name, self.log = name, log
+        with log.open("w") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+
+    def reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.name} worker failed: {self.log.read_text()[-2000:]}")
+        return json.loads(line)
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self.reply()["seconds"]
+
+    def close(self) -> dict:
+        self.proc.stdin.close()
+        out = self.reply()
+        self.proc.wait()
+        return out
 
 
 def parity(model_dir: Path, args) -> tuple[float, float, float]:
@@ -176,9 +226,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=None, help="clip length (default: the model's window)")
     parser.add_argument("--tokens", type=int, default=40, help="chosen transcript length in tokens")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (the fastest is reported)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per variant in each round (their mean is the round's time)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="the first is the baseline if naive is not among them")
+    add_arguments(parser, rounds=5, warmup=1)  # the warm-up step: a fresh process's first step allocates
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in this process
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,20 +246,19 @@ def main() -> None:
         ok = loss_diff <= 1e-5 and grad_diff <= 1e-5
         print(f"parity naive vs shared: |loss diff| {loss_diff:.2e}, max |grad diff| {grad_diff:.2e} "
               f"(largest grad {grad_scale:.2e}) -> {'OK' if ok else 'MISMATCH'}")
-        rows = {}
-        for variant in args.variants:
-            cmd = [sys.executable, __file__, "--worker", variant, "--model-dir", str(model_dir), "--size", args.size,
-                   "--pairs", str(args.pairs), "--seconds", str(args.seconds), "--tokens", str(args.tokens),
-                   "--steps", str(args.steps), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  {variant:>26}: {rows[variant]['seconds']:7.2f} s/step  peak +{rows[variant]['peak_mb']:8.0f} MB", flush=True)
-    base = rows.get("naive")
-    print(f"\nDPO step, {args.size} size, {args.pairs} pairs of {args.seconds:g} s clips, {args.threads} thread(s):")
-    print(f"{'variant':>26} {'s/step':>8} {'speed-up vs naive':>18} {'peak MB':>9}")
-    for variant, row in rows.items():
-        ratio = f"{base['seconds'] / row['seconds']:.2f}x" if base else "-"
-        print(f"{variant:>26} {row['seconds']:8.2f} {ratio:>18} {row['peak_mb']:9.0f}")
+        workers = {v: Worker(v, [sys.executable, __file__, "--worker", v, "--model-dir", str(model_dir), "--size", args.size,
+                                 "--pairs", str(args.pairs), "--seconds", str(args.seconds), "--tokens", str(args.tokens),
+                                 "--steps", str(args.steps), "--threads", str(args.threads)], Path(tmp) / f"{v}.log")
+                   for v in dict.fromkeys(args.variants)}
+        for w in workers.values():
+            w.reply()  # all loaded before any step is timed: no loading runs under a timed step
+        times = interleave({v: w.step for v, w in workers.items()}, args.rounds, warmup=args.warmup,
+                           shuffle=args.shuffle, progress=True)
+        peaks = {v: w.close()["peak_mb"] for v, w in workers.items()}
+    print(f"\nDPO step, {args.size} size, {args.pairs} pairs of {args.seconds:g} s clips, {args.threads} thread(s), "
+          f"{args.rounds} rounds:")
+    print_table(times, "naive" if "naive" in times else args.variants[0], unit="s/step",
+                extra={"peak MB": {v: f"{mb:.0f}" for v, mb in peaks.items()}})
     if not ok:
         sys.exit(1)
 
