@@ -132,6 +132,10 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     output_dir.mkdir(parents=True, exist_ok=True)
 
     adapter = load_adapter(cfg.model, device)
+    if fsdp:
+        # sharded modules gather their weights in collective calls that every rank must make: a
+        # rank whose clips were cached would skip them while the others wait
+        adapter.encoder_cache = None
     limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=cfg.data.max_audio_seconds)
     kind = "preference" if cfg.objective.name == "dpo" else "transcript"
     records, skipped = load_records(
@@ -226,6 +230,9 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
             dist_info=dist_info,
         )
         result = trainer.train()
+        if adapter.encoder_cache is not None and dist_info.is_main:
+            cache = adapter.encoder_cache
+            console.print(f"encoder cache: {cache.misses} clip encodings computed, {cache.hits} reused")
         final_dir = output_dir / "final"
         full_weights = trainer.full_state_dict()  # collective under FSDP
         if dist_info.is_main:  # every rank holds the same weights; one writes them
@@ -291,47 +298,21 @@ def export_checkpoint(config: RunConfig | str | Path, checkpoint: str | Path, ou
 
 
 def import_model(source: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
-    """A faster-whisper (CTranslate2) Whisper directory as a `save_pretrained` model."""
-    from audiorl.models.faster_whisper import import_ct2_whisper
+    """A CTranslate2 model directory as a `save_pretrained` model (see audiorl.models.ct2)."""
+    from audiorl.models.ct2 import import_ct2
 
-    return import_ct2_whisper(source, out, dtype=dtype)
+    return import_ct2(source, out, dtype=dtype)
 
 
 def export_model(source: str | Path, out: str | Path, *, format: str = "ctranslate2", quantization: str = "float32",
                  force: bool = False) -> Path:
-    """A saved Whisper (a `save_pretrained` directory, which AudioRL writes with LoRA merged, or an
-    MLflow model URI such as `models:/NAME@champion` or `runs:/RUN/model`) as a faster-whisper model."""
-    import tempfile
-
-    from audiorl.models.faster_whisper import export_ct2_whisper
+    """A saved model (a `save_pretrained` directory, which AudioRL writes with LoRA merged, or an
+    MLflow model URI such as `models:/NAME@champion`) as a CTranslate2 model."""
+    from audiorl.models.ct2 import export_ct2
 
     if format != "ctranslate2":
         raise ConfigError(f"--format {format!r}: use ctranslate2 here; a run's checkpoint exports as transformers with CONFIG CHECKPOINT")
-    with tempfile.TemporaryDirectory(prefix="audiorl-export-") as tmp:
-        model_dir = _saved_whisper(str(source), Path(tmp))
-        return export_ct2_whisper(model_dir, out, quantization=quantization, force=force)
-
-
-def _saved_whisper(source: str, tmp: Path) -> Path:
-    """A plain `save_pretrained` Whisper directory for `source`: itself, or an MLflow model's
-    components written out."""
-    from audiorl.errors import ModelError
-
-    if source.startswith(("models:/", "runs:/")):
-        import mlflow
-
-        try:
-            components = mlflow.transformers.load_model(source, return_type="components", device="cpu")
-        except Exception as exc:  # MLflow raises several kinds for a missing or foreign model
-            raise ModelError(f"{source}: cannot load it as an MLflow transformers model ({exc})") from None
-        for part in components.values():
-            if hasattr(part, "save_pretrained"):
-                part.save_pretrained(tmp)
-        return tmp
-    path = Path(source)
-    if detect_family(str(path)) != "whisper":
-        raise ModelError(f"{path}: not a saved Whisper model (no config.json with model_type whisper); only Whisper exports to faster-whisper")
-    return path
+    return export_ct2(str(source), out, quantization=quantization, force=force)
 
 
 def _watch_node(cfg: RunConfig, tracker: Tracker, dist_info):

@@ -79,6 +79,11 @@ class ModelConfig(_Section):
     )
     instruction: str | None = Field(None, description="audio LLMs: replaces the family's default ASR instruction")
     freeze_encoder: bool = False
+    encoder_cache: bool = Field(
+        True, description="with freeze_encoder (Whisper): compute each clip's encoder states once and reuse them all run"
+    )
+    encoder_cache_dir: str | None = Field(None, description="also keep the encoder states on disk here, for later runs and processes")
+    encoder_cache_max_gb: float = Field(4.0, gt=0, description="memory bound of the encoder cache (least recently used go first)")
     freeze_projector: bool = Field(False, description="audio LLMs: freeze the adapter/projector after the encoder")
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = None

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from audiorl.models.base import AudioContext, ModelAdapter, SequenceLogps
+from audiorl.models.base import AudioContext, ModelAdapter, SequenceLogps, model_source
 
 
 class Reference(ABC):
@@ -92,19 +92,11 @@ def reference_cache_key(adapter: ModelAdapter, data_fingerprint: str) -> str:
     settings and dtype, and the data."""
     cfg = adapter.config
     parts: dict[str, Any] = {
-        "family": adapter.family,
-        "model": cfg.name_or_path,
-        "revision": cfg.revision,
-        "dtype": cfg.dtype,
+        "model": model_source(adapter),
         "language": cfg.language,
         "task": cfg.task,
         "data": data_fingerprint,
     }
-    local = Path(cfg.name_or_path)
-    if local.is_dir():
-        parts["files"] = sorted(
-            (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir() if p.is_file()
-        )
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

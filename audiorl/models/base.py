@@ -39,6 +39,16 @@ class AudioContext(ABC):
     @abstractmethod
     def batch_size(self) -> int: ...
 
+    # Families whose contexts can be cached per clip (see `encoder_cache.py`) implement these two.
+    def row(self, index: int) -> torch.Tensor:
+        """Clip `index`'s encoder state as one tensor."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be cached per clip")
+
+    @classmethod
+    def from_rows(cls, rows: list[torch.Tensor], device: torch.device) -> AudioContext:
+        """A context from clips' states as `row` returns them."""
+        raise NotImplementedError(f"{cls.__name__} cannot be cached per clip")
+
 
 @dataclass
 class SequenceLogps:
@@ -75,6 +85,7 @@ class ModelAdapter(ABC):
         self.model = model
         self.config = config
         self.processor: Any = None  # the family's processor (features, tokenizer); saved beside the model
+        self.encoder_cache: Any = None  # an EncoderCache where the family supports one and the config asks
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -227,6 +238,19 @@ def apply_trainable_settings(model: nn.Module, config: ModelConfig, encoder: nn.
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_source(adapter: ModelAdapter) -> dict[str, Any]:
+    """What identifies the starting weights, for cache keys: family, source, revision, dtype and,
+    for a local directory, its files' names, sizes and modification times."""
+    from pathlib import Path
+
+    cfg = adapter.config
+    parts: dict[str, Any] = {"family": adapter.family, "model": cfg.name_or_path, "revision": cfg.revision, "dtype": cfg.dtype}
+    local = Path(cfg.name_or_path)
+    if local.is_dir():
+        parts["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir() if p.is_file())
+    return parts
 
 
 def load_pretrained(model_class, config: ModelConfig, label: str, processor_loader=None):

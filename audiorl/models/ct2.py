@@ -1,4 +1,4 @@
-"""faster-whisper (CTranslate2) Whisper models in and out.
+"""CTranslate2 models in and out: faster-whisper's Whisper format.
 
 In: a CTranslate2 model directory (`model.bin`, `config.json`, `tokenizer.json`, optionally
 `preprocessor_config.json`) becomes a `save_pretrained` Whisper that transformers, AudioRL and
@@ -26,7 +26,7 @@ import numpy as np
 from audiorl.errors import ModelError
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
-_SUPPORTED_VERSIONS = range(5, 7)
+_VERSION = 6  # what CTranslate2 3.x and 4.x write
 # a model ships one of these beside model.bin; faster-whisper needs the tokenizer
 _COPIED_FILES = ("tokenizer.json", "preprocessor_config.json", "vocabulary.json", "vocabulary.txt")
 QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16")
@@ -77,8 +77,9 @@ def read_ct2(path: str | Path) -> CT2Model:
         raise ModelError(f"{path}: no such file; a CTranslate2 (faster-whisper) model directory holds model.bin")
     reader = _Reader(path)
     version = reader.take("I")
-    if version not in _SUPPORTED_VERSIONS:
-        raise ModelError(f"{path}: not a CTranslate2 model file this version reads (binary version {version}; expected 5 or 6)")
+    if version != _VERSION:
+        raise ModelError(f"{path}: not a CTranslate2 model file this importer reads (binary version {version}, expected {_VERSION}); "
+                         "convert the model again with a current ctranslate2")
     spec = reader.string()
     revision = reader.take("I")
     count = reader.take("I")
@@ -100,11 +101,10 @@ def read_ct2(path: str | Path) -> CT2Model:
         if array.size != int(np.prod(dims, dtype=np.int64)):
             raise ModelError(f"{path}: variable {name!r} holds {array.size} values for shape {dims}; the file is damaged")
         raw[name] = array.reshape(dims)
-    if version >= 2:
-        for _ in range(reader.take("I")):
-            alias, target = reader.string(), reader.string()
-            if target in raw:
-                raw[alias] = raw[target]
+    for _ in range(reader.take("I")):
+        alias, target = reader.string(), reader.string()
+        if target in raw:
+            raw[alias] = raw[target]
     if reader.offset != len(reader.data):
         raise ModelError(f"{path}: {len(reader.data) - reader.offset} bytes after the last variable; the file is damaged")
 
@@ -286,7 +286,7 @@ def _generation_config(tokenizer, ct2_config: dict, dims: dict[str, int]):
     return GenerationConfig(**fields)
 
 
-def import_ct2_whisper(source: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
+def import_ct2(source: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
     """Turn a CTranslate2 (faster-whisper) Whisper directory into a `save_pretrained` directory:
     weights (as `dtype`), tokenizer, feature extractor and a generation config carrying the CT2
     config's suppressed tokens, alignment heads and language settings."""
@@ -344,7 +344,38 @@ def import_ct2_whisper(source: str | Path, out: str | Path, *, dtype: str = "flo
     return out
 
 
-def export_ct2_whisper(model_dir: str | Path, out: str | Path, *, quantization: str = "float32", force: bool = False) -> Path:
+def export_ct2(source: str, out: str | Path, *, quantization: str = "float32", force: bool = False) -> Path:
+    """A saved Whisper (a `save_pretrained` directory, or an MLflow model URI such as
+    `models:/NAME@champion` or `runs:/RUN/model`) as a faster-whisper model."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="audiorl-export-") as tmp:
+        return _export(_saved_whisper(source, Path(tmp)), out, quantization=quantization, force=force)
+
+
+def _saved_whisper(source: str, tmp: Path) -> Path:
+    """A plain `save_pretrained` Whisper directory for `source`: itself, or an MLflow model's
+    components written out."""
+    from audiorl.models.registry import detect_family
+
+    if source.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        try:
+            components = mlflow.transformers.load_model(source, return_type="components", device="cpu")
+        except Exception as exc:  # MLflow raises several kinds for a missing or foreign model
+            raise ModelError(f"{source}: cannot load it as an MLflow transformers model ({exc})") from None
+        for part in components.values():
+            if hasattr(part, "save_pretrained"):
+                part.save_pretrained(tmp)
+        return tmp
+    path = Path(source)
+    if detect_family(str(path)) != "whisper":
+        raise ModelError(f"{path}: not a saved Whisper model (no config.json with model_type whisper); only Whisper exports to faster-whisper")
+    return path
+
+
+def _export(model_dir: Path, out: str | Path, *, quantization: str, force: bool) -> Path:
     """A `save_pretrained` Whisper as a faster-whisper model, through CTranslate2's own converter."""
     try:
         from ctranslate2.converters import TransformersConverter
@@ -352,7 +383,7 @@ def export_ct2_whisper(model_dir: str | Path, out: str | Path, *, quantization: 
         raise ModelError("exporting to faster-whisper needs ctranslate2: pip install 'audiorl[faster-whisper]'") from None
     if quantization not in QUANTIZATIONS:
         raise ModelError(f"--quantization {quantization!r}: choose one of {list(QUANTIZATIONS)}")
-    model_dir, out = Path(model_dir), Path(out)
+    out = Path(out)
     copy = [name for name in _COPIED_FILES if (model_dir / name).is_file()]
     if "tokenizer.json" not in copy:
         raise ModelError(f"{model_dir}: no tokenizer.json to copy; faster-whisper needs it beside the model")
