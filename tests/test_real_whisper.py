@@ -324,3 +324,28 @@ def test_imported_model_registers_in_mlflow_and_transcribes_there(tiny_en, clips
     heard = [str(t).strip() for t in model.predict([Path(r.audio).read_bytes() for r in clips[:4]])]
     norm = TextNormalization(normalizer="whisper_english")
     assert score([r.reference for r in clips[:4]], heard, norm).wer <= score([r.reference for r in clips[:4]], ours[:4], norm).wer + 0.15
+
+
+def test_sampled_rollouts_honour_the_checkpoints_suppressed_tokens(tiny_en_adapter):
+    """Sampling (rollouts, pair building) keeps the checkpoint's suppressed tokens out, and its
+    begin-suppressed ones out of the first position, where they are among the model's own top 5:
+    " [" and " (" on silence (tiny.en's "[BLANK_AUDIO]", "(music)"), end-of-text on a random
+    encoder state."""
+    from audiorl.models.whisper import WhisperContext
+    from audiorl.rollout import SamplingSettings, sample
+
+    adapter = tiny_en_adapter
+    generation = adapter.model.generation_config
+    silence = adapter.encode(adapter.features([np.zeros(32000, dtype=np.float32)])).hidden_states
+    noise = torch.randn(1, *silence.shape[1:], generator=torch.Generator().manual_seed(0))
+    context = WhisperContext(torch.cat([silence, noise]))
+    with torch.no_grad():
+        first_logits = adapter.model(encoder_outputs=(context.hidden_states,),
+                                     decoder_input_ids=torch.tensor([adapter.prefix_ids] * 2)).logits[:, -1]
+    top5 = [set(row.topk(5).indices.tolist()) for row in first_logits]
+    assert top5[0] & set(generation.suppress_tokens) and top5[1] & set(generation.begin_suppress_tokens)
+
+    rollout = sample(adapter, context, SamplingSettings(num_generations=32, top_k=5, max_new_tokens=3),
+                     generator=torch.Generator().manual_seed(0))
+    assert not {ids[0] for ids in rollout.token_ids} & set(generation.begin_suppress_tokens)
+    assert not {t for ids in rollout.token_ids for t in ids} & set(generation.suppress_tokens)
