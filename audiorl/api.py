@@ -304,15 +304,30 @@ def import_model(source: str | Path, out: str | Path, *, dtype: str = "float32")
     return import_ct2(source, out, dtype=dtype)
 
 
-def export_model(source: str | Path, out: str | Path, *, format: str = "ctranslate2", quantization: str = "float32",
-                 force: bool = False) -> Path:
-    """A saved model (a `save_pretrained` directory, which AudioRL writes with LoRA merged, or an
-    MLflow model URI such as `models:/NAME@champion`) as a CTranslate2 model."""
+def export_model(source: str | Path, out: str | Path, *, checkpoint: str | Path | None = None, format: str | None = None,
+                 quantization: str = "float32", force: bool = False, overrides: list[str] | None = None) -> Path:
+    """Export a model. With `checkpoint`, `source` is the run's config and the checkpoint goes out
+    as the run's final export would write it (`format` "transformers", the default there) or as a
+    CTranslate2 model; otherwise `source` is a saved model (a `save_pretrained` directory, which
+    AudioRL writes with LoRA merged, or an MLflow model URI such as `models:/NAME@champion`) and
+    goes out as a CTranslate2 model (see audiorl.models.ct2)."""
+    import tempfile
+
     from audiorl.models.ct2 import export_ct2
 
-    if format != "ctranslate2":
-        raise ConfigError(f"--format {format!r}: use ctranslate2 here; a run's checkpoint exports as transformers with CONFIG CHECKPOINT")
-    return export_ct2(str(source), out, quantization=quantization, force=force)
+    format = format or ("transformers" if checkpoint is not None else "ctranslate2")
+    if format not in ("transformers", "ctranslate2"):
+        raise ConfigError(f"--format {format!r}: use transformers or ctranslate2")
+    if checkpoint is None:
+        if format == "transformers":
+            raise ConfigError("a saved model is already in the transformers format; export it with --format ctranslate2, "
+                              "or give a run's config and a CHECKPOINT")
+        return export_ct2(str(source), out, quantization=quantization, force=force)
+    if format == "transformers":
+        return export_checkpoint(Path(source), checkpoint, out, overrides)
+    with tempfile.TemporaryDirectory(prefix="audiorl-export-") as tmp:
+        export_checkpoint(Path(source), checkpoint, tmp, overrides)
+        return export_ct2(tmp, out, quantization=quantization, force=force)
 
 
 def _watch_node(cfg: RunConfig, tracker: Tracker, dist_info):

@@ -417,32 +417,17 @@ def model_export(
     source: Annotated[str, typer.Argument(help="A run's YAML file (with CHECKPOINT), a save_pretrained Whisper directory, or an MLflow model URI (models:/NAME@champion).")],
     checkpoint: Annotated[Optional[Path], typer.Argument(help="With a run's YAML: a checkpoint folder of that run (OUTPUT_DIR/checkpoints/checkpoint-N).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model.")] = ...,
-    format: Annotated[str, typer.Option("--format", help="transformers (save_pretrained) or ctranslate2 (a faster-whisper model).")] = "transformers",
+    format: Annotated[Optional[str], typer.Option("--format", help="transformers (save_pretrained; the default for a checkpoint) or ctranslate2 (a faster-whisper model; the default otherwise).")] = None,
     quantization: Annotated[str, typer.Option(help="With --format ctranslate2: float32, float16, int8, int8_float32, int8_float16, ...")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out.")] = False,
     set_: SetOption = None,
 ) -> None:
     """Export a model: a run's checkpoint as the run's final export would write it, and any saved
     Whisper (LoRA merged first) as a faster-whisper model."""
-    import tempfile
+    from audiorl.api import export_model
 
-    from audiorl.api import export_checkpoint, export_model
-    from audiorl.errors import ConfigError
-
-    if format not in ("transformers", "ctranslate2"):
-        raise ConfigError(f"--format {format!r}: use transformers or ctranslate2")
-    if checkpoint is not None:
-        if format == "transformers":
-            typer.echo(f"written: {export_checkpoint(Path(source), checkpoint, out, set_ or [])}")
-            return
-        with tempfile.TemporaryDirectory(prefix="audiorl-export-") as tmp:
-            export_checkpoint(Path(source), checkpoint, tmp, set_ or [])
-            typer.echo(f"written: {export_model(tmp, out, quantization=quantization, force=force)} (faster-whisper, {quantization})")
-        return
-    if format == "transformers":
-        raise ConfigError("a save_pretrained model is already in the transformers format; give --format ctranslate2, "
-                          "or a run's YAML and a CHECKPOINT to export a checkpoint")
-    typer.echo(f"written: {export_model(source, out, quantization=quantization, force=force)} (faster-whisper, {quantization})")
+    path = export_model(source, out, checkpoint=checkpoint, format=format, quantization=quantization, force=force, overrides=set_ or [])
+    typer.echo(f"written: {path}")
 
 
 @model_app.command("import")

@@ -275,9 +275,9 @@ def test_import_from_the_command_line(tmp_path, ct2_dir):
 def test_a_lora_checkpoint_and_a_registered_model_export_to_faster_whisper(tmp_path, tiny_whisper, speech_dir):
     """A LoRA run's checkpoint goes out merged (its CTranslate2 weights are the run's merged final
     export), and so does the version the run registered in MLflow."""
-    import audiorl
     from safetensors.torch import load_file
 
+    import audiorl
     from tests.conftest import write_config
 
     config = write_config(tmp_path / "lora.yaml", {

@@ -253,6 +253,8 @@ def _generation_config(tokenizer, ct2_config: dict, dims: dict[str, int]):
     from transformers import GenerationConfig
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
+    from audiorl.models.whisper import multilingual_vocabulary
+
     def token(text: str) -> int | None:
         tid = tokenizer.convert_tokens_to_ids(text)
         return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
@@ -261,8 +263,7 @@ def _generation_config(tokenizer, ct2_config: dict, dims: dict[str, int]):
     sot = token("<|startoftranscript|>")
     if sot is None:
         raise ModelError("tokenizer.json has no <|startoftranscript|> token; is this a Whisper tokenizer?")
-    # Whisper's own rule: the multilingual vocabulary has 51865 or more entries, English-only 51864
-    multilingual = dims["vocab_size"] >= 51865
+    multilingual = multilingual_vocabulary(dims["vocab_size"])
     fields = dict(
         decoder_start_token_id=sot,
         bos_token_id=eot,

@@ -61,11 +61,15 @@ def _has_dropout(config) -> bool:
     return any(getattr(config, name, 0.0) for name in ("dropout", "attention_dropout", "activation_dropout"))
 
 
+def multilingual_vocabulary(vocab_size: int) -> bool:
+    """Whisper's own rule: a multilingual vocabulary has 51865 entries or more, English-only 51864."""
+    return vocab_size >= 51865
+
+
 def _is_multilingual(generation, vocab_size: int) -> bool:
-    """What the checkpoint's generation config says; Whisper's own rule (a multilingual
-    vocabulary has 51865 entries or more) where it says nothing."""
+    """What the checkpoint's generation config says; Whisper's own rule where it says nothing."""
     flag = getattr(generation, "is_multilingual", None)
-    return bool(flag) if flag is not None else vocab_size >= 51865
+    return bool(flag) if flag is not None else multilingual_vocabulary(vocab_size)
 
 
 class WhisperAdapter(ModelAdapter):

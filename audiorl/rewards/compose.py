@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from audiorl.config import TextNormalization
 from audiorl.errors import ConfigError
 
 REWARD_GROUP = "audiorl.rewards"
@@ -38,7 +39,7 @@ class ComposedReward:
     """sum_j weight_j * reward_j per completion; rewards that return None for a completion do
     not count for it (as TRL's nansum)."""
 
-    def __init__(self, specs: list[RewardSpec], normalization: Any = None):
+    def __init__(self, specs: list[RewardSpec], normalization: TextNormalization | None = None):
         if not specs:
             raise ConfigError("objective.rewards: name at least one reward (for example wer)")
         self.specs = specs
@@ -60,5 +61,5 @@ class ComposedReward:
         return total, per_reward
 
 
-def build_reward(specs: list[dict[str, Any] | RewardSpec], normalization: Any = None) -> ComposedReward:
+def build_reward(specs: list[dict[str, Any] | RewardSpec], normalization: TextNormalization | None = None) -> ComposedReward:
     return ComposedReward([s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in specs], normalization)
