@@ -407,16 +407,21 @@ def evaluate_and_log(
     return results, before, run_id
 
 
-def _load_model(model: str | Path, family: str | None, language: str | None, device: str) -> ModelAdapter:
+def _load_model(model: str | Path, family: str | None, language: str | None, device: str, **settings) -> ModelAdapter:
     """A saved model by path or hub id; its family from its config.json unless named."""
     family = family or detect_family(str(model))
     if family is None:
         raise ConfigError(f"{model}: cannot tell the model family from its config.json; name it (--family)")
-    return load_adapter(ModelConfig(family=family, name_or_path=str(model), language=language), resolve_device(device))
+    return load_adapter(ModelConfig(family=family, name_or_path=str(model), language=language, **settings), resolve_device(device))
 
 
-def _load_for_building(model, data, *, family, language, device, max_audio_seconds, on_bad_record):
-    adapter = _load_model(model, family, language, device)
+def _load_for_building(model, data, *, family, language, device, max_audio_seconds, on_bad_record, encoder_cache_dir=None):
+    # with a cache folder the encoder states land on disk, where a frozen-encoder run on the same
+    # clips finds them (building trains nothing, so the encoder is frozen here anyway)
+    cache = {"freeze_encoder": True, "encoder_cache_dir": str(encoder_cache_dir)} if encoder_cache_dir else {}
+    adapter = _load_model(model, family, language, device, **cache)
+    if encoder_cache_dir and adapter.encoder_cache is None:
+        raise ConfigError(f"--encoder-cache-dir: the {adapter.family} family has no encoder cache")
     limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=max_audio_seconds)
     records, _ = load_records(str(data), adapter, limits, "transcript", on_bad=on_bad_record, max_tokens=None, label="input data")
     return adapter, limits, records
@@ -436,6 +441,7 @@ def make_pairs(
     top_p: float = 1.0,
     top_k: int = 0,
     max_new_tokens: int = 128,
+    encoder_cache_dir: str | Path | None = None,
     **options,
 ):
     """Preference pairs from a model's sampled hypotheses (see audiorl.data.builders.build_pairs)."""
@@ -443,7 +449,8 @@ def make_pairs(
     from audiorl.rollout import SamplingSettings
 
     adapter, limits, records = _load_for_building(
-        model, data, family=family, language=language, device=device, max_audio_seconds=max_audio_seconds, on_bad_record=on_bad_record
+        model, data, family=family, language=language, device=device, max_audio_seconds=max_audio_seconds, on_bad_record=on_bad_record,
+        encoder_cache_dir=encoder_cache_dir,
     )
     sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
     return build_pairs(adapter, records, limits, out, sampling=sampling, **options)
@@ -459,12 +466,14 @@ def make_hard_cases(
     device: str = "auto",
     max_audio_seconds: float = 30.0,
     on_bad_record: str = "error",
+    encoder_cache_dir: str | Path | None = None,
     **options,
 ):
     """The clips a model fails on, for reward shaping (see audiorl.data.builders.find_hard_cases)."""
     from audiorl.data.builders import find_hard_cases
 
     adapter, limits, records = _load_for_building(
-        model, data, family=family, language=language, device=device, max_audio_seconds=max_audio_seconds, on_bad_record=on_bad_record
+        model, data, family=family, language=language, device=device, max_audio_seconds=max_audio_seconds, on_bad_record=on_bad_record,
+        encoder_cache_dir=encoder_cache_dir,
     )
     return find_hard_cases(adapter, records, limits, out, **options)

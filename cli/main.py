@@ -36,6 +36,12 @@ ACCENTS_DEFAULT = ["en-us", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-scot
 HELDOUT_DEFAULT = ["en-gb-scotland", "en-029"]
 VARIANTS_DEFAULT = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5"]
 
+EncoderCacheOption = Annotated[
+    Optional[Path],
+    typer.Option(help="Keep the encoder states here: a run with model.freeze_encoder and this model.encoder_cache_dir "
+                      "then reuses them for the same clips."),
+]
+
 NormalizerOption = Annotated[
     str,
     typer.Option(help="Text normaliser before scoring: plain (case and punctuation only), whisper_english "
@@ -217,6 +223,7 @@ def data_pairs(
     batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
     language: Annotated[str, typer.Option(help="Language of the speech.")] = "en",
     normalizer: NormalizerOption = "plain",
+    encoder_cache_dir: EncoderCacheOption = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
@@ -232,7 +239,7 @@ def data_pairs(
         model, data, out, family=family, language=language, device=device, temperature=temperature, top_p=top_p,
         top_k=top_k, max_new_tokens=max_new_tokens, num_samples=num_samples, policy=policy, min_wer_margin=min_wer_margin,
         max_pairs_per_clip=max_pairs_per_clip, dropout_ntp=dropout_ntp, start_ratio=start_ratio, batch_size=batch_size, seed=seed,
-        normalization=_normalization(normalizer),
+        normalization=_normalization(normalizer), encoder_cache_dir=encoder_cache_dir,
     )
     _print_summary(summary, out)
 
@@ -251,6 +258,7 @@ def data_hard_cases(
     batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
     language: Annotated[str, typer.Option(help="Language of the speech.")] = "en",
     normalizer: NormalizerOption = "plain",
+    encoder_cache_dir: EncoderCacheOption = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling and the easy share.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
@@ -261,6 +269,7 @@ def data_hard_cases(
         model, data, out, family=family, language=language, device=device, wer_threshold=wer_threshold,
         num_samples=num_samples, disagreement_threshold=disagreement_threshold, easy_fraction=easy_fraction,
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, normalization=_normalization(normalizer),
+        encoder_cache_dir=encoder_cache_dir,
     )
     _print_summary(summary, out)
 

@@ -106,3 +106,22 @@ def test_memory_bound_evicts_the_least_recently_used(tiny_whisper, speech_dir):
     for rows in ([0], [1], [0], [2], [1]):  # 1 is the least recently used when 2 arrives
         adapter.encode(_batch(adapter, speech_dir, rows)["features"])
     assert encoded == [1, 1, 1, 1]
+
+
+def test_pair_building_leaves_encoder_states_for_the_run_on_the_same_clips(tiny_whisper, tmp_path, speech_dir):
+    """`data pairs --encoder-cache-dir D` and a run with model.encoder_cache_dir D: the run's first
+    visit to those clips reads their states from D instead of encoding them."""
+    from audiorl.api import make_pairs
+    from audiorl.data.collate import TranscriptCollator
+
+    directory = tmp_path / "states"
+    make_pairs(tiny_whisper, speech_dir / "transcripts.jsonl", tmp_path / "pairs.jsonl", num_samples=2,
+                       max_new_tokens=4, max_audio_seconds=5, encoder_cache_dir=directory)
+    records = read_records(speech_dir / "transcripts.jsonl", "transcript")
+    assert len(list(directory.glob("*.pt"))) == len(records)
+
+    run = _adapter(tiny_whisper, freeze_encoder=True, encoder_cache_dir=str(directory))
+    encoded = _encoded_clips(run)
+    dataset = RecordDataset(records, AudioLimits(sampling_rate=run.sampling_rate, max_seconds=5))
+    run.encode(TranscriptCollator(run)([dataset[i] for i in range(4)])["features"])
+    assert encoded == [] and run.encoder_cache.hits == 4

@@ -249,6 +249,7 @@ def model_source(adapter: ModelAdapter) -> dict[str, Any]:
     parts: dict[str, Any] = {"family": adapter.family, "model": cfg.name_or_path, "revision": cfg.revision, "dtype": cfg.dtype}
     local = Path(cfg.name_or_path)
     if local.is_dir():
+        parts["model"] = str(local.resolve())  # the same folder however a config spells its path
         parts["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir() if p.is_file())
     return parts
 
