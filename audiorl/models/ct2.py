@@ -209,7 +209,12 @@ def whisper_state_dict(model: CT2Model, source: Path) -> tuple[dict[str, np.ndar
     linear("encoder/conv1", "model.encoder.conv1")
     linear("encoder/conv2", "model.encoder.conv2")
     out["model.decoder.embed_tokens.weight"] = take("decoder/embeddings/weight")
-    used.add("decoder/projection/weight")  # tied to the embeddings (an alias in the file)
+    # Whisper's output projection is the embedding matrix (an alias in the file); an untied one
+    # would be dropped by the tied model, so it is refused
+    projection = v.get("decoder/projection/weight")
+    if projection is not None and not np.array_equal(projection, out["model.decoder.embed_tokens.weight"]):
+        raise ModelError(f"{source}: decoder/projection/weight differs from the embeddings; Whisper ties them")
+    used.add("decoder/projection/weight")
 
     # what is left must be the spec's scalar settings, never a weight we did not place
     leftover = [name for name in v if name not in used and v[name].ndim > 0]
