@@ -248,6 +248,10 @@ def test_int8_export_imports_back_dequantized(tmp_path, tiny_en, tiny_en_adapter
     export_model(tiny_en, tmp_path / "int8", quantization="int8")
     quantized = read_ct2(tmp_path / "int8" / "model.bin")
     assert quantized.source_dtype == "int8"
+    # the projection is an alias of the embeddings: it reads as their dequantized values, not int8 codes
+    projection = quantized.variables["decoder/projection/weight"]
+    assert projection.dtype == np.float32
+    np.testing.assert_array_equal(projection, quantized.variables["decoder/embeddings/weight"])
     back = import_ct2(tmp_path / "int8", tmp_path / "int8-hf")
     from transformers import WhisperForConditionalGeneration
 

@@ -101,10 +101,7 @@ def read_ct2(path: str | Path) -> CT2Model:
         if array.size != int(np.prod(dims, dtype=np.int64)):
             raise ModelError(f"{path}: variable {name!r} holds {array.size} values for shape {dims}; the file is damaged")
         raw[name] = array.reshape(dims)
-    for _ in range(reader.take("I")):
-        alias, target = reader.string(), reader.string()
-        if target in raw:
-            raw[alias] = raw[target]
+    aliases = [(reader.string(), reader.string()) for _ in range(reader.take("I"))]
     if reader.offset != len(reader.data):
         raise ModelError(f"{path}: {len(reader.data) - reader.offset} bytes after the last variable; the file is damaged")
 
@@ -122,6 +119,10 @@ def read_ct2(path: str | Path) -> CT2Model:
         elif array.dtype in (np.float16,) and name.endswith("weight"):
             stored = "float16"
         variables[name] = array
+    # after dequantizing: an alias names its target's values, not its target's int8 codes
+    for alias, target in aliases:
+        if target in variables:
+            variables[alias] = variables[target]
     return CT2Model(spec=spec, revision=revision, variables=variables, source_dtype=stored)
 
 
@@ -209,10 +210,12 @@ def whisper_state_dict(model: CT2Model, source: Path) -> tuple[dict[str, np.ndar
     linear("encoder/conv1", "model.encoder.conv1")
     linear("encoder/conv2", "model.encoder.conv2")
     out["model.decoder.embed_tokens.weight"] = take("decoder/embeddings/weight")
-    # Whisper's output projection is the embedding matrix (an alias in the file); an untied one
-    # would be dropped by the tied model, so it is refused
+    # Whisper's output projection is the embedding matrix (an alias in the file, or in a quantized
+    # model the same matrix quantized on its own); an untied one would be dropped by the tied
+    # model, so it is refused
     projection = v.get("decoder/projection/weight")
-    if projection is not None and not np.array_equal(projection, out["model.decoder.embed_tokens.weight"]):
+    embeddings = out["model.decoder.embed_tokens.weight"]
+    if projection is not None and np.abs(projection - embeddings).max() > 0.01 * np.abs(embeddings).max():
         raise ModelError(f"{source}: decoder/projection/weight differs from the embeddings; Whisper ties them")
     used.add("decoder/projection/weight")
 
