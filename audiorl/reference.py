@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -24,7 +23,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from audiorl.models.base import AudioContext, ModelAdapter, SequenceLogps, model_source
+from audiorl.models.base import (
+    AudioContext,
+    ModelAdapter,
+    SequenceLogps,
+    model_source,
+    save_whole,
+)
 
 
 class Reference(ABC):
@@ -140,8 +145,6 @@ def precompute_reference(
     finally:
         module.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks may write the same cache at once
-    torch.save({"chosen": chosen, "rejected": rejected}, tmp)
-    tmp.replace(path)
+    save_whole({"chosen": chosen, "rejected": rejected}, path)
     return PrecomputedReference(chosen, rejected)
 

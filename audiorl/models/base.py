@@ -16,8 +16,10 @@ this surface, so none of them branches on a family. A family implements:
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -243,8 +245,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def model_source(adapter: ModelAdapter) -> dict[str, Any]:
     """What identifies the starting weights, for cache keys: family, source, revision, dtype and,
     for a local directory, its files' names, sizes and modification times."""
-    from pathlib import Path
-
     cfg = adapter.config
     parts: dict[str, Any] = {"family": adapter.family, "model": cfg.name_or_path, "revision": cfg.revision, "dtype": cfg.dtype}
     local = Path(cfg.name_or_path)
@@ -252,6 +252,14 @@ def model_source(adapter: ModelAdapter) -> dict[str, Any]:
         parts["model"] = str(local.resolve())  # the same folder however a config spells its path
         parts["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir() if p.is_file())
     return parts
+
+
+def save_whole(obj: Any, path: Path) -> None:
+    """`torch.save` to a temporary name, then rename: ranks and processes that write the same
+    cache file at once never leave (or read) half of one."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 def load_pretrained(model_class, config: ModelConfig, label: str, processor_loader=None):

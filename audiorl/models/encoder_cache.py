@@ -15,14 +15,13 @@ other ranks) find them.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from audiorl.models.base import AudioContext
+from audiorl.models.base import AudioContext, save_whole
 
 
 class EncoderCache:
@@ -94,9 +93,7 @@ class EncoderCache:
         if self.directory is not None:
             path = self.directory / f"{key}.pt"
             if not path.exists():
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks and processes may write the same entry
-                torch.save(state, tmp)
-                tmp.replace(path)
+                save_whole(state, path)
 
     def _remember(self, key: str, state: torch.Tensor) -> None:
         size = state.numel() * state.element_size()
