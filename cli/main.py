@@ -360,17 +360,18 @@ def data_check(
 
 @app.command()
 def quickstart(
-    workdir: Annotated[Path, typer.Option(help="Where speech, pairs, run and config go.")] = Path("audiorl-quickstart"),
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps of preference tuning.")] = 100,
+    workdir: Annotated[Path, typer.Option(help="Where the model, speech, pairs, run and config go.")] = Path("audiorl-quickstart"),
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of preference tuning (default: 40; 100 with --toy).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for speech, sampling and training.")] = 0,
-    base: Annotated[Optional[Path], typer.Option(help="Base model (default: models/tiny-whisper-base of this repository).")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="Start from this model folder instead of the imported Whisper tiny.en.")] = None,
+    toy: Annotated[bool, typer.Option("--toy", help="The 2 M-parameter models/tiny-whisper-base of this repository and its settings.")] = False,
 ) -> None:
-    """Speak fresh sentences in accents the shipped base never heard, build N-best preference
-    pairs with it, tune it with MPO, and show WER before and after per test set (logged to the
-    local MLflow store)."""
+    """Import the real Whisper tiny.en, speak fresh sentences where it is worst (hard accents, fast,
+    noisy), build N-best preference pairs from its own samples, tune it with MPO, and show WER
+    before and after per test set (logged to the local MLflow store)."""
     from audiorl.quickstart import TEST_SETS, run
 
-    config_path, outcome = run(workdir, max_steps=max_steps, seed=seed, base=base)
+    config_path, outcome = run(workdir, max_steps=max_steps, seed=seed, base=base, toy=toy)
     out = _out()
     before, after = outcome.eval_before, outcome.result.eval_metrics
     last = outcome.result.last_metrics
