@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from audiorl.config import RunConfig
+from audiorl.config import RunConfig, TextNormalization
+from audiorl.data.synth import HELDOUT_ACCENTS
 from audiorl.errors import ConfigError
 
 EXPERIMENT = "audiorl-quickstart"
@@ -56,9 +57,9 @@ class Preset:
 
 REAL = Preset(num_sentences=150, utterances_per_sentence=1, speed=(170, 230), snr_db=(5.0, 15.0), num_samples=4, max_new_tokens=32,
               batch_size=8, learning_rate=1e-5, freeze_encoder=True, normalizer="whisper_english", threads=2)
-# the shipped toy base never heard the two accents (its training speech has the other four)
+# the shipped toy base never heard these two accents (its training speech has the other four)
 TOY = Preset(num_sentences=300, utterances_per_sentence=2, speed=(130, 200), snr_db=(5.0, 20.0), num_samples=8, max_new_tokens=40,
-             batch_size=16, learning_rate=1e-4, freeze_encoder=False, normalizer="plain", threads=1)
+             batch_size=16, learning_rate=1e-4, freeze_encoder=False, normalizer="plain", threads=1, accents=list(HELDOUT_ACCENTS))
 
 
 def shipped_base() -> Path:
@@ -161,8 +162,6 @@ def run(workdir: str | Path = "audiorl-quickstart", max_steps: int | None = None
     torch.set_num_threads(preset.threads)
     speech = make_speech(workdir, preset, seed=seed)
     console.print(f"speech: {speech} (train, validation, validation-noisy)")
-    from audiorl.config import TextNormalization
-
     summary = make_pairs(base, speech / "train.jsonl", speech / "pairs.jsonl", policy="reference-worst", num_samples=preset.num_samples,
                          max_new_tokens=preset.max_new_tokens, batch_size=16, seed=seed,
                          normalization=TextNormalization(normalizer=preset.normalizer),

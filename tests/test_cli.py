@@ -76,7 +76,8 @@ def test_train_with_a_missing_manifest_fails_in_one_line(tmp_path, tiny_whisper)
 
 def _quickstart_run(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = audiorl("quickstart", "--workdir", "qs", *args, cwd=tmp_path, env=env)
+    # about 4 minutes on 2 free cores; the limit leaves room for a slower or busier machine
+    proc = audiorl("quickstart", "--workdir", "qs", *args, cwd=tmp_path, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
     assert "heldout-clean WER:" in text and "heldout-noisy WER:" in text and "before ->" in text
