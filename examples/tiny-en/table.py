@@ -32,15 +32,16 @@ RUNS = Path("runs/tiny-en")
 
 
 def _finished_run(out: Path):
-    """The MLflow run of an output folder, if it ran to the end (the pointer is written at the start)."""
+    """(client, run) of an output folder's MLflow run, if it ran to the end (the pointer is written at the start)."""
     from mlflow.tracking import MlflowClient
 
     pointer = out / "mlflow-run.json"
     if not pointer.exists():
         return None
     pointer = json.loads(pointer.read_text())
-    run = MlflowClient(pointer["tracking_uri"]).get_run(pointer["run_id"])
-    return run if run.info.status == "FINISHED" and (out / "final").exists() else None
+    client = MlflowClient(pointer["tracking_uri"])
+    run = client.get_run(pointer["run_id"])
+    return (client, run) if run.info.status == "FINISHED" and (out / "final").exists() else None
 
 
 REPORT_ONLY = "--report" in sys.argv  # print the table from the runs that finished; run nothing
@@ -48,21 +49,19 @@ REPORT_ONLY = "--report" in sys.argv  # print the table from the runs that finis
 
 def train(recipe: str, name: str, *overrides: str) -> dict:
     """Run one recipe (unless done) and return its final metrics and wall time from MLflow."""
-    from mlflow.tracking import MlflowClient
-
     out = RUNS / name
-    run = _finished_run(out)
-    if run is None and REPORT_ONLY:
+    finished = _finished_run(out)
+    if finished is None and REPORT_ONLY:
         return {}
-    if run is None:
+    if finished is None:
         command = ["audiorl", "train", f"examples/tiny-en/{recipe}.yaml", "--set", f"train.output_dir={out}",
                    "--set", f"tracking.run_name={name}", *[part for o in overrides for part in ("--set", o)]]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        run = _finished_run(out)
-        if run is None:
+        finished = _finished_run(out)
+        if finished is None:
             raise SystemExit(f"{out}: the run ended without a finished MLflow run")
-    client = MlflowClient(json.loads((out / "mlflow-run.json").read_text())["tracking_uri"])
+    client, run = finished
     metrics = dict(run.data.metrics)
     metrics["minutes"] = (run.info.end_time - run.info.start_time) / 60000
     for key in list(metrics):
