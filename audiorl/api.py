@@ -138,9 +138,15 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         adapter.encoder_cache = None
     limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=cfg.data.max_audio_seconds)
     kind = "preference" if cfg.objective.name == "dpo" else "transcript"
-    records, skipped = load_records(
-        cfg.data.train, adapter, limits, kind, on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens, label="train data"
-    )
+    records, skipped = [], []
+    sources = cfg.data.train_sources()
+    for source in sources:
+        source_records, source_skipped = load_records(
+            source, adapter, limits, kind, on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens,
+            label="train data" if len(sources) == 1 else f"train data ({source})",
+        )
+        records += source_records
+        skipped += source_skipped
     eval_sets: dict[str, list[Record]] = {}
     for set_name, path in cfg.data.eval_sets().items():
         eval_sets[set_name], eval_skipped = load_records(

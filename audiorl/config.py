@@ -105,7 +105,11 @@ _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class DataConfig(_Section):
-    train: str | None = Field(None, description="JSONL manifest or a Hugging Face dataset saved with save_to_disk")
+    train: str | list[str] | None = Field(
+        None,
+        description="JSONL manifest or a Hugging Face dataset saved with save_to_disk; several (a list) are read in turn and "
+        "concatenated, e.g. the hard cases plus a replay of speech the model already handles, against forgetting",
+    )
     eval: str | dict[str, str] | None = Field(
         None, description="a transcript manifest, or several as {test set name: manifest}; WER/CER per set"
     )
@@ -114,6 +118,22 @@ class DataConfig(_Section):
     on_bad_record: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0)
     normalize: TextNormalization = Field(default_factory=TextNormalization)
+
+    @field_validator("train")
+    @classmethod
+    def _train_sources(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list: give one or more manifests, or leave train out")
+            if len(set(value)) != len(value):
+                raise ValueError(f"a manifest is listed twice in {value}: each source is read once (repeat clips in the manifest itself)")
+        return value
+
+    def train_sources(self) -> list[str]:
+        """The training manifests, in order (one, or several to concatenate)."""
+        if self.train is None:
+            return []
+        return [self.train] if isinstance(self.train, str) else list(self.train)
 
     @field_validator("eval")
     @classmethod

@@ -170,6 +170,8 @@ def evaluate(
         )
         if result.no_speech_output_rate is not None:
             out.print(f"  clips without speech: {result.no_speech_clips}, transcribed as something: {result.no_speech_output_rate:.1%}")
+        if result.hotword_recall is not None:
+            out.print(f"  hotwords: {result.hotwords_expected} in the references, recall {result.hotword_recall:.1%}")
         for utt in sorted(result.utterances, key=lambda u: -u.wer)[:worst]:
             out.print(f"  {utt.wer:5.2f}  {utt.source}\n         ref: {utt.reference}\n         hyp: {utt.hypothesis}")
     if output:
@@ -296,7 +298,8 @@ def data_synth(
     heldout_sentence_share: Annotated[float, typer.Option(help="Share of sentences kept for validation and held-out voices.")] = 0.15,
     speed: Annotated[str, typer.Option(help="Words per minute, LOW:HIGH.")] = "130:200",
     pitch: Annotated[str, typer.Option(help="espeak-ng pitch, LOW:HIGH (0-99).")] = "25:75",
-    noise_share: Annotated[float, typer.Option(help="Share of training clips with white noise.")] = 0.3,
+    noise_share: Annotated[float, typer.Option(help="Share of training clips with noise.")] = 0.3,
+    noise_kind: Annotated[str, typer.Option(help="The corpus's noise: white, pink (1/f) or brown (1/f^2); no-speech clips too.")] = "white",
     snr: Annotated[str, typer.Option(help="Signal-to-noise ratio of noisy clips in dB, LOW:HIGH.")] = "5:20",
     max_seconds: Annotated[float, typer.Option(help="Longer clips are dropped (and listed).")] = 10.0,
     seed: Annotated[int, typer.Option(help="Seed for sentences, voices and noise.")] = 0,
@@ -325,7 +328,7 @@ def data_synth(
         out=out, sentences=sentences, num_sentences=num_sentences, utterances_per_sentence=utterances_per_sentence,
         accents=[a for a in split(accents) if a], heldout_accents=[a for a in split(heldout_accents) if a], variants=split(variants),
         heldout_sentence_share=heldout_sentence_share, speed=_range(speed, "speed", int), pitch=_range(pitch, "pitch", int),
-        noise_share=noise_share, snr_db=_range(snr, "snr"), max_seconds=max_seconds, seed=seed, workers=workers,
+        noise_share=noise_share, noise_kind=noise_kind, snr_db=_range(snr, "snr"), max_seconds=max_seconds, seed=seed, workers=workers,
         exclude=excluded, noisy_validation=noisy_validation, no_speech_share=no_speech_share,
     ))
     for line in summary.lines():

@@ -1,7 +1,7 @@
 import pytest
 
 from audiorl.config import TextNormalization
-from audiorl.evaluation import score
+from audiorl.evaluation import pooled, score
 
 
 def test_wer_counts_by_hand():
@@ -50,3 +50,22 @@ def test_clips_without_speech_count_their_words_as_insertions_and_report_an_outp
     # a set with speech only reports no such rate
     speech_only = score(["call home"], ["call home"])
     assert speech_only.no_speech_output_rate is None and "no_speech_output_rate" not in speech_only.metrics()
+
+
+def test_hotword_recall_counts_the_names_the_references_hold():
+    refs = ["pay with novabank today", "open zentrix and kalora", "set a timer", "call vireo"]
+    hyps = ["pay with nova bank today", "open Zentrix, and kalora", "set a timer", "call vireo now"]
+    # the third clip lists a hotword its reference lacks: it expects nothing; the fourth has no column
+    hotwords = [["novabank"], ["zentrix", "kalora"], ["orbita"], None]
+    result = score(refs, hyps, hotwords=hotwords)
+    assert (result.hotwords_expected, result.hotword_recall) == (3, pytest.approx(2 / 3))
+    assert [(u.hotwords_expected, u.hotwords_found) for u in result.utterances] == [(1, 0), (2, 2), (0, 0), (0, 0)]
+    assert result.metrics("eval/x/")["eval/x/hotword_recall"] == pytest.approx(2 / 3)
+    # without hotword columns there is no recall to report, and no metric for it
+    plain = score(refs, hyps)
+    assert plain.hotword_recall is None and "hotword_recall" not in plain.metrics()
+    # pooled over two sets: the hotwords as each set counted them
+    both = pooled([score(refs[:2], hyps[:2], hotwords=hotwords[:2]), score(refs[2:], hyps[2:])])
+    assert (both.hotwords_expected, both.hotword_recall) == (3, pytest.approx(2 / 3))
+    with pytest.raises(ValueError, match="4 references but 1 hotword lists"):
+        score(refs, hyps, hotwords=[["x"]])

@@ -16,8 +16,8 @@ import soundfile as sf
 
 from audiorl.audio import AudioLimits
 from audiorl.data.records import read_records, validate_records
-from audiorl.data.synth import HOTWORDS, SynthSettings, add_noise, plan, synthesize, template_sentences
-from audiorl.errors import DataError
+from audiorl.data.synth import HOTWORDS, SynthSettings, add_noise, noise, plan, synthesize, template_sentences
+from audiorl.errors import ConfigError, DataError
 
 
 def _rows(path: Path) -> list[dict]:
@@ -33,6 +33,49 @@ def test_noise_lands_at_the_asked_snr():
         voiced = np.abs(speech) > 1e-4
         measured = 10 * np.log10(np.mean(speech[voiced] ** 2) / np.mean((noisy - speech) ** 2))
         assert abs(measured - snr) < 0.1, (snr, measured)
+
+
+def _band_density(samples: np.ndarray, low: float, high: float) -> float:
+    """Mean power per spectral bin between `low` and `high` Hz."""
+    spectrum = np.abs(np.fft.rfft(samples)) ** 2
+    freqs = np.fft.rfftfreq(len(samples), d=1 / 16000)
+    return float(spectrum[(freqs >= low) & (freqs < high)].mean())
+
+
+def test_noise_kinds_have_their_spectral_slopes_and_the_asked_snr():
+    # per-bin power at 8x the frequency: white the same, pink 1/8 (-9 dB), brown 1/64 (-18 dB)
+    for kind, ratio in (("white", 1.0), ("pink", 8.0), ("brown", 64.0)):
+        samples = noise(16000 * 8, np.random.default_rng(1), kind)
+        assert np.mean(samples**2) == pytest.approx(1.0, rel=0.05)
+        measured = _band_density(samples, 250, 500) / _band_density(samples, 2000, 4000)
+        assert ratio / 1.3 < measured < ratio * 1.3, (kind, measured)
+    t = np.arange(16000 * 2) / 16000
+    speech = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    noisy = add_noise(speech, 10.0, np.random.default_rng(0), "pink")
+    assert 10 * np.log10(np.mean(speech**2) / np.mean((noisy - speech) ** 2)) == pytest.approx(10.0, abs=0.1)
+    with pytest.raises(ConfigError, match="noise kind 'babble': use one of white, pink, brown"):
+        noise(100, np.random.default_rng(0), "babble")
+
+
+def test_a_corpus_speaks_its_noise_kind_and_says_so(tmp_path):
+    common = dict(num_sentences=8, utterances_per_sentence=1, heldout_sentence_share=0.25, accents=["en-us"], heldout_accents=[],
+                  variants=[""], noise_share=1.0, noisy_validation=True, seed=2)
+    white = synthesize(SynthSettings(out=tmp_path / "white", **common))
+    pink = synthesize(SynthSettings(out=tmp_path / "pink", noise_kind="pink", **common))
+    rows = {kind: _rows(summary.out / "validation-noisy.jsonl") for kind, summary in (("white", white), ("pink", pink))}
+    # the same sentences, voices and SNRs: only the noise's colour differs
+    assert [(r["text"], r["voice"], r["snr_db"]) for r in rows["white"]] == [(r["text"], r["voice"], r["snr_db"]) for r in rows["pink"]]
+    assert {r["noise"] for r in rows["pink"]} == {"pink"} and {r["noise"] for r in rows["white"]} == {"white"}
+    assert all(r["noise"] is None for r in _rows(pink.out / "validation.jsonl"))  # clean clips name no noise
+    low_share = {}
+    for kind, summary in (("white", white), ("pink", pink)):
+        audio = np.concatenate([sf.read(summary.out / r["audio"], dtype="float32")[0] for r in rows[kind]])
+        clean = np.concatenate([sf.read(summary.out / r["audio"], dtype="float32")[0] for r in _rows(summary.out / "validation.jsonl")])
+        # espeak-ng has little energy above 6 kHz: there the noise is nearly all there is
+        low_share[kind] = _band_density(audio, 6000, 8000) / max(_band_density(clean, 6000, 8000), 1e-12)
+    assert low_share["white"] > 3 * low_share["pink"]
+    with pytest.raises(ConfigError, match="noise kind 'hum'"):
+        synthesize(SynthSettings(out=tmp_path / "x", noise_kind="hum", **common))
 
 
 def test_templates_make_distinct_sentences_of_three_to_ten_words():

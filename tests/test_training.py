@@ -214,6 +214,35 @@ def test_bad_record_skipped_and_counted(tmp_path, tiny_whisper, speech_dir):
     assert "missing.wav" in (outcome.output_dir / "skipped_records.jsonl").read_text()
 
 
+def test_several_training_sources_are_read_in_turn_each_checked(tmp_path, tiny_whisper, speech_dir):
+    # the replay knob: a second manifest joins the first; its bad record is reported by its own name
+    lines = (speech_dir / "pairs.jsonl").read_text().replace('"clips/', f'"{speech_dir}/clips/').splitlines()
+    hard, replay, joined = tmp_path / "hard.jsonl", tmp_path / "replay.jsonl", tmp_path / "joined.jsonl"
+    hard.write_text("\n".join(lines[:8]) + "\n")
+    replay.write_text("\n".join(lines[8:]) + '\n{"audio": "missing.wav", "chosen": "a", "rejected": "b"}\n')
+    joined.write_text("\n".join(lines) + "\n")
+    from audiorl.errors import DataError
+    from mlflow.tracking import MlflowClient
+
+    cfg = make_config(tmp_path, tiny_whisper, speech_dir, data={"train": [str(hard), str(replay)]},
+                      train={"max_steps": 1, "save_steps": None}, tracking={"enabled": True, "log_model": False})
+    with pytest.raises(DataError, match=rf"{replay}:{len(lines) - 8 + 1}: audio file not found"):
+        audiorl.train(cfg)
+    cfg.data.on_bad_record = "skip"
+    both = audiorl.train(cfg)
+    assert [r.source for r in both.skipped] == [f"{replay}:{len(lines) - 8 + 1}"]
+    cfg.data.train, cfg.train.output_dir = str(joined), str(tmp_path / "joined-run")
+    one = audiorl.train(cfg)
+    client = MlflowClient()
+    tag = "audiorl.data_fingerprint"
+    # the two sources hold, in order, exactly the records of the one manifest that joins them
+    assert client.get_run(both.run_id).data.tags[tag] == client.get_run(one.run_id).data.tags[tag]
+    with pytest.raises(Exception, match="a manifest is listed twice"):
+        make_config(tmp_path, tiny_whisper, speech_dir, data={"train": [str(hard), str(hard)]})
+    with pytest.raises(Exception, match="an empty list"):
+        make_config(tmp_path, tiny_whisper, speech_dir, data={"train": []})
+
+
 def test_nan_steps_are_skipped_counted_and_bounded(tmp_path, tiny_whisper, speech_dir, monkeypatch):
     (tmp_path / "flaky_loss.py").write_text(
         "import torch.nn.functional as F\ncalls = 0\n"

@@ -1,6 +1,7 @@
 """A spoken corpus made with espeak-ng: sentences from a text file or built-in templates, spoken
 in many accents and voice variants at varied speed and pitch, with leading and trailing silence
-and, for some clips, white noise at a chosen SNR; resampled to 16 kHz; split so that evaluation
+and, for some clips, noise at a chosen SNR (white, pink or brown: one kind per corpus, so that a
+test set can hold a kind the tuning data never had); resampled to 16 kHz; split so that evaluation
 holds out whole sentences and whole accents.
 
 Splits (one JSONL manifest each, audio paths relative to it):
@@ -13,7 +14,7 @@ Splits (one JSONL manifest each, audio paths relative to it):
   for the hotword reward.
 
 On request (`no_speech_share`), `train` and `validation` also get clips with no speech in them:
-silence with a little hiss up to clearly audible white noise, an empty `text` and `no_speech:
+silence with a little hiss up to clearly audible noise (of the corpus's kind), an empty `text` and `no_speech:
 true`, which is what the hallucination reward and the evaluation's `no_speech_output_rate` read.
 
 Every speech record carries `text`, `voice`, `speed`, `pitch`, `snr_db` (null for clean clips)
@@ -97,12 +98,32 @@ def _hotwords(text: str) -> list[str]:
     return [w for w in HOTWORDS if w in words]
 
 
-def add_noise(samples: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
-    """White noise at `snr_db` relative to the clip's power over its voiced part."""
+NOISE_KINDS = ("white", "pink", "brown")
+
+
+def noise(length: int, rng: np.random.Generator, kind: str = "white") -> np.ndarray:
+    """`length` samples of unit-power noise: white (flat spectrum), pink (power falling 3 dB per
+    octave, 1/f) or brown (6 dB per octave, 1/f^2), shaped in the frequency domain."""
+    white = rng.standard_normal(length)
+    if kind == "white" or length < 2:
+        return white
+    if kind in ("pink", "brown"):
+        spectrum = np.fft.rfft(white)
+        freqs = np.fft.rfftfreq(length, d=1.0 / SAMPLING_RATE)
+        freqs[0] = freqs[1]  # no infinite gain at 0 Hz
+        spectrum /= np.sqrt(freqs) if kind == "pink" else freqs
+        out = np.fft.irfft(spectrum, n=length)
+    else:
+        raise ConfigError(f"noise kind {kind!r}: use one of {', '.join(NOISE_KINDS)}")
+    out = out - out.mean()
+    return out / max(float(np.sqrt(np.mean(out**2))), 1e-12)
+
+
+def add_noise(samples: np.ndarray, snr_db: float, rng: np.random.Generator, kind: str = "white") -> np.ndarray:
+    """Noise of `kind` at `snr_db` relative to the clip's power over its voiced part."""
     voiced = samples[np.abs(samples) > 1e-4]
     power = float(np.mean((voiced if voiced.size else samples) ** 2))
-    noise = rng.standard_normal(samples.shape).astype(np.float32) * np.sqrt(power / 10 ** (snr_db / 10))
-    return (samples + noise).astype(np.float32)
+    return (samples + noise(samples.shape[0], rng, kind).astype(np.float32) * np.sqrt(power / 10 ** (snr_db / 10))).astype(np.float32)
 
 
 @dataclass
@@ -120,6 +141,7 @@ class SynthSettings:
     silence_s: tuple[float, float] = (0.05, 0.4)
     noise_share: float = 0.3  # training clips with noise
     snr_db: tuple[float, float] = (5.0, 20.0)
+    noise_kind: str = "white"  # white, pink or brown: every noisy and no-speech clip of the corpus
     max_seconds: float = 10.0
     seed: int = 0
     workers: int = 2
@@ -142,6 +164,7 @@ class _Job:
     snr_db: float | None
     seed: int
     level_db: float | None = None  # a clip with no speech: noise at this RMS level (dBFS)
+    noise: str = "white"
 
 
 @dataclass
@@ -166,6 +189,8 @@ def _check(settings: SynthSettings) -> None:
         raise ConfigError("every accent is held out: keep at least one for training")
     if not 0 < settings.heldout_sentence_share < 1:
         raise ConfigError("heldout_sentence_share must lie between 0 and 1")
+    if settings.noise_kind not in NOISE_KINDS:
+        raise ConfigError(f"noise kind {settings.noise_kind!r}: use one of {', '.join(NOISE_KINDS)}")
     if not 0 <= settings.no_speech_share <= 1:
         raise ConfigError(f"no_speech_share {settings.no_speech_share}: give a share between 0 and 1")
     # a clear error for an unknown accent or variant now, not after an hour of work
@@ -207,7 +232,7 @@ def plan(settings: SynthSettings) -> list[_Job]:
         counts[split] = counts.get(split, 0) + 1
         jobs.append(_Job(split, counts[split] - 1, text, rng.choice(accents) + rng.choice(settings.variants),
                          rng.randint(*settings.speed), rng.randint(*settings.pitch), round(rng.uniform(*settings.silence_s), 3),
-                         round(rng.uniform(*settings.silence_s), 3), snr, rng.randrange(2**31)))
+                         round(rng.uniform(*settings.silence_s), 3), snr, rng.randrange(2**31), noise=settings.noise_kind))
 
     for text in train:
         for _ in range(settings.utterances_per_sentence):
@@ -225,7 +250,7 @@ def plan(settings: SynthSettings) -> list[_Job]:
             counts[split] += 1
             seconds = round(rng.uniform(1.0, max(1.0, min(4.0, settings.max_seconds))), 2)
             jobs.append(_Job(split, counts[split] - 1, "", "", 0, 0, seconds, 0.0, None, rng.randrange(2**31),
-                             level_db=round(rng.uniform(*settings.no_speech_level_db), 1)))
+                             level_db=round(rng.uniform(*settings.no_speech_level_db), 1), noise=settings.noise_kind))
     return jobs
 
 
@@ -237,21 +262,22 @@ def _speech(job: _Job) -> np.ndarray:
     pad = lambda s: np.zeros(int(s * SAMPLING_RATE), dtype=np.float32)  # noqa: E731
     samples = np.concatenate([pad(job.lead), samples, pad(job.tail)])
     if job.snr_db is not None:
-        samples = add_noise(samples, job.snr_db, np.random.default_rng(job.seed))
+        samples = add_noise(samples, job.snr_db, np.random.default_rng(job.seed), job.noise)
     return samples
 
 
 def _render(job: _Job, out: Path, max_seconds: float) -> dict | None:
     name = f"clips/{job.split}/{job.index:06d}.wav"
-    if job.level_db is not None:  # no speech: white noise at the job's level for `lead` seconds
-        noise = np.random.default_rng(job.seed).standard_normal(int(job.lead * SAMPLING_RATE)) * 10 ** (job.level_db / 20)
-        samples = noise.astype(np.float32)
-        record = {"audio": name, "text": "", "no_speech": True, "level_db": job.level_db, "hotwords": [], "seconds": job.lead}
+    if job.level_db is not None:  # no speech: noise at the job's level for `lead` seconds
+        samples = (noise(int(job.lead * SAMPLING_RATE), np.random.default_rng(job.seed), job.noise) * 10 ** (job.level_db / 20)).astype(np.float32)
+        record = {"audio": name, "text": "", "no_speech": True, "level_db": job.level_db, "noise": job.noise, "hotwords": [],
+                  "seconds": job.lead}
     else:
         samples = _speech(job)
         seconds = len(samples) / SAMPLING_RATE
         record = {"audio": name, "text": job.text, "voice": job.voice, "speed": job.speed, "pitch": job.pitch,
-                  "snr_db": job.snr_db, "hotwords": _hotwords(job.text), "seconds": round(seconds, 3)}
+                  "snr_db": job.snr_db, "noise": job.noise if job.snr_db is not None else None, "hotwords": _hotwords(job.text),
+                  "seconds": round(seconds, 3)}
         if seconds > max_seconds:
             return {**record, "dropped": f"{seconds:.1f} s is over {max_seconds} s"}
     peak = float(np.max(np.abs(samples)))

@@ -69,6 +69,17 @@ def _contains(text: str, phrase: str) -> int:
     return len(re.findall(rf"(?<!\w){re.escape(phrase)}(?!\w)", text))
 
 
+def hotword_hits(hypothesis: str, hotwords: list[str], reference: str | None = None, *, strict: bool = False) -> tuple[int, int]:
+    """(expected, found): how many of the record's hotwords should come out and how many of those
+    the hypothesis has, matched case-insensitively on word boundaries. Expected are those the
+    reference contains, when a reference is given; if it contains none, all of them (the reward's
+    reading of a hotword list) or, with `strict` (evaluation's), none."""
+    expected = [w for w in hotwords if reference is None or _contains(reference, w)]
+    if not expected and not strict:
+        expected = list(hotwords)
+    return len(expected), sum(1 for w in expected if _contains(hypothesis, w))
+
+
 def hotword(completions: list[str], hotwords=None, reference=None, mode: str = "recall", **_) -> Rewards:
     """How well the record's hotwords come out.
 
@@ -84,8 +95,8 @@ def hotword(completions: list[str], hotwords=None, reference=None, mode: str = "
         if not hws:
             out.append(None)
             continue
-        expected = [w for w in hws if ref is None or _contains(ref, w)] or list(hws)
-        recall = sum(1 for w in expected if _contains(hyp, w)) / len(expected)
+        expected, found = hotword_hits(hyp, hws, ref)
+        recall = found / expected if expected else 1.0
         said = sum(_contains(hyp, w) for w in hws)
         backed = sum(min(_contains(hyp, w), _contains(ref, w) if ref is not None else _contains(hyp, w)) for w in hws)
         precision = backed / said if said else 1.0
