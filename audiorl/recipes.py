@@ -172,6 +172,10 @@ class GRPORecipe(Recipe):
             rewards = torch.tensor(total, dtype=torch.float32)
             advantages = group_advantages(rewards, g, self.objective.scale_rewards)
         data = {"rollout": rollout, "rewards": rewards, "parts": parts, "advantages": advantages}
+        if not self.adapter.encoder_trainable:
+            # no gradient goes into the encoder: the loss scores the completions against the
+            # states the rollout computed (the audio encoder runs once per clip and step)
+            data["context"] = context
         self._cached = (batch, data)
         return data
 
@@ -180,7 +184,7 @@ class GRPORecipe(Recipe):
 
         data = self._rollout(batch)
         rollout = data["rollout"]
-        context = self.adapter.encode(batch["features"])
+        context = data["context"] if "context" in data else self.adapter.encode(batch["features"])
         scored = self.adapter.sequence_logps(context, rollout.token_ids, rollout.clip_index)
         mask = scored.mask
         if self.objective.mask_truncated_completions:

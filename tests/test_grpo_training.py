@@ -86,3 +86,33 @@ def test_rollout_encodes_each_clip_once(tiny_models, speech_dir, family):
     assert rollout.token_logps.shape[0] == 24 and torch.all(rollout.token_logps <= 0)
     stops = set(adapter.stop_token_ids)
     assert rollout.truncated == [ids[-1] not in stops for ids in rollout.token_ids]
+
+
+@pytest.mark.parametrize("family", ["whisper", "qwen2_audio"])
+def test_a_grpo_step_encodes_each_clip_once_when_the_encoder_is_frozen(tmp_path, tiny_models, speech_dir, family):
+    from audiorl.api import build_recipe
+
+    records = read_records(speech_dir / "transcripts.jsonl", "transcript")[:3]
+    counts = {}
+    for frozen in (True, False):
+        cfg = RunConfig.model_validate({
+            "model": {"family": family, "name_or_path": str(tiny_models[family]), "freeze_encoder": frozen, "encoder_cache": False,
+                      # an audio LLM's context is its projector's output: frozen means both
+                      **({"freeze_projector": frozen} if family != "whisper" else {})},
+            "objective": {"name": "grpo", "num_generations": 4, "max_completion_length": 6, "beta": 0.04 if frozen else 0.0},
+            "train": {"output_dir": str(tmp_path / "run")},
+        })
+        adapter = load_adapter(cfg.model)
+        dataset = RecordDataset(records, AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=5))
+        recipe, collate = build_recipe(cfg, adapter, dataset, "fp")
+        batch = collate([dataset[i] for i in range(3)])
+        tower = adapter.model.model.encoder if family == "whisper" else adapter.model.model.audio_tower
+        rows = []
+        hook = tower.register_forward_hook(lambda m, i, o: rows.append((o[0] if isinstance(o, tuple) else o.last_hidden_state).shape[0]))
+        try:
+            recipe(batch).loss.backward()
+        finally:
+            hook.remove()
+        counts[frozen] = sum(rows)
+    # frozen: the rollout's states serve the loss and the reference; trainable: the loss needs its own pass with gradients
+    assert counts == {True: 3, False: 6}
