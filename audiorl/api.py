@@ -254,7 +254,8 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
                 from audiorl.plots import wer_chart
 
                 after = result.eval_metrics
-                chart = wer_chart({name: {"before": eval_before[prefix + "wer"], "after": after[prefix + "wer"]} for name, prefix in prefixes.items()},
+                chart = wer_chart({name: {"before": eval_before[prefix + "wer"], "after": after[prefix + "wer"]}
+                                   for name, prefix in prefixes.items()},
                                   title=f"WER before and after training ({tags['audiorl.objective']})")
                 tracker.log_figure(chart, "eval/wer_before_after.png")
             if cfg.tracking.log_model:

@@ -140,8 +140,8 @@ def promote(name: str, gate: Mapping[str, Path], checks: Mapping[str, Path] | No
     move `champion` if the challenger wins, and record the decision on the challenger's tags."""
     from mlflow.tracking import MlflowClient
 
-    from audiorl.tracking import resolve_tracking_uri
     from audiorl.config import TrackingConfig
+    from audiorl.tracking import resolve_tracking_uri
 
     if not gate:
         raise AudioRLError("promote needs at least one gate test set (--gate NAME=MANIFEST)")

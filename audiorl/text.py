@@ -28,7 +28,7 @@ class _Whisper(jiwer.AbstractTransform):
         return self.normalize(s)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _whisper(kind: str) -> _Whisper:
     return _Whisper(kind)  # building the English one reads its spelling table: once per process
 

@@ -252,7 +252,8 @@ class Tracker:
         if self._pending:
             from audiorl.progress import console
 
-            console.print(f"[yellow]MLflow: {len(self._pending)} item(s) not sent; they are in {self._spill / UNSENT_FILE if self._spill else 'memory only'}"
+            where = self._spill / UNSENT_FILE if self._spill else "memory only"
+            console.print(f"[yellow]MLflow: {len(self._pending)} item(s) not sent; they are in {where}"
                           + (f"; send them later with: audiorl tracking sync {self._spill}" if self._spill else "") + "[/]")
 
     # -- sending, or keeping for later --------------------------------------------------------

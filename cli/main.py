@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -37,7 +37,7 @@ HELDOUT_DEFAULT = ["en-gb-scotland", "en-029"]
 VARIANTS_DEFAULT = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5"]
 
 EncoderCacheOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(help="Keep the encoder states here: a run with model.freeze_encoder and this model.encoder_cache_dir "
                       "then reuses them for the same clips."),
 ]
@@ -49,7 +49,7 @@ NormalizerOption = Annotated[
 ]
 
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a config key before validation: --set train.max_steps=100 (repeatable)."),
 ]
 
@@ -123,7 +123,7 @@ def evaluate(
     data: Annotated[
         list[str], typer.Option("--data", "-d", help="Test set: MANIFEST or NAME=MANIFEST (JSONL or saved dataset); repeatable.")
     ],
-    family: Annotated[Optional[str], typer.Option(help="Model family (default: read from the model's config.json).")] = None,
+    family: Annotated[str | None, typer.Option(help="Model family (default: read from the model's config.json).")] = None,
     language: Annotated[str, typer.Option(help="Language of the speech.")] = "en",
     batch_size: Annotated[int, typer.Option(help="Clips per batch.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Longest transcript to generate.")] = 128,
@@ -133,13 +133,13 @@ def evaluate(
     ] = True,
     normalizer: NormalizerOption = "plain",
     skip_bad: Annotated[bool, typer.Option("--skip-bad-records", help="Skip unusable records instead of stopping.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the full results (per utterance) as JSON.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the full results (per utterance) as JSON.")] = None,
     worst: Annotated[int, typer.Option(help="How many of the worst utterances to print per test set.")] = 5,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    baseline: Annotated[Optional[str], typer.Option(help="Also evaluate this model (e.g. the base) and compare.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="Also evaluate this model (e.g. the base) and compare.")] = None,
     log: Annotated[bool, typer.Option("--log/--no-log", help="Log the evaluation to MLflow ($MLFLOW_TRACKING_URI or ./mlruns).")] = True,
     experiment: Annotated[str, typer.Option(help="MLflow experiment for the evaluation.")] = "audiorl-eval",
-    run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
 ) -> None:
     """Transcribe one or more test sets (greedy decoding), report WER and CER for each, and log the
     evaluation to MLflow (a nested run per test set, the utterances worst first, a WER chart)."""
@@ -194,7 +194,7 @@ def _normalization(normalizer: str, **switches):
 
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model directory (save_pretrained) or hub id.")]
-FamilyOption = Annotated[Optional[str], typer.Option(help="Model family (default: read from the model's config.json).")]
+FamilyOption = Annotated[str | None, typer.Option(help="Model family (default: read from the model's config.json).")]
 
 
 def _print_summary(summary, out_path: Path) -> None:
@@ -215,7 +215,7 @@ def data_pairs(
     min_wer_margin: Annotated[float, typer.Option(help="Least WER difference between chosen and rejected.")] = 0.1,
     max_pairs_per_clip: Annotated[int, typer.Option(help="With --policy all: most pairs per clip.")] = 4,
     dropout_ntp: Annotated[
-        Optional[str], typer.Option(help="mask or noise: rejected = the reference's first part continued without the audio.")
+        str | None, typer.Option(help="mask or noise: rejected = the reference's first part continued without the audio.")
     ] = None,
     start_ratio: Annotated[float, typer.Option(help="DropoutNTP: share of the reference kept before continuing.")] = 0.5,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
@@ -289,12 +289,16 @@ def _range(text: str, what: str, kind=float):
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the clips and the split manifests.")],
-    text: Annotated[Optional[Path], typer.Option(help="Sentences, one per line (default: built-in templates with names, numbers and hotwords).")] = None,
+    text: Annotated[Path | None, typer.Option(help="Sentences, one per line (default: built-in templates with names, numbers and hotwords).")] = None,
     num_sentences: Annotated[int, typer.Option(help="Distinct template sentences (without --text).")] = 400,
     utterances_per_sentence: Annotated[int, typer.Option(help="Training clips per training sentence, each in a random voice.")] = 4,
     accents: Annotated[str, typer.Option(help="espeak-ng accents, comma-separated.")] = ",".join(ACCENTS_DEFAULT),
-    heldout_accents: Annotated[str, typer.Option(help="Accents kept out of training (evaluation only), comma-separated.")] = ",".join(HELDOUT_DEFAULT),
-    variants: Annotated[str, typer.Option(help="Voice variants (espeak-ng +m1.. +f5), comma-separated; an empty item is the plain voice.")] = ",".join(VARIANTS_DEFAULT),
+    heldout_accents: Annotated[
+        str, typer.Option(help="Accents kept out of training (evaluation only), comma-separated.")
+    ] = ",".join(HELDOUT_DEFAULT),
+    variants: Annotated[
+        str, typer.Option(help="Voice variants (espeak-ng +m1.. +f5), comma-separated; an empty item is the plain voice.")
+    ] = ",".join(VARIANTS_DEFAULT),
     heldout_sentence_share: Annotated[float, typer.Option(help="Share of sentences kept for validation and held-out voices.")] = 0.15,
     speed: Annotated[str, typer.Option(help="Words per minute, LOW:HIGH.")] = "130:200",
     pitch: Annotated[str, typer.Option(help="espeak-ng pitch, LOW:HIGH (0-99).")] = "25:75",
@@ -304,9 +308,13 @@ def data_synth(
     max_seconds: Annotated[float, typer.Option(help="Longer clips are dropped (and listed).")] = 10.0,
     seed: Annotated[int, typer.Option(help="Seed for sentences, voices and noise.")] = 0,
     workers: Annotated[int, typer.Option(help="Clips spoken in parallel.")] = 2,
-    exclude: Annotated[Optional[list[Path]], typer.Option(help="A manifest whose sentences must not be spoken (another corpus's test set); repeatable.")] = None,
+    exclude: Annotated[
+        list[Path] | None, typer.Option(help="A manifest whose sentences must not be spoken (another corpus's test set); repeatable.")
+    ] = None,
     noisy_validation: Annotated[bool, typer.Option(help="Also speak the validation sentences with noise (split validation-noisy).")] = False,
-    no_speech_share: Annotated[float, typer.Option(help="No-speech clips (silence or noise, empty transcript) added to train and validation, per speech clip.")] = 0.0,
+    no_speech_share: Annotated[
+        float, typer.Option(help="No-speech clips (silence or noise, empty transcript) added to train and validation, per speech clip.")
+    ] = 0.0,
 ) -> None:
     """Speak a corpus with espeak-ng: many accents and voices, silence and noise, split so that
     evaluation holds out whole sentences and whole accents; a JSONL manifest per split."""
@@ -364,9 +372,9 @@ def data_check(
 @app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="Where the model, speech, pairs, run and config go.")] = Path("audiorl-quickstart"),
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of preference tuning (default: 40; 100 with --toy).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps of preference tuning (default: 40; 100 with --toy).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for speech, sampling and training.")] = 0,
-    base: Annotated[Optional[Path], typer.Option(help="Start from this model folder instead of the imported Whisper tiny.en.")] = None,
+    base: Annotated[Path | None, typer.Option(help="Start from this model folder instead of the imported Whisper tiny.en.")] = None,
     toy: Annotated[bool, typer.Option("--toy", help="The 2 M-parameter models/tiny-whisper-base of this repository and its settings.")] = False,
 ) -> None:
     """Import the real Whisper tiny.en, speak fresh sentences where it is worst (hard accents, fast,
@@ -397,12 +405,14 @@ def quickstart(
 def promote(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     gate: Annotated[list[str], typer.Option("--gate", "-g", help="Gate test set: NAME=MANIFEST or MANIFEST (WER must improve); repeatable.")],
-    check: Annotated[Optional[list[str]], typer.Option("--check", "-c", help="Other test set: must not regress beyond the tolerance; repeatable.")] = None,
+    check: Annotated[
+        list[str] | None, typer.Option("--check", "-c", help="Other test set: must not regress beyond the tolerance; repeatable.")
+    ] = None,
     margin: Annotated[float, typer.Option(help="Least relative WER improvement on every gate set (0.02 = 2%).")] = 0.0,
     tolerance: Annotated[float, typer.Option(help="Largest relative WER increase allowed on a check set.")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Clips per prediction call.")] = 8,
     normalizer: NormalizerOption = "plain",
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns).")] = None,
 ) -> None:
     """Promote NAME@challenger to NAME@champion if it beats the champion on the gate sets."""
     from rich.table import Table
@@ -427,10 +437,16 @@ def promote(
 
 @model_app.command("export")
 def model_export(
-    source: Annotated[str, typer.Argument(help="A run's YAML file (with CHECKPOINT), a save_pretrained Whisper directory, or an MLflow model URI (models:/NAME@champion).")],
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="With a run's YAML: a checkpoint folder of that run (OUTPUT_DIR/checkpoints/checkpoint-N).")] = None,
+    source: Annotated[str, typer.Argument(
+        help="A run's YAML file (with CHECKPOINT), a save_pretrained Whisper directory, or an MLflow model URI (models:/NAME@champion).")],
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="With a run's YAML: a checkpoint folder of that run (OUTPUT_DIR/checkpoints/checkpoint-N).")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model.")] = ...,
-    format: Annotated[Optional[str], typer.Option("--format", help="transformers (save_pretrained; the default for a checkpoint) or ctranslate2 (a faster-whisper model; the default otherwise).")] = None,
+    format: Annotated[str | None, typer.Option(
+        "--format",
+        help="transformers (save_pretrained; the default for a checkpoint) or ctranslate2 (a faster-whisper model; the default otherwise).",
+    )] = None,
     quantization: Annotated[str, typer.Option(help="With --format ctranslate2: float32, float16, int8, int8_float32, int8_float16, ...")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out.")] = False,
     set_: SetOption = None,
@@ -481,7 +497,7 @@ def model_init_whisper(
 @tracking_app.command("sync")
 def tracking_sync(
     output_dir: Annotated[Path, typer.Argument(help="The train.output_dir of a run that could not reach MLflow.")],
-    tracking_uri: Annotated[Optional[str], typer.Option(help="Send here instead of the run's recorded tracking URI.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="Send here instead of the run's recorded tracking URI.")] = None,
 ) -> None:
     """Send what a training run kept while MLflow was unreachable."""
     from audiorl.tracking import sync
@@ -493,11 +509,11 @@ def tracking_sync(
 # ---------------------------------------------------------------------------------------------
 # Kubernetes: render, submit, follow. No torch on these paths.
 
-KubeconfigOption = Annotated[Optional[str], typer.Option("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).")]
-ContextOption = Annotated[Optional[str], typer.Option("--context", help="kubeconfig context (default: the current one).")]
+KubeconfigOption = Annotated[str | None, typer.Option("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).")]
+ContextOption = Annotated[str | None, typer.Option("--context", help="kubeconfig context (default: the current one).")]
 NamespaceOption = Annotated[str, typer.Option("--namespace", "-n", help="Namespace of the job.")]
 ApiOption = Annotated[str, typer.Option("--api", help="pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2).")]
-RunIdOption = Annotated[Optional[str], typer.Option("--run-id", help="Run id for the labels (default: a new random one).")]
+RunIdOption = Annotated[str | None, typer.Option("--run-id", help="Run id for the labels (default: a new random one).")]
 RuntimeOption = Annotated[str, typer.Option("--runtime", help="With --api trainjob: the ClusterTrainingRuntime to use.")]
 
 
@@ -505,7 +521,7 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _cluster(namespace: str, kubeconfig: Optional[str], context: Optional[str], api: str = "pytorchjob"):
+def _cluster(namespace: str, kubeconfig: str | None, context: str | None, api: str = "pytorchjob"):
     from audiorl.k8s.client import Cluster
 
     return Cluster(namespace, kubeconfig=kubeconfig, context=context, kind="TrainJob" if api == "trainjob" else "PyTorchJob")
@@ -518,7 +534,7 @@ def render(
     api: ApiOption = "pytorchjob",
     runtime: RuntimeOption = "torch-distributed",
     run_id: RunIdOption = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the YAML here instead of printing it.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the YAML here instead of printing it.")] = None,
 ) -> None:
     """Print the Kubernetes objects that run CONFIG on a cluster: a ConfigMap with the config and
     a PyTorchJob (or TrainJob). `kubectl apply -f` takes the output as it is."""
@@ -548,12 +564,16 @@ def submit(
     runtime: RuntimeOption = "torch-distributed",
     run_id: RunIdOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the objects; create nothing.")] = False,
-    server_dry_run: Annotated[bool, typer.Option("--server-dry-run", help="Send the objects with dryRun=All: the API server checks them, stores nothing.")] = False,
+    server_dry_run: Annotated[
+        bool, typer.Option("--server-dry-run", help="Send the objects with dryRun=All: the API server checks them, stores nothing.")
+    ] = False,
     replace: Annotated[bool, typer.Option("--replace", help="Delete a job of the same name that is still running, then submit.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Report status changes until the job succeeds or fails.")] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the master's log, then wait for the outcome.")] = False,
-    timeout: Annotated[Optional[float], typer.Option(help="With --wait/--follow: give up after this many seconds.")] = None,
-    local: Annotated[bool, typer.Option("--local", help="Run the job's pods here as local torchrun processes, with the operator's environment.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait/--follow: give up after this many seconds.")] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run the job's pods here as local torchrun processes, with the operator's environment.")
+    ] = False,
     kubeconfig: KubeconfigOption = None,
     context: ContextOption = None,
 ) -> None:
@@ -593,7 +613,7 @@ def submit(
         _finish(cluster, rendered.name, timeout)
 
 
-def _finish(cluster, name: str, timeout: Optional[float]) -> None:
+def _finish(cluster, name: str, timeout: float | None) -> None:
     from audiorl.errors import TrainingError
 
     state = cluster.wait(name, timeout_s=timeout, on_change=_print_state)
@@ -607,7 +627,7 @@ def status(
     job: Annotated[str, typer.Argument(help="Job name.")],
     namespace: NamespaceOption = "default",
     wait: Annotated[bool, typer.Option("--wait", help="Report changes until the job succeeds or fails.")] = False,
-    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False,
     api: ApiOption = "pytorchjob",
     kubeconfig: KubeconfigOption = None,

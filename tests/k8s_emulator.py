@@ -219,13 +219,14 @@ def _discovery(group: str, version: str) -> dict[str, Any]:
             continue
         resources.append({"name": plural, "singularName": kind.lower(), "namespaced": namespaced, "kind": kind, "verbs": _VERBS})
         for sub in subs:
-            resources.append({"name": f"{plural}/{sub}", "singularName": "", "namespaced": namespaced, "kind": kind, "verbs": ["get", "patch", "update"]})
+            resources.append({"name": f"{plural}/{sub}", "singularName": "", "namespaced": namespaced, "kind": kind,
+                              "verbs": ["get", "patch", "update"]})
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
+    server: _Server
 
     def log_message(self, *args: Any) -> None:  # quiet
         pass
@@ -363,7 +364,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         def visible(obj: dict[str, Any]) -> bool:
             ns = obj["metadata"].get("namespace")
-            return (namespace is None or ns == namespace) and _matches_labels(obj["metadata"].get("labels") or {}, labels) and _matches_fields(obj, fields)
+            return ((namespace is None or ns == namespace) and _matches_labels(obj["metadata"].get("labels") or {}, labels)
+                    and _matches_fields(obj, fields))
 
         try:
             since = query.get("resourceVersion")

@@ -107,8 +107,12 @@ def test_a_grpo_step_encodes_each_clip_once_when_the_encoder_is_frozen(tmp_path,
         recipe, collate = build_recipe(cfg, adapter, dataset, "fp")
         batch = collate([dataset[i] for i in range(3)])
         tower = adapter.model.model.encoder if family == "whisper" else adapter.model.model.audio_tower
-        rows = []
-        hook = tower.register_forward_hook(lambda m, i, o: rows.append((o[0] if isinstance(o, tuple) else o.last_hidden_state).shape[0]))
+        rows: list[int] = []
+
+        def count(module, inputs, output, rows=rows):
+            rows.append((output[0] if isinstance(output, tuple) else output.last_hidden_state).shape[0])
+
+        hook = tower.register_forward_hook(count)
         try:
             recipe(batch).loss.backward()
         finally:

@@ -10,7 +10,6 @@ import sys
 from safetensors.torch import load_file
 
 import audiorl
-
 from tests.conftest import write_config
 
 

@@ -191,7 +191,8 @@ def test_secrets_are_only_ever_references(tmp_path):
         render(leaky, name="x", run_id="r1")
     assert "hunter2" not in text
     with pytest.raises(ConfigError, match="also set as plain"):
-        render(validate_config(_merge(BASE, {"job": {"env": {"NCCL_DEBUG": "INFO"}, "secret_env": [{"name": "NCCL_DEBUG", "secret": "s", "key": "k"}]}})), name="x", run_id="r1")
+        job = {"env": {"NCCL_DEBUG": "INFO"}, "secret_env": [{"name": "NCCL_DEBUG", "secret": "s", "key": "k"}]}
+        render(validate_config(_merge(BASE, {"job": job})), name="x", run_id="r1")
 
 
 def test_names_and_labels(tmp_path):

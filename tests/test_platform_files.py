@@ -7,11 +7,11 @@ import json
 import re
 import shlex
 import subprocess
-import tomllib
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
 from audiorl.config import is_secret_key
@@ -111,7 +111,8 @@ def test_the_mlflow_stack_runs_locked_down_with_secrets_by_reference(bases):
 def test_the_submitter_role_is_least_privilege(bases):
     (role,) = [o for o in bases if o["kind"] == "Role"]
     granted = {(group, res): set(rule["verbs"]) for rule in role["rules"] for group in rule["apiGroups"] for res in rule["resources"]}
-    assert set(granted) == {("kubeflow.org", "pytorchjobs"), ("kubeflow.org", "pytorchjobs/status"), ("", "configmaps"), ("", "pods"), ("", "pods/log")}
+    assert set(granted) == {("kubeflow.org", "pytorchjobs"), ("kubeflow.org", "pytorchjobs/status"), ("", "configmaps"), ("", "pods"),
+                            ("", "pods/log")}
     assert all("*" not in verbs for verbs in granted.values())
     assert granted[("", "pods")] == {"get", "list", "watch"} and granted[("", "pods/log")] == {"get"}
     (binding,) = [o for o in bases if o["kind"] == "RoleBinding"]
@@ -123,7 +124,8 @@ def test_the_submitter_role_is_least_privilege(bases):
 def test_the_example_job_is_current_and_uses_what_the_bases_provide(bases):
     example = REPO / "k8s" / "examples" / "whisper-small-mpo.yaml"
     rendered = render_file(REPO / "examples" / "cluster-whisper-dpo.yaml", run_id="example")
-    assert example.read_text() == rendered.to_yaml(), "regenerate: audiorl render examples/cluster-whisper-dpo.yaml --run-id example -o " + str(example.relative_to(REPO))
+    regenerate = "regenerate: audiorl render examples/cluster-whisper-dpo.yaml --run-id example -o " + str(example.relative_to(REPO))
+    assert example.read_text() == rendered.to_yaml(), regenerate
     assert rendered.warnings == []
     claims = {o["metadata"]["name"] for o in bases if o["kind"] == "PersistentVolumeClaim"}
     accounts = {o["metadata"]["name"] for o in bases if o["kind"] == "ServiceAccount"}

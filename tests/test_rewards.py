@@ -38,7 +38,8 @@ def test_hallucination_penalty():
     assert hallucination(["set a timer for ten minutes"], reference=ref) == [0.0]
     assert hallucination(["set a timer timer timer timer"], reference=ref) == [-1.0]  # loop
     assert hallucination(["thank you for watching thank you for watching thank you for watching thank you for watching"], reference=["hi"]) == [-1.0]
-    assert hallucination(["one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen"], reference=ref) == [-1.0]  # > 2x + 4
+    long = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen"
+    assert hallucination([long], reference=ref) == [-1.0]  # > 2x + 4
     assert hallucination(["thank you"], reference=[""]) == [-1.0]  # output on a silent clip
     assert hallucination(["", "hello"], reference=["x", "y"], no_speech=[True, True]) == [0.0, -1.0]
 

@@ -221,8 +221,9 @@ def test_several_training_sources_are_read_in_turn_each_checked(tmp_path, tiny_w
     hard.write_text("\n".join(lines[:8]) + "\n")
     replay.write_text("\n".join(lines[8:]) + '\n{"audio": "missing.wav", "chosen": "a", "rejected": "b"}\n')
     joined.write_text("\n".join(lines) + "\n")
-    from audiorl.errors import DataError
     from mlflow.tracking import MlflowClient
+
+    from audiorl.errors import DataError
 
     cfg = make_config(tmp_path, tiny_whisper, speech_dir, data={"train": [str(hard), str(replay)]},
                       train={"max_steps": 1, "save_steps": None}, tracking={"enabled": True, "log_model": False})

@@ -106,7 +106,9 @@ class Cluster:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def submit(self, rendered: Rendered, *, replace: bool = False, server_dry_run: bool = False, log: Callable[[str], None] = print) -> JobState | None:
+    def submit(
+        self, rendered: Rendered, *, replace: bool = False, server_dry_run: bool = False, log: Callable[[str], None] = print
+    ) -> JobState | None:
         """Create the ConfigMap and the job. A job of the same name that is still going is only
         replaced when asked; a finished one is replaced (its pods and logs go with it)."""
         if rendered.namespace != self.namespace:

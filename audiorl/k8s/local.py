@@ -75,7 +75,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def pod_commands(rendered: Rendered, config_path: Path, *, master_port: int, base_env: dict[str, str] | None = None) -> tuple[list[tuple[str, list[str], dict[str, str]]], list[str]]:
+def pod_commands(
+    rendered: Rendered, config_path: Path, *, master_port: int, base_env: dict[str, str] | None = None
+) -> tuple[list[tuple[str, list[str], dict[str, str]]], list[str]]:
     """(pod name, argv, env) for every pod of the job, and notes on what differs from a cluster."""
     job = rendered.job
     if job.get("kind") != "PyTorchJob":

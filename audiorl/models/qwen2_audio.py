@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from audiorl.config import ModelConfig
-from audiorl.models.base import apply_trainable_settings, load_pretrained
 from audiorl.models.audio_llm import TransformersAudioLLMAdapter, wants_chat
+from audiorl.models.base import apply_trainable_settings, load_pretrained
 
 DEFAULT_INSTRUCTION = "Detect the language and recognize the speech:"
 

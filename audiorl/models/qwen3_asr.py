@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from audiorl.config import ModelConfig
-from audiorl.models.base import apply_trainable_settings, load_pretrained
 from audiorl.models.audio_llm import TransformersAudioLLMAdapter
+from audiorl.models.base import apply_trainable_settings, load_pretrained
 
 _MARK = "\x00"
 
@@ -117,13 +117,13 @@ def build_tiny_qwen3_asr(
 ) -> Path:
     """A Qwen3-ASR with random weights and its own byte-level BPE, saved for `from_pretrained`."""
     from transformers import (
+        Qwen2Tokenizer,
         Qwen3ASRConfig,
         Qwen3ASREncoderConfig,
         Qwen3ASRFeatureExtractor,
         Qwen3ASRForConditionalGeneration,
         Qwen3ASRProcessor,
         Qwen3Config,
-        Qwen2Tokenizer,
     )
 
     from audiorl.models.tiny import train_byte_bpe

@@ -27,8 +27,8 @@ from transformers import PretrainedConfig, PreTrainedModel, Qwen2Config
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from audiorl.config import ModelConfig
-from audiorl.models.base import apply_trainable_settings, load_pretrained
 from audiorl.models.audio_llm import AudioLLMAdapter, core_model
+from audiorl.models.base import apply_trainable_settings, load_pretrained
 
 ASR_INSTRUCTION = "请记录下你所听到的语音内容。"  # "Write down the speech you hear." (Step-Audio 2's ASR system prompt)
 AUDIO_FIELDS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer", "llm_dim", "kernel_size", "adapter_stride")

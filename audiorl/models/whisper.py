@@ -21,7 +21,6 @@ from audiorl.models.sampling import next_tokens
 from audiorl.models.tiny import train_byte_bpe
 
 
-
 class WhisperContext(AudioContext):
     def __init__(self, hidden_states: torch.Tensor):
         self.hidden_states = hidden_states  # (B, T, D)
