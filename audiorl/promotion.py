@@ -97,7 +97,8 @@ def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, 
 
     from audiorl.config import TextNormalization
     from audiorl.data.records import read_records
-    from audiorl.evaluation import score
+    from audiorl.model_versions import using_tracking_uri
+    from audiorl.scoring import score
 
     tags = client.get_model_version(name, version).tags
     wers: dict[str, float] = {}
@@ -109,7 +110,9 @@ def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, 
             continue
         if model is None:
             log(f"loading {name} version {version}")
-            model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+            # models:/ resolves through the process-wide registry: point it at this client's server
+            with using_tracking_uri(client.tracking_uri):
+                model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
         records = read_records(path, "transcript")
         audio = [r.audio if not isinstance(r.audio, str) else Path(r.audio).read_bytes() for r in records]
         hypotheses: list[str] = []

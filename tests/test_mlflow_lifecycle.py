@@ -133,7 +133,13 @@ def test_promote_moves_the_champion_only_for_a_better_challenger(tmp_path, clien
         return out.stdout
 
     untrained = register("untrained", max_steps=1, learning_rate=1e-12)
-    first = promote()
+    # the server named on the command line, not in the environment: scoring loads the versions from it
+    elsewhere = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "promote", name, "--gate", f"all={gate}", "--tracking-uri", client.tracking_uri],
+                         capture_output=True, text=True, env=elsewhere, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first = out.stdout
+    assert not (tmp_path / "mlruns").exists()
     assert "promoted: no champion yet" in first
     assert client.get_model_version_by_alias(name, "champion").version == untrained
 
