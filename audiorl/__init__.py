@@ -1,7 +1,7 @@
 """AudioRL: preference tuning and reinforcement learning for speech recognition and audio LLMs.
 
     import audiorl
-    cfg = audiorl.load_config("examples/whisper-dpo.yaml", ["train.max_steps=50"])
+    cfg = audiorl.load_config("examples/tiny-local-dpo.yaml", ["train.max_steps=50"])
     outcome = audiorl.train(cfg)
     print(audiorl.evaluate(outcome.final_model_dir, "data/test.jsonl").wer)
 

@@ -24,8 +24,9 @@ from audiorl.errors import ConfigError, DataError
 from audiorl.models.base import ModelAdapter
 from audiorl.models.registry import detect_family, load_adapter
 from audiorl.progress import console
+from audiorl.runtime import resolve_device, seed_everything
 from audiorl.tracking import Tracker
-from audiorl.trainer import Preempted, TrainResult, resolve_device, seed_everything
+from audiorl.trainer import Preempted, TrainResult
 
 
 @dataclass
@@ -37,6 +38,16 @@ class TrainOutcome:
     tracking: str
     skipped: list[Rejected] = field(default_factory=list)
     eval_before: dict[str, float] = field(default_factory=dict)
+
+    def wer_by_set(self) -> list[tuple[str, float | None, float, float]]:
+        """(test set, WER before, WER after, CER after) per test set, then over all of them
+        ("all sets"; a single unnamed set is "eval"); empty without evaluation."""
+        after, before = self.result.eval_metrics, self.eval_before
+        if not after:
+            return []
+        sets = list(dict.fromkeys(key.split("/")[1] for key in after if key.count("/") == 2))
+        rows = [(name, f"eval/{name}/") for name in sets] + [("all sets" if sets else "eval", "eval/")]
+        return [(name, before.get(prefix + "wer"), after[prefix + "wer"], after[prefix + "cer"]) for name, prefix in rows]
 
 
 def _text_check(adapter: ModelAdapter, max_tokens: int, kind: str):
@@ -109,7 +120,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
     """Train as the config says; returns where the final model and the MLflow run are."""
     from audiorl.data.collate import RecordDataset
     from audiorl.evaluation import evaluate as run_eval
-    from audiorl.evaluation import pooled
+    from audiorl.scoring import pooled
     from audiorl.trainer import Trainer
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)

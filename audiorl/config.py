@@ -24,24 +24,10 @@ from audiorl.errors import ConfigError
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey", "accesskey"}
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.IGNORECASE)
 
-# The DPO loss family, with TRL's names (trl.DPOConfig.loss_type).
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
+
+def has_uri_password(value: str) -> bool:
+    """True when `value` holds a URI with a password in it (scheme://user:password@host)."""
+    return _URI_PASSWORD.search(value) is not None
 
 
 def is_secret_key(name: str) -> bool:
@@ -211,14 +197,16 @@ class ObjectiveConfig(_Section):
             raise ValueError("ctc_weight applies to objective.name=sft (the auxiliary loss that teaches a new encoder to listen)")
         if self.name == "grpo":
             return self._check_grpo()
-        unknown = [name for name in self.loss_type if name not in DPO_LOSS_TYPES and ":" not in name]
+        from audiorl.objectives.dpo import loss_names  # the registry (torch-free to import)
+
+        unknown = [name for name in self.loss_type if name not in loss_names() and ":" not in name]
         if unknown:
             from audiorl.plugins import LOSS_GROUP, entry_point_names
 
             unknown = [name for name in unknown if name not in entry_point_names(LOSS_GROUP)]
         if unknown:
             raise ValueError(
-                f"unknown loss_type {unknown}; choose from {list(DPO_LOSS_TYPES)}, or name your own as package.module:function"
+                f"unknown loss_type {unknown}; choose from {loss_names()}, or name your own as package.module:function"
             )
         if not self.loss_type:
             raise ValueError("loss_type must name at least one loss")

@@ -1,8 +1,9 @@
 """Trained models as MLflow models and registered versions.
 
-Whisper is logged with MLflow's transformers flavor as an `automatic-speech-recognition`
-pipeline (greedy decoding, the run's language and task); the audio LLM families, which have no
-transformers pipeline, as a pyfunc that transcribes with AudioRL's own adapter. Either way
+A family whose adapter says `mlflow_flavor = "transformers"` is logged with MLflow's
+transformers flavor as an `automatic-speech-recognition` pipeline (greedy decoding, the run's
+language and task); the others (the audio LLMs, which have no transformers pipeline) as a pyfunc
+that transcribes with AudioRL's own adapter. Either way
 `mlflow.pyfunc.load_model("models:/NAME@challenger").predict(...)` takes audio (bytes, a file
 path, or a 16 kHz float array for the pyfunc) and returns transcripts. A new version gets the
 alias `challenger`; `audiorl promote` decides whether it becomes `champion`.
@@ -22,7 +23,6 @@ import numpy as np
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
-_PIPELINE_FAMILIES = {"whisper"}
 
 
 # predict() takes several input kinds and checks them itself, so it has no type hints for MLflow
@@ -36,7 +36,7 @@ class Transcriber(mlflow.pyfunc.PythonModel):
         from audiorl.audio import AudioLimits
         from audiorl.config import ModelConfig
         from audiorl.models.registry import load_adapter
-        from audiorl.trainer import resolve_device
+        from audiorl.runtime import resolve_device
 
         settings = dict(context.model_config or {})
         self.max_new_tokens = int(settings.pop("max_new_tokens", 128))
@@ -84,13 +84,15 @@ def _requirements() -> list[str]:
 
 def log_model(model_dir: str | Path, model_config, *, registered_name: str | None, max_new_tokens: int = 128):
     """Log the saved model `model_dir` into the active run; with `registered_name`, register it too."""
+    from audiorl.models.registry import adapter_class
+
     model_dir = str(model_dir)
-    if model_config.family in _PIPELINE_FAMILIES:
+    if adapter_class(model_config.family).mlflow_flavor == "transformers":
         import transformers
 
         pipe = transformers.pipeline("automatic-speech-recognition", model=model_dir, device="cpu")
         generate: dict[str, Any] = {"num_beams": 1, "max_new_tokens": max_new_tokens}
-        # an English-only Whisper takes neither language nor task (transformers refuses both)
+        # an English-only model takes neither language nor task (transformers refuses both)
         if getattr(pipe.model.generation_config, "is_multilingual", True) is not False:
             generate["task"] = model_config.task
             if model_config.language:
@@ -118,9 +120,9 @@ def log_model(model_dir: str | Path, model_config, *, registered_name: str | Non
 
 
 @contextlib.contextmanager
-def _tracking_uri(uri: str):
-    """MLflow's model logging is fluent: it reads a process-wide tracking URI, and setting that also
-    rewrites $MLFLOW_TRACKING_URI. Point both at the run's server for this call only and put them
+def using_tracking_uri(uri: str):
+    """MLflow's model logging and `models:/` loading are fluent: they read a process-wide tracking
+    URI, and setting that also rewrites $MLFLOW_TRACKING_URI. Point both at the run's server for this call only and put them
     back, so that the caller's own setting stands afterwards."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
@@ -145,7 +147,7 @@ def register(run_id: str, tracking_uri: str, model_dir: str | Path, model_config
     status = client.get_run(run_id).info.status
     # a local model has no hub card or licence to look up: those warnings would only mislead
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
-    with _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+    with using_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = log_model(model_dir, model_config, registered_name=name, max_new_tokens=max_new_tokens)
     client.update_run(run_id, status=status)  # leaving start_run marked the run finished
     if name is None:

@@ -24,13 +24,13 @@ def disable_dropout(module: nn.Module) -> None:
 
 def custom_losses(names: list[str]) -> dict:
     """Resolve the loss names that are not built in (package.module:function or entry points)."""
-    from audiorl.config import DPO_LOSS_TYPES
     from audiorl.errors import ConfigError
+    from audiorl.objectives.dpo import LOSSES
     from audiorl.plugins import LOSS_GROUP, resolve
 
     found = {}
     for name in names:
-        if name in DPO_LOSS_TYPES:
+        if name in LOSSES:
             continue
         fn = resolve(name, LOSS_GROUP, "objective.loss_type")
         if not callable(fn):

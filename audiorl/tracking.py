@@ -117,7 +117,7 @@ def create_job_run(cfg: RunConfig, job_name: str) -> tuple[str, str]:
     return run.info.run_id, uri
 
 
-def _reachable_error(exc: BaseException) -> bool:
+def is_connection_error(exc: BaseException) -> bool:
     """Errors that mean 'the server is not there right now', as opposed to a bad request."""
     import requests
     from mlflow.exceptions import MlflowException
@@ -176,7 +176,7 @@ class Tracker:
         try:
             self._open(client, existing, run_name, all_tags)
         except Exception as exc:  # noqa: BLE001
-            if not _reachable_error(exc):
+            if not is_connection_error(exc):
                 raise
             from audiorl.errors import TrainingError
 
@@ -269,8 +269,8 @@ class Tracker:
         self._last_try = time.monotonic()
         try:
             call(self._client)
-        except Exception as exc:  # noqa: BLE001 - sorted by _reachable_error below
-            if not _reachable_error(exc):
+        except Exception as exc:  # noqa: BLE001 - sorted by is_connection_error below
+            if not is_connection_error(exc):
                 raise
             self._went_offline(exc)
             self._keep(spill)
@@ -315,17 +315,12 @@ class Tracker:
                 replay(self._client, self.run_id, item, self._spill)
                 sent += 1
         except Exception as exc:  # noqa: BLE001
-            if not _reachable_error(exc):
+            if not is_connection_error(exc):
                 raise
             self._went_offline(exc)
         self._pending = self._pending[sent:]
         if self._spill is not None:
-            path = self._spill / UNSENT_FILE
-            if self._pending:
-                path.write_text("".join(json.dumps(item) + "\n" for item in self._pending))
-            elif path.exists():
-                path.unlink()
-                shutil.rmtree(self._spill / UNSENT_DIR, ignore_errors=True)
+            _keep_unsent(self._spill, self._pending)
         return not self._pending
 
     def _spill_file(self, name: str, write) -> str | None:
@@ -343,17 +338,8 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         if not self._client:
             return
-        from mlflow.entities import Param
-
-        safe = {k: str(redact_value(v))[:6000] for k, v in params.items()}
-
-        def call(client) -> None:
-            existing = client.get_run(self.run_id).data.params
-            fresh = [Param(k, v) for k, v in safe.items() if k not in existing]
-            for start in range(0, len(fresh), 100):
-                client.log_batch(self.run_id, params=fresh[start : start + 100])
-
-        self._send(call, {"kind": "params", "params": safe})
+        item = {"kind": "params", "params": {k: str(redact_value(v))[:6000] for k, v in params.items()}}
+        self._send(lambda client: replay(client, self.run_id, item), item)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self._client or not metrics:
@@ -437,6 +423,16 @@ class Tracker:
         return text
 
 
+def _keep_unsent(folder: Path, items: list[dict[str, Any]]) -> None:
+    """Rewrite `folder`'s unsent-items file with `items`; with none left, remove it and the kept artifacts."""
+    path = folder / UNSENT_FILE
+    if items:
+        path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    elif path.exists():
+        path.unlink()
+        shutil.rmtree(folder / UNSENT_DIR, ignore_errors=True)
+
+
 def replay(client, run_id: str, item: dict[str, Any], spill: Path | None = None):
     """Send one kept item (the same code sends it the first time)."""
     from mlflow.entities import Metric, Param
@@ -500,12 +496,7 @@ def sync(output_dir: str | Path, tracking_uri: str | None = None) -> tuple[str, 
             replay(client, record["run_id"], item, folder)
             sent += 1
     finally:
-        rest = items[sent:]
-        if rest:
-            unsent.write_text("".join(json.dumps(i) + "\n" for i in rest))
-        else:
-            unsent.unlink()
-            shutil.rmtree(folder / UNSENT_DIR, ignore_errors=True)
+        _keep_unsent(folder, items[sent:])
     return record["run_id"], sent
 
 

@@ -6,8 +6,8 @@ run sees exactly the batches an uninterrupted one would. Checkpoints hold the mo
 scheduler, step, RNG states and the recipe's own state; they are written to a temporary folder
 and renamed, so a crash never leaves a half-written checkpoint that `resume: auto` would pick.
 
-Seams for distributed training: `resolve_device` and `Trainer.wrap_model` (identity in a single
-process).
+Seam for distributed training: `Trainer.wrap_model` (identity in a single process); the device
+comes from `audiorl.runtime.resolve_device`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from audiorl.config import TrainConfig
 from audiorl.distributed import Dist, barrier, mean_across_ranks
 from audiorl.errors import TrainingError
 from audiorl.recipes import Recipe
+from audiorl.runtime import seed_everything
 
 CHECKPOINTS = "checkpoints"
 
@@ -71,20 +72,6 @@ class RecipeModule(nn.Module):
         return self._recipe[0](batch)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"train.device={name!r} but CUDA is not available on this machine; use cpu or auto")
-    return device
-
-
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast only where the hardware does it well (bf16 matmul on CPU is ~90x slower)."""
     if setting == "no":
@@ -96,12 +83,6 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -234,13 +215,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DistributedDataParallel(RecipeModule(recipe), device_ids=ids)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from transformers.modeling_layers import GradientCheckpointingLayer
 
         policy = MixedPrecisionPolicy(param_dtype=self.autocast, reduce_dtype=torch.float32) if self.autocast else MixedPrecisionPolicy()
         recipe.lockstep = True  # each sharded layer's call is a collective: no rank may skip one
         module = RecipeModule(recipe)
-        # transformers' encoder and decoder layers (and AudioRL's own) are built on this class
-        for layer in [m for m in module.model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        for layer in recipe.adapter.shard_units():  # the family says which layers are units
             fully_shard(layer, mp_policy=policy)
         fully_shard(module, mp_policy=policy)
         return module

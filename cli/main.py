@@ -91,12 +91,9 @@ def train(
     outcome = run_train(config, set_ or [])
     out = _out()
     out.print(f"final model: {outcome.final_model_dir}")
-    after, before = outcome.result.eval_metrics, outcome.eval_before
-    if after:
-        sets = list(dict.fromkeys(key.split("/")[1] for key in after if key.count("/") == 2))
-        for name, prefix in [(name, f"eval/{name}/") for name in sets] + [("all sets" if sets else "eval", "eval/")]:
-            was = f" (before: {before[prefix + 'wer']:.3f})" if prefix + "wer" in before else ""
-            out.print(f"{name}: WER {after[prefix + 'wer']:.3f}{was}  CER {after[prefix + 'cer']:.3f}")
+    for name, before, after, cer in outcome.wer_by_set():
+        was = f" (before: {before:.3f})" if before is not None else ""
+        out.print(f"{name}: WER {after:.3f}{was}  CER {cer:.3f}")
     out.print(outcome.tracking)
 
 
@@ -319,18 +316,11 @@ def data_synth(
     """Speak a corpus with espeak-ng: many accents and voices, silence and noise, split so that
     evaluation holds out whole sentences and whole accents; a JSONL manifest per split."""
     from audiorl.data.records import read_records
-    from audiorl.data.synth import SynthSettings, synthesize
+    from audiorl.data.synth import SynthSettings, read_sentences, synthesize
 
     excluded = frozenset(r.reference for path in exclude or [] for r in read_records(path, "transcript"))
 
-    sentences = None
-    if text is not None:
-        try:
-            sentences = text.read_text().splitlines()
-        except OSError as exc:
-            from audiorl.errors import DataError
-
-            raise DataError(f"{text}: cannot read the sentences ({exc.strerror})") from None
+    sentences = read_sentences(text) if text is not None else None
     split = lambda value: [v.strip() for v in value.split(",")]  # noqa: E731
     summary = synthesize(SynthSettings(
         out=out, sentences=sentences, num_sentences=num_sentences, utterances_per_sentence=utterances_per_sentence,

@@ -211,10 +211,10 @@ def test_a_failing_rank_fails_the_job_promptly(tmp_path, tiny_whisper, speech_di
     the gradient all-reduce. The job must exit non-zero within seconds, not hang."""
     (tmp_path / "faulty.py").write_text(
         "import os\nimport torch.nn.functional as F\ncalls = 0\n"
-        "def boom(policy, ref_chosen, ref_rejected, beta):\n"
+        "def boom(pairs):\n"
         "    global calls\n    calls += 1\n"
         "    if os.environ.get('RANK') == '1' and calls == 3:\n        raise RuntimeError('rank 1 fails on purpose')\n"
-        "    return -F.logsigmoid(beta * ((policy.chosen - ref_chosen) - (policy.rejected - ref_rejected)))\n"
+        "    return -F.logsigmoid(pairs.beta * pairs.delta)\n"
     )
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cfg = _config(tmp_path, tiny_whisper, speech_dir, "broken", per_device_train_batch_size=2, max_steps=6)

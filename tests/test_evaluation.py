@@ -1,7 +1,7 @@
 import pytest
 
 from audiorl.config import TextNormalization
-from audiorl.evaluation import pooled, score
+from audiorl.scoring import pooled, score
 
 
 def test_wer_counts_by_hand():

@@ -34,9 +34,26 @@ def config_file(tmp_path):
     return path
 
 
+# the operator's commands run on a laptop without a deep-learning stack: each call checks, on its
+# way out, that neither torch nor transformers was imported
+_OPERATOR_CLI = (
+    "import atexit, sys\n"
+    "def _heavy():\n"
+    "    heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+    "    if heavy:\n"
+    "        sys.stderr.write(f'operator command imported {heavy}\\n')\n"
+    "atexit.register(_heavy)\n"
+    "from audiorl_cli.main import main\n"
+    "sys.argv = ['audiorl', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
 def _cli(api, *args, timeout=60):
     env = {**os.environ, "KUBECONFIG": str(api.kubeconfig)}
-    return subprocess.run([sys.executable, "-m", "audiorl_cli.main", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    result = subprocess.run([sys.executable, "-c", _OPERATOR_CLI, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    assert "operator command imported" not in result.stderr, (args, result.stderr)
+    return result
 
 
 def _rendered(name="whisper-dpo", **job):

@@ -347,6 +347,22 @@ def test_render_never_imports_torch_or_the_kubernetes_client(tmp_path):
     assert "kind: PyTorchJob" in result.stdout
 
 
+def test_the_promotion_gate_and_scoring_import_no_torch():
+    # `audiorl promote` decides on WERs with the same scoring as evaluation, without torch
+    code = (
+        "import sys\n"
+        "from audiorl.promotion import decide\n"
+        "from audiorl.scoring import score\n"
+        "wer = score(['turn on the lights'], ['turn on the light']).wer\n"
+        "decision = decide({'hard': 0.5}, {'hard': wer}, ['hard'], margin=0.0, tolerance=0.0)\n"
+        "assert decision.promote and wer == 0.25, (decision, wer)\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_job_state_reads_the_operators_conditions():
     from audiorl.k8s.status import job_state
 

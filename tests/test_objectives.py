@@ -1,112 +1,60 @@
-"""The DPO loss family against TRL's own implementation, and hand-checked values."""
+"""The DPO loss family against values TRL computed (recorded with its version by
+tests/data/record_trl_dpo_losses.py), and hand-checked values."""
 
+import json
 import math
-from collections import defaultdict
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
 
-from audiorl.config import DPO_LOSS_TYPES
-from audiorl.objectives import PreferenceLogps, PreferenceLoss, sft_loss
+from audiorl.config import validate_config
+from audiorl.objectives import LOSSES, Pairs, PreferenceLogps, PreferenceLoss, sft_loss
 
-trl = pytest.importorskip("trl", reason="TRL is a test dependency: pip install -e '.[test]'")
-
-
-class _Outputs(torch.nn.Module):
-    """Stands in for a causal LM: returns fixed per-token log-probs, as TRL's fused head would."""
-
-    def __init__(self, log_probs):
-        super().__init__()
-        self.log_probs = log_probs
-        self.is_gradient_checkpointing = False
-
-    def forward(self, **kwargs):
-        lp = self.log_probs
-        return SimpleNamespace(
-            log_probs=lp,
-            entropy=torch.zeros_like(lp),
-            mean_logits=torch.zeros_like(lp),
-            is_top1=torch.zeros_like(lp, dtype=torch.bool),
-            log_sum_sq_probs=torch.zeros_like(lp),
-        )
+RECORDED = json.loads((Path(__file__).parent / "data" / "trl_dpo_losses.json").read_text())
 
 
-def _trl_loss(loss_type, weights, beta, label_smoothing, policy_tok, ref_tok, completion_mask):
-    from trl import DPOTrainer
-
-    identity = lambda x: x  # noqa: E731
-    fake = SimpleNamespace(
-        model=_Outputs(policy_tok),
-        ref_model=_Outputs(ref_tok),
-        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity, unwrap_model=identity),
-        aux_loss_enabled=False,
-        ld_alpha=None,
-        precompute_ref_logps=False,
-        f_divergence_type="reverse_kl",
-        loss_types=loss_type,
-        loss_weights=weights,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        args=SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None),
-        use_weighting=False,
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _total_train_tokens=0,
-        _tp_size=1,
-    )
-    inputs = {
-        "input_ids": torch.zeros_like(completion_mask, dtype=torch.long),
-        "attention_mask": torch.ones_like(completion_mask),
-        "completion_mask": completion_mask,
-    }
-    loss = DPOTrainer._compute_loss(fake, fake.model, inputs, return_outputs=False)
-    return loss, fake._metrics["train"]
+def _case_id(case):
+    return "+".join(case["loss_type"]) + f"-seed{case['seed']}"
 
 
-def _batch(seed, pairs=6, length=9):
-    """Random per-token log-probs for chosen and rejected completions of different lengths."""
-    g = torch.Generator().manual_seed(seed)
-    prompt = 3
-    completion_mask = torch.zeros(2 * pairs, length + prompt, dtype=torch.long)
-    for row in range(2 * pairs):
-        n = int(torch.randint(2, length + 1, (1,), generator=g))
-        completion_mask[row, prompt : prompt + n] = 1
-    shift = completion_mask[:, 1:].float()
-    policy = -torch.rand(2 * pairs, length + prompt - 1, generator=g, dtype=torch.float64) * 3 * shift
-    ref = -torch.rand(2 * pairs, length + prompt - 1, generator=g, dtype=torch.float64) * 3 * shift
-    return policy, ref, completion_mask, shift
-
-
-def _ours(loss_type, weights, beta, label_smoothing, policy, ref, shift):
-    n = policy.shape[0] // 2
-    sums, counts, ref_sums = policy.sum(1), shift.sum(1), ref.sum(1)
-    fn = PreferenceLoss(loss_type, weights, beta=beta, label_smoothing=label_smoothing, discopop_tau=0.05)
-    logps = PreferenceLogps(sums[:n], sums[n:], counts[:n], counts[n:])
-    return fn(logps, ref_sums[:n], ref_sums[n:])
-
-
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_each_loss_matches_trl(loss_type, seed):
-    policy, ref, completion_mask, shift = _batch(seed)
-    beta = 0.3
-    smoothing = 0.1 if loss_type in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0
-    expected, trl_metrics = _trl_loss([loss_type], [1.0], beta, smoothing, policy, ref, completion_mask)
-    ours = _ours([loss_type], [1.0], beta, smoothing, policy, ref, shift)
+@pytest.mark.parametrize("case", RECORDED["cases"], ids=_case_id)
+def test_each_loss_matches_what_trl_computed(case):
+    t = lambda key: torch.tensor(case[key], dtype=torch.float64)  # noqa: E731
+    fn = PreferenceLoss(case["loss_type"], case["loss_weights"], beta=case["beta"], label_smoothing=case["label_smoothing"],
+                        discopop_tau=case["discopop_tau"])
+    out = fn(PreferenceLogps(t("policy_chosen"), t("policy_rejected"), t("chosen_tokens"), t("rejected_tokens")),
+             t("ref_chosen"), t("ref_rejected"))
     # float64 inputs; TRL builds exo_pair's epsilon as a float32 tensor, hence rtol 1e-6 not 1e-12
-    torch.testing.assert_close(ours.loss, expected.to(ours.loss.dtype), rtol=1e-6, atol=1e-9)
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
-        assert float(ours.metrics[name]) == pytest.approx(trl_metrics[name][0], rel=1e-9, abs=1e-12), name
+    assert float(out.loss) == pytest.approx(case["loss"], rel=1e-6, abs=1e-9), RECORDED["trl_version"]
+    for name, value in case["metrics"].items():
+        assert float(out.metrics[name]) == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    parts = sum(w * float(out.metrics[f"loss/{n}"]) for n, w in zip(case["loss_type"], case["loss_weights"]))
+    assert float(out.loss) == pytest.approx(parts, rel=1e-12)
 
 
-def test_mpo_weighting_matches_trl():
-    policy, ref, completion_mask, shift = _batch(7)
-    types, weights = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]
-    expected, _ = _trl_loss(types, weights, 0.1, 0.0, policy, ref, completion_mask)
-    ours = _ours(types, weights, 0.1, 0.0, policy, ref, shift)
-    torch.testing.assert_close(ours.loss, expected.to(ours.loss.dtype), rtol=1e-6, atol=1e-9)
-    parts = sum(w * float(ours.metrics[f"loss/{t}"]) for t, w in zip(types, weights))
-    assert float(ours.loss) == pytest.approx(parts, rel=1e-12)
+def test_every_registered_loss_was_recorded_and_the_schema_takes_the_registry():
+    recorded = {name for case in RECORDED["cases"] for name in case["loss_type"]}
+    assert recorded == set(LOSSES)
+    for name in LOSSES:
+        assert LOSSES[name].__doc__, f"{name}: say what it is and cite the paper"
+        cfg = validate_config({"model": {"name_or_path": "m"}, "objective": {"loss_type": [name],
+                                                                              "label_smoothing": 0.1 if name == "exo_pair" else 0.0}})
+        assert cfg.objective.loss_type == [name]
+    with pytest.raises(Exception, match="unknown loss_type \\['sigmod'\\]; choose from \\['sigmoid', 'hinge'"):
+        validate_config({"model": {"name_or_path": "m"}, "objective": {"loss_type": ["sigmod"]}})
+
+
+def test_a_users_loss_has_the_built_ins_signature():
+    def double_sigmoid(pairs: Pairs) -> torch.Tensor:
+        return 2 * LOSSES["sigmoid"](pairs)
+
+    logps = PreferenceLogps(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]), torch.ones(2), torch.ones(2))
+    ref = torch.tensor([-1.5, -1.5])
+    ours = PreferenceLoss(["double", "sigmoid"], custom={"double": double_sigmoid})(logps, ref, ref)
+    assert float(ours.metrics["loss/double"]) == pytest.approx(2 * float(ours.metrics["loss/sigmoid"]))
+    with pytest.raises(ValueError, match="unknown loss_type \\['nope'\\]"):
+        PreferenceLoss(["nope"])
 
 
 def test_sigmoid_by_hand():

@@ -24,10 +24,9 @@ PACKAGE = {
     "my_asr_ext/losses.py": '''
         import torch.nn.functional as F
 
-        def wide_margin(policy, ref_chosen, ref_rejected, beta):
+        def wide_margin(pairs):
             """Sigmoid DPO that only stops pushing once the margin exceeds 2 (per pair)."""
-            margin = beta * ((policy.chosen - ref_chosen) - (policy.rejected - ref_rejected))
-            return F.softplus(2.0 - margin)
+            return F.softplus(2.0 - pairs.beta * pairs.delta)
     ''',
     "my_asr_ext-0.1.dist-info/METADATA": "Metadata-Version: 2.1\\nName: my-asr-ext\\nVersion: 0.1\\n",
     "my_asr_ext-0.1.dist-info/entry_points.txt": """

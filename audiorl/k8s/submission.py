@@ -23,14 +23,14 @@ def prepare(path: str | Path, overrides: list[str] | None = None, *, api: str = 
     env: dict[str, str] = {}
     mlflow_run = None
     if cfg.tracking.enabled and create_run:
-        from audiorl.tracking import _reachable_error, create_job_run, is_server, resolve_tracking_uri
+        from audiorl.tracking import create_job_run, is_connection_error, is_server, resolve_tracking_uri
 
         uri = resolve_tracking_uri(cfg.tracking) if (local or cfg.tracking.tracking_uri) else None
         if uri and (local or is_server(uri)):
             try:
                 mlflow_run, uri = create_job_run(cfg, name)
             except Exception as exc:  # noqa: BLE001 - only an unreachable server is tolerated
-                if not _reachable_error(exc):
+                if not is_connection_error(exc):
                     raise
                 log(f"warning: cannot reach MLflow at {uri} from here ({type(exc).__name__}); the job creates its own run")
             else:

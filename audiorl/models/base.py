@@ -82,6 +82,9 @@ class ModelAdapter(ABC):
     """One model family behind the contract above. `model` is the trainable `nn.Module`."""
 
     family: ClassVar[str]
+    #: how a trained model is logged to MLflow: "transformers" (an automatic-speech-recognition
+    #: pipeline, for families transformers has one for) or "pyfunc" (AudioRL's own transcriber)
+    mlflow_flavor: ClassVar[str] = "pyfunc"
 
     def __init__(self, model: nn.Module, config: ModelConfig):
         self.model = model
@@ -174,6 +177,14 @@ class ModelAdapter(ABC):
     def encoder_trainable(self) -> bool:
         """True when any audio-encoder parameter receives gradients (then the reference must
         encode the audio with its own weights; otherwise it can reuse the policy's context)."""
+
+    def shard_units(self) -> list[nn.Module]:
+        """The submodules FSDP shards one by one (the rest is sharded at the root): by default
+        every transformer layer, which transformers and AudioRL's own layers build on
+        `GradientCheckpointingLayer`. A family with other layers overrides this."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        return [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
     @property
     def uses_lora(self) -> bool:

@@ -73,6 +73,7 @@ def _is_multilingual(generation, vocab_size: int) -> bool:
 
 class WhisperAdapter(ModelAdapter):
     family = "whisper"
+    mlflow_flavor = "transformers"
 
     def __init__(self, model: nn.Module, processor, config: ModelConfig):
         super().__init__(model, config)

@@ -1,27 +1,15 @@
-"""The DPO loss family on sequence log-probabilities, with TRL's names for each member.
+"""The DPO loss family on sequence log-probabilities, each member a small registered function
+under TRL's name for it (`trl.DPOConfig.loss_type`).
 
-Inputs are summed completion log-probabilities of shape (B,) for the policy and the reference,
-plus completion token counts (B,). Nothing here calls a model or touches I/O.
+A loss takes one `Pairs` (summed completion log-probs of the policy and the reference for B
+preference pairs, each of shape (B,), their token counts, β, the label smoothing ε, ...) and
+returns the per-pair loss, shape (B,); `PreferenceLoss` averages each over the batch and sums
+them with `loss_weights`. Δ below is the chosen log-ratio minus the rejected one. Nothing here
+calls a model or touches I/O.
 
-Members (beta = β, label_smoothing = ε, Δ = chosen log-ratio − rejected log-ratio):
-- sigmoid       DPO, Rafailov et al. 2023 (arXiv 2305.18290): −log σ(βΔ)
-- hinge         SLiC, Zhao et al. 2023 (arXiv 2305.10425): max(0, 1 − βΔ)
-- ipo           IPO, Azar et al. 2023 (arXiv 2310.12036), Eq. 17, log-ratios averaged per token
-- exo_pair      EXO, Ji et al. 2024 (arXiv 2402.00856), Eq. 16 with K = 2
-- nca_pair      NCA, Chen et al. 2024 (arXiv 2402.05369)
-- robust        robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409)
-- bco_pair      BCO, Jung et al. 2024 (arXiv 2404.04656); with `bco_running_mean` the rewards are
-                shifted by a running mean δ of past rewards, as the MPO paper's code does
-- sppo_hard     SPPO with hard win probabilities, Wu et al. 2024 (arXiv 2405.00675)
-- aot           AOT, Melnyk et al. 2024 (arXiv 2406.05882), paired
-- aot_unpaired  AOT, unpaired
-- apo_zero      APO-zero, D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 7
-- apo_down      APO-down, same paper, Eq. 8
-- discopop      DiscoPOP, Chris Lu et al. 2024 (arXiv 2406.08414), Eq. 5
-- sft           negative log-likelihood of the chosen completions, per token
-- sigmoid_norm  DPO on per-token-averaged log-ratios (SimPO-style length normalisation)
-
-Any other name is a user loss passed in `custom` (see audiorl.plugins).
+`LOSSES` is the registry: the run schema's list of valid `loss_type` names comes from it. A user
+loss (`package.module:function`, or an `audiorl.losses` entry point; see audiorl.plugins) has
+the same signature, `fn(pairs: Pairs) -> Tensor (B,)`.
 
 MPO (Wang et al. 2024, arXiv 2411.10442) is `loss_type=[sigmoid, bco_pair, sft]` with
 `loss_weights=[0.8, 0.2, 1.0]`.
@@ -29,11 +17,25 @@ MPO (Wang et al. 2024, arXiv 2411.10442) is `loss_type=[sigmoid, bco_pair, sft]`
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-import torch.nn.functional as F
+
+class _OnFirstUse:
+    """A module imported when first used. The run schema reads `LOSSES` to check loss names, and
+    the operator commands (`audiorl render`) validate configs without loading torch."""
+
+    def __init__(self, name: str):
+        self._module_name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._module_name), attr)
+
+
+torch: Any = _OnFirstUse("torch")
+F: Any = _OnFirstUse("torch.nn.functional")
 
 
 @dataclass
@@ -74,6 +76,167 @@ class RunningMean:
         self.mean, self.count = float(state["mean"]), int(state["count"])
 
 
+@dataclass
+class Pairs:
+    """What every DPO-family loss receives: B preference pairs, each tensor of shape (B,)."""
+
+    policy: PreferenceLogps
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    running: RunningMean | None = None  # BCO's running reward mean δ, when asked for
+
+    def __post_init__(self) -> None:
+        self.chosen_ratio = self.policy.chosen - self.ref_chosen  # log π(y_c|x)/π_ref(y_c|x)
+        self.rejected_ratio = self.policy.rejected - self.ref_rejected
+        self.delta = self.chosen_ratio - self.rejected_ratio  # Δ
+
+    def per_token(self) -> torch.Tensor:
+        """Δ with each log-ratio averaged over its completion's tokens."""
+        return (self.chosen_ratio / self.policy.chosen_tokens.clamp(min=1)
+                - self.rejected_ratio / self.policy.rejected_tokens.clamp(min=1))
+
+
+Loss = Callable[[Pairs], "torch.Tensor"]
+LOSSES: dict[str, Loss] = {}
+
+
+def register_loss(name: str) -> Callable[[Loss], Loss]:
+    """Register a built-in loss under its TRL name."""
+
+    def add(fn: Loss) -> Loss:
+        if name in LOSSES:
+            raise ValueError(f"loss_type {name!r} is registered twice")
+        LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+def loss_names() -> list[str]:
+    return list(LOSSES)
+
+
+@register_loss("sigmoid")
+def sigmoid(p: Pairs) -> torch.Tensor:
+    """DPO, Rafailov et al. 2023 (arXiv 2305.18290): −log σ(βΔ)."""
+    return -F.logsigmoid(p.beta * p.delta)
+
+
+@register_loss("hinge")
+def hinge(p: Pairs) -> torch.Tensor:
+    """SLiC, Zhao et al. 2023 (arXiv 2305.10425): max(0, 1 − βΔ)."""
+    return torch.relu(1 - p.beta * p.delta)
+
+
+@register_loss("ipo")
+def ipo(p: Pairs) -> torch.Tensor:
+    """IPO, Azar et al. 2023 (arXiv 2310.12036), Eq. 17: (Δ̄ − 1/2β)², with the log-ratios averaged
+    per completion token so that β means the same for short and long transcripts (TRL does the
+    same, confirmed with the IPO authors)."""
+    return (p.per_token() - 1 / (2 * p.beta)) ** 2
+
+
+@register_loss("exo_pair")
+def exo_pair(p: Pairs) -> torch.Tensor:
+    """EXO, Ji et al. 2024 (arXiv 2402.00856), Eq. 16 with K = 2: KL(p_θ || p_target) over
+    {chosen, rejected} with the target [1 − ε, ε] (ε > 0)."""
+    eps = torch.tensor(p.label_smoothing, dtype=p.delta.dtype, device=p.delta.device)
+    logit = p.beta * p.delta
+    return torch.sigmoid(logit) * (F.logsigmoid(logit) - torch.log1p(-eps)) + torch.sigmoid(-logit) * (
+        F.logsigmoid(-logit) - torch.log(eps)
+    )
+
+
+@register_loss("nca_pair")
+def nca_pair(p: Pairs) -> torch.Tensor:
+    """NCA, Chen et al. 2024 (arXiv 2402.05369): −log σ(r_c) − ½ log σ(−r_c) − ½ log σ(−r_r), r = β·log-ratio."""
+    rc, rr = p.beta * p.chosen_ratio, p.beta * p.rejected_ratio
+    return -F.logsigmoid(rc) - 0.5 * F.logsigmoid(-rc) - 0.5 * F.logsigmoid(-rr)
+
+
+@register_loss("robust")
+def robust(p: Pairs) -> torch.Tensor:
+    """Robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409): unbiased under a label-flip rate ε."""
+    eps = p.label_smoothing
+    clean = -(1 - eps) * F.logsigmoid(p.beta * p.delta)
+    flipped = -eps * F.logsigmoid(-p.beta * p.delta)
+    return (clean - flipped) / (1 - 2 * eps)
+
+
+@register_loss("bco_pair")
+def bco_pair(p: Pairs) -> torch.Tensor:
+    """BCO, Jung et al. 2024 (arXiv 2404.04656): −log σ(r_c − δ) − log σ(−(r_r − δ)); δ is 0, or with
+    `bco_running_mean` the running mean of past rewards, as the MPO paper's code does."""
+    rc, rr = p.beta * p.chosen_ratio, p.beta * p.rejected_ratio
+    shift = p.running.update(torch.cat([rc, rr])) if p.running is not None else 0.0
+    return -F.logsigmoid(rc - shift) - F.logsigmoid(-(rr - shift))
+
+
+@register_loss("sppo_hard")
+def sppo_hard(p: Pairs) -> torch.Tensor:
+    """SPPO with hard win probabilities, Wu et al. 2024 (arXiv 2405.00675)."""
+    return (p.chosen_ratio - 0.5 / p.beta) ** 2 + (p.rejected_ratio + 0.5 / p.beta) ** 2
+
+
+def _smoothed_logistic(d: torch.Tensor, p: Pairs) -> torch.Tensor:
+    return -F.logsigmoid(p.beta * d) * (1 - p.label_smoothing) - F.logsigmoid(-p.beta * d) * p.label_smoothing
+
+
+@register_loss("aot")
+def aot(p: Pairs) -> torch.Tensor:
+    """AOT, Melnyk et al. 2024 (arXiv 2406.05882), paired: optimal transport between the policy's
+    and the reference's sorted chosen-minus-rejected log-prob distributions."""
+    ours, _ = torch.sort(p.policy.chosen - p.policy.rejected, dim=0)
+    ref, _ = torch.sort(p.ref_chosen - p.ref_rejected, dim=0)
+    return _smoothed_logistic(ours - ref, p)
+
+
+@register_loss("aot_unpaired")
+def aot_unpaired(p: Pairs) -> torch.Tensor:
+    """AOT, unpaired: the sorted chosen log-ratios against the sorted rejected ones."""
+    chosen, _ = torch.sort(p.chosen_ratio, dim=0)
+    rejected, _ = torch.sort(p.rejected_ratio, dim=0)
+    return _smoothed_logistic(chosen - rejected, p)
+
+
+@register_loss("apo_zero")
+def apo_zero(p: Pairs) -> torch.Tensor:
+    """APO-zero, D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 7: push chosen up, rejected down."""
+    return (1 - torch.sigmoid(p.beta * p.chosen_ratio)) + torch.sigmoid(p.beta * p.rejected_ratio)
+
+
+@register_loss("apo_down")
+def apo_down(p: Pairs) -> torch.Tensor:
+    """APO-down, same paper, Eq. 8: push both down, rejected more."""
+    return torch.sigmoid(p.beta * p.chosen_ratio) + (1 - torch.sigmoid(p.beta * p.delta))
+
+
+@register_loss("discopop")
+def discopop(p: Pairs) -> torch.Tensor:
+    """DiscoPOP, Chris Lu et al. 2024 (arXiv 2406.08414), Eq. 5: logistic and exponential losses
+    mixed by σ(βΔ/τ)."""
+    logit = p.beta * p.delta
+    mix = torch.sigmoid(logit / p.discopop_tau)
+    return -F.logsigmoid(logit) * (1 - mix) + torch.exp(-logit) * mix
+
+
+@register_loss("sft")
+def sft(p: Pairs) -> torch.Tensor:
+    """Negative log-likelihood of the chosen completions, averaged over every chosen token in the
+    batch (one value, repeated per pair)."""
+    nll = -p.policy.chosen.sum() / p.policy.chosen_tokens.sum().clamp(min=1)
+    return nll.expand(p.policy.chosen.shape[0])
+
+
+@register_loss("sigmoid_norm")
+def sigmoid_norm(p: Pairs) -> torch.Tensor:
+    """DPO on per-token-averaged log-ratios (SimPO-style length normalisation): −log σ(βΔ̄)."""
+    return -F.logsigmoid(p.beta * p.per_token())
+
+
 class PreferenceLoss:
     """A weighted sum of DPO-family losses, each averaged over the batch."""
 
@@ -86,7 +249,7 @@ class PreferenceLoss:
         label_smoothing: float = 0.0,
         discopop_tau: float = 0.05,
         bco_running_mean: bool = False,
-        custom: dict[str, Callable[..., torch.Tensor]] | None = None,
+        custom: dict[str, Loss] | None = None,
     ):
         self.loss_type = list(loss_type)
         self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * len(self.loss_type)
@@ -96,24 +259,26 @@ class PreferenceLoss:
         self.label_smoothing = label_smoothing
         self.discopop_tau = discopop_tau
         self.running = RunningMean() if bco_running_mean else None
-        # user losses: fn(policy: PreferenceLogps, ref_chosen, ref_rejected, beta) -> per-pair loss (B,)
-        self.custom = dict(custom or {})
+        # user losses come from the config's names (audiorl.recipes resolves them) and have the
+        # built-ins' signature
+        losses = {**LOSSES, **(custom or {})}
+        unknown = [name for name in self.loss_type if name not in losses]
+        if unknown:
+            raise ValueError(f"unknown loss_type {unknown}; choose from {loss_names()}")
+        self.losses = [losses[name] for name in self.loss_type]
 
     def __call__(self, policy: PreferenceLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> LossOutput:
-        beta, eps = self.beta, self.label_smoothing
-        chosen_ratio = policy.chosen - ref_chosen  # log π(y_c|x)/π_ref(y_c|x), (B,)
-        rejected_ratio = policy.rejected - ref_rejected
-        delta = chosen_ratio - rejected_ratio
+        pairs = Pairs(policy, ref_chosen, ref_rejected, beta=self.beta, label_smoothing=self.label_smoothing,
+                      discopop_tau=self.discopop_tau, running=self.running)
         total = policy.chosen.new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
-        for name, weight in zip(self.loss_type, self.loss_weights):
-            per_pair = self._loss(name, policy, ref_chosen, ref_rejected, chosen_ratio, rejected_ratio, delta, beta, eps)
-            term = per_pair.mean()
+        for name, fn, weight in zip(self.loss_type, self.losses, self.loss_weights):
+            term = fn(pairs).mean()
             metrics[f"loss/{name}"] = term.detach()
             total = total + weight * term
 
-        chosen_rewards = (beta * chosen_ratio).detach()
-        rejected_rewards = (beta * rejected_ratio).detach()
+        chosen_rewards = (self.beta * pairs.chosen_ratio).detach()
+        rejected_rewards = (self.beta * pairs.rejected_ratio).detach()
         metrics.update(
             {
                 "rewards/chosen": chosen_rewards.mean(),
@@ -128,72 +293,9 @@ class PreferenceLoss:
             metrics["bco/delta"] = torch.tensor(self.running.mean)
         return LossOutput(loss=total, metrics=metrics)
 
-    def _loss(self, name, policy, ref_chosen, ref_rejected, chosen_ratio, rejected_ratio, delta, beta, eps):
-        if name in self.custom:
-            return self.custom[name](policy, ref_chosen, ref_rejected, beta)
-        if name == "sigmoid":
-            return -F.logsigmoid(beta * delta)
-        if name == "hinge":
-            return torch.relu(1 - beta * delta)
-        if name == "ipo":
-            # IPO's log-ratios are averaged per completion token so that β means the same for short
-            # and long transcripts (TRL does the same, confirmed with the IPO authors).
-            avg = chosen_ratio / policy.chosen_tokens.clamp(min=1) - rejected_ratio / policy.rejected_tokens.clamp(min=1)
-            return (avg - 1 / (2 * beta)) ** 2
-        if name == "exo_pair":
-            # KL(p_θ || p_target) over {chosen, rejected} with target [1 − ε, ε]
-            eps_t = torch.tensor(eps, dtype=delta.dtype, device=delta.device)
-            logit = beta * delta
-            return torch.sigmoid(logit) * (F.logsigmoid(logit) - torch.log1p(-eps_t)) + torch.sigmoid(-logit) * (
-                F.logsigmoid(-logit) - torch.log(eps_t)
-            )
-        if name == "nca_pair":
-            rc, rr = beta * chosen_ratio, beta * rejected_ratio
-            return -F.logsigmoid(rc) - 0.5 * F.logsigmoid(-rc) - 0.5 * F.logsigmoid(-rr)
-        if name == "robust":
-            clean = -(1 - eps) * F.logsigmoid(beta * delta)
-            flipped = -eps * F.logsigmoid(-beta * delta)
-            return (clean - flipped) / (1 - 2 * eps)
-        if name == "bco_pair":
-            rc, rr = beta * chosen_ratio, beta * rejected_ratio
-            shift = 0.0
-            if self.running is not None:
-                shift = self.running.update(torch.cat([rc, rr]))
-            return -F.logsigmoid(rc - shift) - F.logsigmoid(-(rr - shift))
-        if name == "sppo_hard":
-            return (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
-        if name == "aot":
-            # optimal transport between the policy's and the reference's log-ratio distributions
-            ours, _ = torch.sort(policy.chosen - policy.rejected, dim=0)
-            ref, _ = torch.sort(ref_chosen - ref_rejected, dim=0)
-            d = ours - ref
-            return -F.logsigmoid(beta * d) * (1 - eps) - F.logsigmoid(-beta * d) * eps
-        if name == "aot_unpaired":
-            c, _ = torch.sort(chosen_ratio, dim=0)
-            r, _ = torch.sort(rejected_ratio, dim=0)
-            d = c - r
-            return -F.logsigmoid(beta * d) * (1 - eps) - F.logsigmoid(-beta * d) * eps
-        if name == "apo_zero":
-            return (1 - torch.sigmoid(beta * chosen_ratio)) + torch.sigmoid(beta * rejected_ratio)
-        if name == "apo_down":
-            return torch.sigmoid(beta * chosen_ratio) + (1 - torch.sigmoid(beta * delta))
-        if name == "discopop":
-            logit = beta * delta
-            mix = torch.sigmoid(logit / self.discopop_tau)
-            return -F.logsigmoid(logit) * (1 - mix) + torch.exp(-logit) * mix
-        if name == "sft":
-            # one scalar per batch: NLL averaged over every chosen token
-            nll = -policy.chosen.sum() / policy.chosen_tokens.sum().clamp(min=1)
-            return nll.expand(policy.chosen.shape[0])
-        if name == "sigmoid_norm":
-            avg = chosen_ratio / policy.chosen_tokens.clamp(min=1) - rejected_ratio / policy.rejected_tokens.clamp(min=1)
-            return -F.logsigmoid(beta * avg)
-        raise ValueError(f"unknown loss_type {name!r}")
-
     def state_dict(self) -> dict:
         return {"running": self.running.state_dict()} if self.running is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         if self.running is not None and "running" in state:
             self.running.load_state_dict(state["running"])
-

@@ -7,13 +7,13 @@ manifest), `hotwords` (a list of strings), `language` (a code such as "en", "zh"
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Sequence
 
 import jiwer
 
 from audiorl.config import TextNormalization
+from audiorl.scoring import count_phrase, hotword_hits
 from audiorl.text import transform
 
 Rewards = list[float | None]
@@ -59,27 +59,6 @@ def cer(completions: list[str], reference=None, normalization: TextNormalization
     return [max(0.0, 1.0 - error_rate(r, h, norm, "char")) for r, h in zip(refs, completions)]
 
 
-def _contains(text: str, phrase: str) -> int:
-    """Occurrences of `phrase` in `text`, on word boundaries where the phrase is in a spaced script."""
-    text, phrase = text.casefold(), phrase.casefold().strip()
-    if not phrase:
-        return 0
-    if re.search(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]", phrase):
-        return text.count(phrase)
-    return len(re.findall(rf"(?<!\w){re.escape(phrase)}(?!\w)", text))
-
-
-def hotword_hits(hypothesis: str, hotwords: list[str], reference: str | None = None, *, strict: bool = False) -> tuple[int, int]:
-    """(expected, found): how many of the record's hotwords should come out and how many of those
-    the hypothesis has, matched case-insensitively on word boundaries. Expected are those the
-    reference contains, when a reference is given; if it contains none, all of them (the reward's
-    reading of a hotword list) or, with `strict` (evaluation's), none."""
-    expected = [w for w in hotwords if reference is None or _contains(reference, w)]
-    if not expected and not strict:
-        expected = list(hotwords)
-    return len(expected), sum(1 for w in expected if _contains(hypothesis, w))
-
-
 def hotword(completions: list[str], hotwords=None, reference=None, mode: str = "recall", **_) -> Rewards:
     """How well the record's hotwords come out.
 
@@ -97,8 +76,8 @@ def hotword(completions: list[str], hotwords=None, reference=None, mode: str = "
             continue
         expected, found = hotword_hits(hyp, hws, ref)
         recall = found / expected if expected else 1.0
-        said = sum(_contains(hyp, w) for w in hws)
-        backed = sum(min(_contains(hyp, w), _contains(ref, w) if ref is not None else _contains(hyp, w)) for w in hws)
+        said = sum(count_phrase(hyp, w) for w in hws)
+        backed = sum(min(count_phrase(hyp, w), count_phrase(ref, w) if ref is not None else count_phrase(hyp, w)) for w in hws)
         precision = backed / said if said else 1.0
         if mode == "recall":
             out.append(recall)
