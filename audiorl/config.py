@@ -427,7 +427,7 @@ class JobConfig(_Section):
     @classmethod
     def _no_inline_secrets(cls, value: dict[str, str]) -> dict[str, str]:
         for key, item in value.items():
-            if is_secret_key(key) or _URI_PASSWORD.search(str(item)):
+            if is_secret_key(key) or has_uri_password(str(item)):
                 raise ValueError(f"env {key!r} looks like a secret: {_SECRET_VALUE_HINT}")
         return value
 

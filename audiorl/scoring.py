@@ -34,6 +34,12 @@ def hotword_hits(hypothesis: str, hotwords: list[str], reference: str | None = N
     return len(expected), sum(1 for w in expected if count_phrase(hypothesis, w))
 
 
+def _hotword_totals(utterances: list[Utterance]) -> tuple[int, float | None]:
+    """(hotwords expected, corpus recall) over utterances; recall None when none is expected."""
+    expected = sum(u.hotwords_expected for u in utterances)
+    return expected, (sum(u.hotwords_found for u in utterances) / expected if expected else None)
+
+
 @dataclass
 class Utterance:
     source: str
@@ -124,12 +130,12 @@ def score(
             )
         )
     silent = [u for u in utterances if u.reference_words == 0]
-    expected = sum(u.hotwords_expected for u in utterances)
+    expected, recall = _hotword_totals(utterances)
     return EvalResult(
         no_speech_clips=len(silent),
         no_speech_output_rate=sum(u.errors > 0 for u in silent) / len(silent) if silent else None,
         hotwords_expected=expected,
-        hotword_recall=sum(u.hotwords_found for u in utterances) / expected if expected else None,
+        hotword_recall=recall,
         wer=float(out.wer),
         cer=float(cer),
         substitutions=out.substitutions,
@@ -149,7 +155,5 @@ def pooled(results: list[EvalResult], normalization: TextNormalization | None = 
                           sources=[u.source for u in utterances])
     for mine, theirs in zip(pooled_result.utterances, utterances):  # the hotword counts, as each set scored them
         mine.hotwords_expected, mine.hotwords_found = theirs.hotwords_expected, theirs.hotwords_found
-    expected = sum(u.hotwords_expected for u in utterances)
-    pooled_result.hotwords_expected = expected
-    pooled_result.hotword_recall = sum(u.hotwords_found for u in utterances) / expected if expected else None
+    pooled_result.hotwords_expected, pooled_result.hotword_recall = _hotword_totals(utterances)
     return pooled_result

