@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_config": ("audiorl.config", "load_config"),
     "RunConfig": ("audiorl.config", "RunConfig"),
-    "train": ("audiorl.api", "train"),
+    "train": ("audiorl.run", "train"),
     "evaluate": ("audiorl.api", "evaluate"),
     "load_adapter": ("audiorl.models.registry", "load_adapter"),
     "AudioRLError": ("audiorl.errors", "AudioRLError"),

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from audiorl.errors import ConfigError
+from audiorl.methods import ObjectiveConfig, default_objective, keys_of_other_methods
+from audiorl.sections import Section
 
 # Keys and URIs that carry secrets: never logged, never inlined in a manifest.
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey", "accesskey"}
@@ -39,11 +41,7 @@ def is_secret_key(name: str) -> bool:
     return bool(_SECRET_WORDS & (set(words) | pairs))
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LoraSettings(_Section):
+class LoraSettings(Section):
     """LoRA through peft. When set, only the adapter weights train and the reference model is the
     same network with the adapter disabled (no second copy in memory)."""
 
@@ -53,7 +51,7 @@ class LoraSettings(_Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     family: str = Field("whisper", description="whisper, qwen2_audio, qwen3_asr, step_audio2, or module:Class")
     name_or_path: str = Field(..., description="local directory written by save_pretrained, or a hub id")
     revision: str | None = None
@@ -75,7 +73,7 @@ class ModelConfig(_Section):
     lora: LoraSettings | None = None
 
 
-class TextNormalization(_Section):
+class TextNormalization(Section):
     """How hypotheses and references are normalised before WER/CER."""
 
     normalizer: Literal["plain", "whisper_english", "whisper_basic"] = Field(
@@ -90,7 +88,7 @@ class TextNormalization(_Section):
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     train: str | list[str] | None = Field(
         None,
         description="JSONL manifest or a Hugging Face dataset saved with save_to_disk; several (a list) are read in turn and "
@@ -142,102 +140,7 @@ class DataConfig(_Section):
         return dict(self.eval)
 
 
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
-
-
-class RewardConfig(_Section):
-    """One term of the composed reward: a built-in (wer, cer, hotword, hallucination, language,
-    length), `package.module:function`, or an `audiorl.rewards` entry point."""
-
-    name: str
-    weight: float = 1.0
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class ObjectiveConfig(_Section):
-    name: Literal["dpo", "sft", "grpo"] = "dpo"
-    beta: float = Field(0.1, ge=0, description="DPO's β (default 0.1); GRPO's KL weight (default 0: no reference)")
-    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])
-    loss_weights: list[float] | None = None
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    discopop_tau: float = Field(0.05, gt=0)
-    bco_running_mean: bool = Field(
-        False,
-        description="shift bco_pair rewards by a running mean of past rewards, as in the MPO paper's code",
-    )
-    precompute_reference: bool = False
-    disable_dropout: bool = True
-    ctc_weight: float = Field(
-        0.0, ge=0, description="SFT: weight of an auxiliary CTC loss on the encoder output (Whisper; training only)"
-    )
-    # GRPO
-    num_generations: int = Field(8, ge=2)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    max_completion_length: int = Field(128, gt=0)
-    epsilon: float = Field(0.2, gt=0)
-    epsilon_high: float | None = Field(None, gt=0)
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    importance_sampling_level: Literal["token", "sequence"] = "token"
-    num_iterations: int = Field(1, ge=1)
-    mask_truncated_completions: bool = False
-    rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig(name="wer")])
-
-    @field_validator("loss_type", mode="before")
-    @classmethod
-    def _split_loss_type(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @model_validator(mode="after")
-    def _check_losses(self) -> ObjectiveConfig:
-        if self.ctc_weight and self.name != "sft":
-            raise ValueError("ctc_weight applies to objective.name=sft (the auxiliary loss that teaches a new encoder to listen)")
-        if self.name == "grpo":
-            return self._check_grpo()
-        from audiorl.objectives.dpo import loss_names  # the registry (torch-free to import)
-
-        unknown = [name for name in self.loss_type if name not in loss_names() and ":" not in name]
-        if unknown:
-            from audiorl.plugins import LOSS_GROUP, entry_point_names
-
-            unknown = [name for name in unknown if name not in entry_point_names(LOSS_GROUP)]
-        if unknown:
-            raise ValueError(
-                f"unknown loss_type {unknown}; choose from {loss_names()}, or name your own as package.module:function"
-            )
-        if not self.loss_type:
-            raise ValueError("loss_type must name at least one loss")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ValueError(
-                f"loss_weights has {len(self.loss_weights)} entries but loss_type has {len(self.loss_type)}"
-            )
-        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
-            raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper suggests 1e-3)")
-        return self
-
-    def _check_grpo(self) -> ObjectiveConfig:
-        # TRL's GRPO defaults where the user left a knob unset
-        if "loss_type" not in self.model_fields_set:
-            object.__setattr__(self, "loss_type", ["dapo"])
-        if "beta" not in self.model_fields_set:
-            object.__setattr__(self, "beta", 0.0)
-        if len(self.loss_type) != 1 or self.loss_type[0] not in GRPO_LOSS_TYPES:
-            raise ValueError(f"GRPO takes one loss_type from {list(GRPO_LOSS_TYPES)}, got {self.loss_type}")
-        if self.precompute_reference:
-            raise ValueError("precompute_reference does not apply to GRPO (its completions are sampled during training)")
-        if not self.rewards:
-            raise ValueError("GRPO needs at least one reward in rewards")
-        return self
-
-    @property
-    def weights(self) -> list[float]:
-        return self.loss_weights if self.loss_weights is not None else [1.0] * len(self.loss_type)
-
-
-class DistributedConfig(_Section):
+class DistributedConfig(Section):
     """How the trainer uses several processes under torchrun (ignored in a single process)."""
 
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
@@ -246,7 +149,7 @@ class DistributedConfig(_Section):
     timeout_s: float = Field(1800, gt=0, description="how long a collective waits before the job fails")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     output_dir: str = "runs/audiorl"
     seed: int = 42
     num_train_epochs: float = Field(1.0, gt=0)
@@ -284,7 +187,7 @@ class TrainConfig(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     enabled: bool = True
     tracking_uri: str | None = Field(
         None, description="default: $MLFLOW_TRACKING_URI, else a local SQLite store under ./mlruns"
@@ -323,7 +226,7 @@ def _check_quantity(value: str | None) -> str | None:
     return value
 
 
-class Resources(_Section):
+class Resources(Section):
     """CPU and memory as Kubernetes quantities. GPUs are set by `gpus_per_node`."""
 
     cpu: str | None = None
@@ -335,7 +238,7 @@ class Resources(_Section):
         return _check_quantity(value)
 
 
-class VolumeConfig(_Section):
+class VolumeConfig(Section):
     """A PersistentVolumeClaim mounted into every pod (data, checkpoints, model cache)."""
 
     name: str = Field(..., description="volume name in the pod (DNS-1123 label)")
@@ -352,7 +255,7 @@ class VolumeConfig(_Section):
         return value
 
 
-class SecretEnv(_Section):
+class SecretEnv(Section):
     """An environment variable read from a Kubernetes Secret: the value never appears in a manifest."""
 
     name: str = Field(..., description="the variable's name in the container, e.g. MLFLOW_TRACKING_PASSWORD")
@@ -361,7 +264,7 @@ class SecretEnv(_Section):
     optional: bool = False
 
 
-class ElasticConfig(_Section):
+class ElasticConfig(Section):
     """torchrun's elastic mode: the job runs with anywhere from min_nodes to max_nodes nodes."""
 
     min_nodes: int = Field(..., ge=1)
@@ -376,7 +279,7 @@ class ElasticConfig(_Section):
         return self
 
 
-class VolcanoConfig(_Section):
+class VolcanoConfig(Section):
     """Gang scheduling through Volcano: all replicas start together or none does."""
 
     queue: str | None = None
@@ -385,7 +288,7 @@ class VolcanoConfig(_Section):
 _SECRET_VALUE_HINT = "put it in a Kubernetes Secret and reference it under job.secret_env"
 
 
-class JobConfig(_Section):
+class JobConfig(Section):
     name: str | None = Field(None, description="job name (DNS-1035 label); default: the config file's name")
     namespace: str = "default"
     image: str = "ghcr.io/audiorl/audiorl:0.1.0"
@@ -457,10 +360,10 @@ class JobConfig(_Section):
         return max(self.gpus_per_node, 1)
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfig = Field(default_factory=default_objective)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     job: JobConfig = Field(default_factory=JobConfig)
@@ -532,9 +435,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     problems = []
     for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        parts = [str(part) for part in err["loc"]]
+        method = None
+        if len(parts) > 1 and parts[0] == "objective":
+            method = parts.pop(1)  # the method's tag: objective.<method>.key is objective.key
+        loc = ".".join(parts) or "(top level)"
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        others = keys_of_other_methods(parts[-1], method) if method and err["type"] == "extra_forbidden" else []
+        if others:
+            msg = (f"not a knob of objective.name={method} (it belongs to {' or '.join(f'objective.name={o}' for o in others)}); "
+                   "remove it, or change objective.name")
+        elif err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against `audiorl config show`)"
         elif err["type"] == "missing":
             msg = "required key is missing"

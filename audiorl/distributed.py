@@ -31,6 +31,47 @@ class Dist:
         return self.rank == 0
 
 
+@dataclass(frozen=True)
+class Strategy:
+    """How the processes of a run share the work, and what follows from it: `single` (one
+    process), `ddp` (every rank holds the whole model) or `fsdp` (each layer sharded over ranks)."""
+
+    name: str
+    dist: Dist = Dist()
+
+    @property
+    def sharded(self) -> bool:
+        return self.name == "fsdp"
+
+    @property
+    def lockstep(self) -> bool:
+        """Every rank must make the same model calls in a step (a sharded layer's call is a
+        collective): sampling runs to the full length instead of stopping early."""
+        return self.sharded
+
+    @property
+    def caches_encoder(self) -> bool:
+        """A rank whose clips were cached would skip the collective calls the others wait in."""
+        return not self.sharded
+
+    @property
+    def evaluates_in_loop(self) -> bool:
+        """The main rank scores the test sets during training. A sharded model cannot generate on
+        one rank alone: under FSDP they are scored before sharding and on the exported model."""
+        return self.dist.is_main and not self.sharded
+
+    @property
+    def evaluates_export(self) -> bool:
+        return self.dist.is_main and self.sharded
+
+
+def strategy_for(setting: str, info: Dist) -> Strategy:
+    """`train.distributed.strategy` under this process layout (`auto` is DDP with several processes)."""
+    if not info.enabled:
+        return Strategy("single", info)
+    return Strategy("ddp" if setting == "auto" else setting, info)
+
+
 def from_env() -> Dist:
     return Dist(
         rank=int(os.environ.get("RANK", 0)),

@@ -13,7 +13,8 @@ from audiorl.audio import AudioLimits
 from audiorl.config import TextNormalization
 from audiorl.data.records import Record
 from audiorl.models.base import ModelAdapter
-from audiorl.scoring import EvalResult, score
+from audiorl.progress import progress_bar
+from audiorl.scoring import EvalResult, pooled, score
 
 
 @torch.no_grad()
@@ -27,8 +28,6 @@ def transcribe(
     description: str = "transcribing",
 ) -> list[str]:
     """Greedy transcripts for `records`, in their order."""
-    from audiorl.progress import progress_bar
-
     # sort by length (from the headers) so each batch pads little; decode one batch at a time
     order = sorted(range(len(records)), key=lambda i: records[i].duration())
     texts: list[str] = [""] * len(records)
@@ -63,3 +62,62 @@ def evaluate(
     )
     return score([r.reference for r in records], hypotheses, normalization, sources=[r.source for r in records],
                  hotwords=[r.extra.get("hotwords") for r in records])
+
+
+class Evaluator:
+    """The test sets of a training run, and the one place they are scored and logged.
+
+    Called with a step number, it decodes every set with the adapter it holds, logs the metrics
+    and each set's per-utterance JSON to the run, prints a line per set and returns the metrics.
+    One test set keeps the plain names (`eval/wer`, `eval/step-N.json`); several get
+    `eval/<set>/...` each, and `eval/wer` is then the corpus WER over all of them. The first
+    evaluation at step 0 is kept as `before`, for the chart and the outcome.
+    """
+
+    def __init__(self, adapter: ModelAdapter, sets: dict[str, list[Record]], limits: AudioLimits, *,
+                 normalization: TextNormalization, batch_size: int, max_new_tokens: int, tracker, console):
+        self.adapter = adapter
+        self.sets = sets
+        self.limits = limits
+        self.normalization = normalization
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.tracker = tracker
+        self.console = console
+        self.several = len(sets) > 1
+        self.prefixes = {name: f"eval/{name}/" if self.several else "eval/" for name in sets}
+        self.before: dict[str, float] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.sets)
+
+    def __call__(self, step: int, adapter: ModelAdapter | None = None) -> dict[str, float]:
+        """Score every set with the run's adapter (or `adapter`, e.g. the exported model)."""
+        results = {
+            name: evaluate(
+                adapter or self.adapter, records, self.limits, normalization=self.normalization, batch_size=self.batch_size,
+                max_new_tokens=self.max_new_tokens,
+                description=f"eval {name} @ step {step}" if self.several else f"eval @ step {step}",
+            )
+            for name, records in self.sets.items()
+        }
+        metrics: dict[str, float] = {}
+        for name, result in results.items():
+            metrics.update(result.metrics(self.prefixes[name]))
+            self.tracker.log_dict(result.to_dict(), f"{self.prefixes[name]}step-{step:06d}.json")
+            if self.several:
+                self.console.print(f"eval @ step {step} {name}: WER {result.wer:.3f}  CER {result.cer:.3f}")
+        overall = pooled(list(results.values()), self.normalization) if self.several else next(iter(results.values()))
+        if self.several:
+            metrics.update(overall.metrics("eval/"))
+        self.tracker.log_metrics(metrics, step)
+        if step == 0 and not self.before:
+            self.before.update(metrics)
+        self.console.print(f"eval @ step {step}{' (all sets)' if self.several else ''}: WER {overall.wer:.3f}  CER {overall.cer:.3f}")
+        return metrics
+
+    def wer_before_and_after(self, after: dict[str, float]) -> dict[str, dict[str, float]]:
+        """{set: {"before", "after"}} for the chart; empty unless both evaluations ran."""
+        if not (self.before and after):
+            return {}
+        return {name: {"before": self.before[prefix + "wer"], "after": after[prefix + "wer"]} for name, prefix in self.prefixes.items()}

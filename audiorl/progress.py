@@ -1,6 +1,7 @@
 """Progress bars (rich) for long work: data checks, precomputing, training, evaluation.
 
-Set AUDIORL_NO_PROGRESS=1 to turn them off (logs of batch jobs stay readable without them).
+Set AUDIORL_NO_PROGRESS=1 to turn them off (logs of batch jobs stay readable without them);
+`silence()` turns them off for this process (a training run's other ranks: one bar per job).
 """
 
 from __future__ import annotations
@@ -15,8 +16,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
+_silenced = False
+
+
+def silence() -> None:
+    """No progress bars from this process from now on."""
+    global _silenced
+    _silenced = True
+
+
 def enabled() -> bool:
-    return os.environ.get("AUDIORL_NO_PROGRESS", "").lower() not in ("1", "true", "yes")
+    return not _silenced and os.environ.get("AUDIORL_NO_PROGRESS", "").lower() not in ("1", "true", "yes")
 
 
 def make_progress() -> Progress:

@@ -1,9 +1,9 @@
-"""The training loop. It knows a recipe (batch -> loss), the trainable module, a dataset and a
-collator; it knows nothing about model families.
+"""The training loop. It knows a method's step (batch -> loss), the trainable module, a dataset and a
+collator; it knows no model family and no method.
 
 Order of data is a seeded permutation per epoch, and the loop counts micro-batches, so a resumed
 run sees exactly the batches an uninterrupted one would. Checkpoints hold the model, optimizer,
-scheduler, step, RNG states and the recipe's own state; they are written to a temporary folder
+scheduler, step, RNG states and the step's own state (`Step.state_dict`); they are written to a temporary folder
 and renamed, so a crash never leaves a half-written checkpoint that `resume: auto` would pick.
 
 Seam for distributed training: `Trainer.wrap_model` (identity in a single process); the device
@@ -21,6 +21,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,12 +32,23 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
+from transformers import get_scheduler
 
 from audiorl.config import TrainConfig
-from audiorl.distributed import Dist, barrier, mean_across_ranks
+from audiorl.distributed import Dist, barrier, mean_across_ranks, strategy_for
 from audiorl.errors import TrainingError
-from audiorl.recipes import Recipe
+from audiorl.methods.base import Step
+from audiorl.progress import make_progress
 from audiorl.runtime import seed_everything
 
 CHECKPOINTS = "checkpoints"
@@ -45,8 +57,6 @@ CHECKPOINTS = "checkpoints"
 @contextlib.contextmanager
 def _quiet_single_process():
     """torch.distributed.checkpoint warns that it runs in one process, which is what we asked."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
@@ -58,18 +68,18 @@ class Preempted(TrainingError):
     exit_code = 143
 
 
-class RecipeModule(nn.Module):
-    """The recipe as a module, so that DistributedDataParallel sees one forward per step (the
+class StepModule(nn.Module):
+    """The step as a module, so that DistributedDataParallel sees one forward per step (the
     adapters call submodules directly). Only the trained model is registered: a frozen reference
     copy stays outside, untouched by DDP."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, loss_step: Step):
         super().__init__()
-        self.model = recipe.model
-        self._recipe = [recipe]
+        self.model = loss_step.model
+        self._step = [loss_step]
 
     def forward(self, batch: dict[str, Any]):
-        return self._recipe[0](batch)
+        return self._step[0](batch)
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -120,8 +130,6 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
     """Put a checkpoint's model weights (its `dcp/` folder, written by any number of ranks) into
     `model`; the optimizer state is left where it is."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
     if not (Path(checkpoint) / "trainer_state.json").exists():
         raise TrainingError(f"{checkpoint}: not a checkpoint folder (no trainer_state.json)")
     target = {"model": get_model_state_dict(model)}
@@ -147,7 +155,7 @@ class Trainer:
     def __init__(
         self,
         config: TrainConfig,
-        recipe: Recipe,
+        loss_step: Step,
         dataset: Dataset,
         collate_fn: Callable,
         *,
@@ -159,7 +167,7 @@ class Trainer:
         dist_info: Dist | None = None,
     ):
         self.config = config
-        self.recipe = recipe
+        self.loss_step = loss_step
         self.dataset = dataset
         self.collate_fn = collate_fn
         self.device = device
@@ -169,12 +177,10 @@ class Trainer:
         self.fingerprint = fingerprint
         self.output_dir = Path(config.output_dir)
         self.dist = dist_info or Dist()
-        self.model = recipe.model
+        self.model = loss_step.model
         self.autocast = autocast_dtype(config.mixed_precision, device)
-        self.strategy = None
-        if self.dist.enabled:
-            self.strategy = "ddp" if config.distributed.strategy == "auto" else config.distributed.strategy
-        self.module = self.wrap_model(recipe)
+        self.strategy = strategy_for(config.distributed.strategy, self.dist).name
+        self.module = self.wrap_model(loss_step)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("no trainable parameters: check model.freeze_encoder / model.lora")
@@ -189,11 +195,9 @@ class Trainer:
         # one optimizer step sees per_device_train_batch_size x world_size records
         self.global_batch = config.per_device_train_batch_size * self.dist.world_size
         self.batches_per_epoch = math.ceil(len(dataset) / self.global_batch)
-        steps_per_epoch = math.ceil(self.batches_per_epoch * recipe.batch_repeats / config.gradient_accumulation_steps)
+        steps_per_epoch = math.ceil(self.batches_per_epoch * loss_step.batch_repeats / config.gradient_accumulation_steps)
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.total_steps)
-        from transformers import get_scheduler
-
         self.scheduler = get_scheduler(
             config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
@@ -203,23 +207,18 @@ class Trainer:
         self.bad_steps = 0
         self._stop_signal: int | None = None
 
-    def wrap_model(self, recipe: Recipe) -> nn.Module | None:
-        """Under torchrun the recipe runs inside DistributedDataParallel (gradients averaged over
+    def wrap_model(self, loss_step: Step) -> nn.Module | None:
+        """Under torchrun the step runs inside DistributedDataParallel (gradients averaged over
         ranks in backward) or FSDP2 (each transformer layer sharded on its own, the rest at the
-        root; a mixed-precision policy when autocast is on). A single process calls the recipe."""
-        if self.strategy is None:
+        root; a mixed-precision policy when autocast is on). A single process calls the step."""
+        if self.strategy == "single":
             return None
         if self.strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(RecipeModule(recipe), device_ids=ids)
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+            return DistributedDataParallel(StepModule(loss_step), device_ids=ids)
         policy = MixedPrecisionPolicy(param_dtype=self.autocast, reduce_dtype=torch.float32) if self.autocast else MixedPrecisionPolicy()
-        recipe.lockstep = True  # each sharded layer's call is a collective: no rank may skip one
-        module = RecipeModule(recipe)
-        for layer in recipe.adapter.shard_units():  # the family says which layers are units
+        module = StepModule(loss_step)
+        for layer in loss_step.adapter.shard_units():  # the family says which layers are units
             fully_shard(layer, mp_policy=policy)
         fully_shard(module, mp_policy=policy)
         return module
@@ -229,8 +228,6 @@ class Trainer:
         otherwise None: the model in memory is already whole."""
         if self.strategy != "fsdp":
             return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # tied weights (an output layer sharing the input embedding) come back as separate
         # copies; keep the first name only, as save_pretrained does for an unsharded model
@@ -260,7 +257,7 @@ class Trainer:
     def _micro_batches(self, start_micro: int):
         """Micro-batches in order from `start_micro`; each is served `batch_repeats` times in a row
         (GRPO's num_iterations reuses one batch's rollouts for several steps)."""
-        repeats = self.recipe.batch_repeats
+        repeats = self.loss_step.batch_repeats
         micro = start_micro
         while True:
             data_index, served = divmod(micro, repeats)
@@ -302,14 +299,12 @@ class Trainer:
         return final
 
     def _dcp_state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
         return {"model": get_model_state_dict(self.model), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
 
     def _write_checkpoint(self, tmp: Path, final: Path) -> None:
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(
-            {"rng": _rng_state(), "recipe": self.recipe.state_dict(), "scaler": self.scaler.state_dict()}, tmp / "state.pt"
+            {"rng": _rng_state(), "step": self.loss_step.state_dict(), "scaler": self.scaler.state_dict()}, tmp / "state.pt"
         )
         state = {
             "global_step": self.step,
@@ -337,8 +332,6 @@ class Trainer:
                 f"{path}: this checkpoint was written by a run with a different config; "
                 "use a new train.output_dir, or train.resume=never to start over"
             )
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
         target = self._dcp_state()
         with _quiet_single_process():
             dcp.load(target, checkpoint_id=str(path / "dcp"), no_dist=not self.dist.enabled)
@@ -349,7 +342,7 @@ class Trainer:
         own_rng = path / f"rng-{self.dist.rank}.pt"
         _set_rng_state(torch.load(own_rng, weights_only=False) if own_rng.exists() else extra["rng"])
         self.bad_steps = int(state.get("bad_steps", 0))
-        self.recipe.load_state_dict(extra["recipe"])
+        self.loss_step.load_state_dict(extra["step"])
         if extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
         self.step = int(state["global_step"])
@@ -357,15 +350,13 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def _forward(self, batch: dict[str, Any]):
-        run = self.module if self.module is not None else self.recipe
+        run = self.module if self.module is not None else self.loss_step
         if self.autocast is None:
             return run(batch)
         with torch.autocast(device_type=self.device.type, dtype=self.autocast):
             return run(batch)
 
     def train(self) -> TrainResult:
-        from audiorl.progress import make_progress
-
         cfg = self.config
         seed_everything(cfg.seed)
         result = TrainResult(global_step=0)
@@ -507,6 +498,4 @@ class Trainer:
         return float(norm)
 
     def _run_eval(self, result: TrainResult) -> None:
-        metrics = self.evaluate(self.step)
-        self.log(metrics, self.step)
-        result.eval_metrics = metrics
+        result.eval_metrics = self.evaluate(self.step)  # the evaluator logs what it measures

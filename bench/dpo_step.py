@@ -101,11 +101,10 @@ def make_step(variant: str, adapter, batch):
     """A function running one forward+backward of the given variant; returns the loss."""
     import torch
 
-    from audiorl.config import ObjectiveConfig
-    from audiorl.recipes import PreferenceRecipe
+    from audiorl.methods.dpo import DPOConfig, PreferenceStep
     from audiorl.reference import FrozenReference, PrecomputedReference
 
-    objective = ObjectiveConfig(loss_type=["sigmoid"])
+    objective = DPOConfig(loss_type=["sigmoid"])
     reference = FrozenReference(adapter)
     if "precomputed" in variant:
         n = len(batch["chosen_ids"])
@@ -113,10 +112,10 @@ def make_step(variant: str, adapter, batch):
             ctx = adapter.encode(batch["features"], model=reference.module)
             sums = adapter.sequence_logps(ctx, batch["chosen_ids"] + batch["rejected_ids"], torch.arange(n).repeat(2), model=reference.module).sum
         reference = PrecomputedReference(sums[:n].clone(), sums[n:].clone())
-    recipe = PreferenceRecipe(adapter, objective, reference)
+    step = PreferenceStep(adapter, objective, reference)
 
     if variant != "naive":
-        return lambda: recipe(batch).loss
+        return lambda: step(batch).loss
 
     from audiorl.objectives import PreferenceLogps
 
@@ -130,7 +129,7 @@ def make_step(variant: str, adapter, batch):
         with torch.no_grad():
             ref = adapter.sequence_logps(adapter.encode(doubled, model=ref_module), targets, model=ref_module).sum
         s, c = policy.sum, policy.num_tokens
-        return recipe.loss(PreferenceLogps(s[:n], s[n:], c[:n], c[n:]), ref[:n], ref[n:]).loss
+        return step.loss(PreferenceLogps(s[:n], s[n:], c[:n], c[n:]), ref[:n], ref[n:]).loss
 
     return naive
 

@@ -407,7 +407,7 @@ def promote(
     """Promote NAME@challenger to NAME@champion if it beats the champion on the gate sets."""
     from rich.table import Table
 
-    from audiorl.promotion import promote as run_promote
+    from audiorl.tracking.promotion import promote as run_promote
 
     decision = run_promote(name, _test_sets(gate), _test_sets(check or []), margin=margin, tolerance=tolerance,
                            tracking_uri=tracking_uri, batch_size=batch_size, log=typer.echo,
@@ -568,7 +568,7 @@ def submit(
     context: ContextOption = None,
 ) -> None:
     """Create the job on the cluster (or run it here with --local)."""
-    from audiorl.errors import ConfigError, TrainingError
+    from audiorl.errors import ConfigError
     from audiorl.k8s.render import render_file
 
     if follow and api == "trainjob":
@@ -585,28 +585,34 @@ def submit(
                           create_run=not server_dry_run, log=_err)
     for note in rendered.warnings:
         _err(f"warning: {note}")
+    backend = _backend(local, rendered.namespace, kubeconfig, context, api, timeout)
+    try:
+        backend.submit(rendered, replace=replace, server_dry_run=server_dry_run, log=typer.echo)
+        if server_dry_run:
+            return
+        # a local job lives in this process: its output is shown and it is waited for
+        if follow or backend.attached:
+            for line in backend.logs(rendered.name, follow=True, wait_s=timeout or 600):
+                typer.echo(line)
+        if wait or follow or backend.attached:
+            _finish(backend, rendered.name, timeout)
+    finally:
+        backend.close()
+
+
+def _backend(local: bool, namespace: str, kubeconfig: str | None, context: str | None, api: str, timeout: float | None):
+    """Where a job runs: the cluster, or (`--local`) this machine; both are driven the same way."""
     if local:
-        from audiorl.k8s.local import run_local
+        from audiorl.k8s.local import LocalJobs
 
-        code = run_local(rendered, log=typer.echo, timeout_s=timeout)
-        if code:
-            raise TrainingError(f"local job {rendered.name} failed (exit code {code}); its output is above")
-        return
-    cluster = _cluster(rendered.namespace, kubeconfig, context, api)
-    cluster.submit(rendered, replace=replace, server_dry_run=server_dry_run, log=typer.echo)
-    if server_dry_run:
-        return
-    if follow:
-        for line in cluster.logs(rendered.name, follow=True, wait_s=timeout or 600):
-            typer.echo(line)
-    if wait or follow:
-        _finish(cluster, rendered.name, timeout)
+        return LocalJobs(timeout_s=timeout)
+    return _cluster(namespace, kubeconfig, context, api)
 
 
-def _finish(cluster, name: str, timeout: float | None) -> None:
+def _finish(backend, name: str, timeout: float | None) -> None:
     from audiorl.errors import TrainingError
 
-    state = cluster.wait(name, timeout_s=timeout, on_change=_print_state)
+    state = backend.wait(name, timeout_s=timeout, on_change=_print_state)
     if state.phase != "Succeeded":
         failed = ", ".join(f"{n} {kind}" for kind, n in state.failed_replicas.items())
         raise TrainingError(f"job {name} {state.phase}: {state.message or state.reason}" + (f" (failed replicas: {failed})" if failed else ""))

@@ -10,11 +10,11 @@ from safetensors.torch import load_file, save_file
 
 import audiorl
 from audiorl.audio import AudioLimits
-from audiorl.config import LoraSettings, ModelConfig, ObjectiveConfig, RunConfig
+from audiorl.config import LoraSettings, ModelConfig, RunConfig
 from audiorl.data.collate import PreferenceCollator, RecordDataset
 from audiorl.data.records import read_records
+from audiorl.methods.dpo import DPOConfig, PreferenceStep
 from audiorl.models.registry import load_adapter
-from audiorl.recipes import PreferenceRecipe
 from audiorl.reference import AdapterDisabledReference, FrozenReference
 
 LLM_FAMILIES = ["qwen2_audio", "qwen3_asr", "step_audio2"]
@@ -68,12 +68,12 @@ def test_audio_tower_runs_once_per_clip(tiny_models, speech_dir, family):
     adapter = _adapter(tiny_models, family)
     batch = _batch(adapter, speech_dir, n=3)
     reference = FrozenReference(adapter)
-    recipe = PreferenceRecipe(adapter, ObjectiveConfig(), reference)
+    step = PreferenceStep(adapter, DPOConfig(), reference)
     calls = {"policy": 0, "reference": 0}
     h1 = _tower(adapter.model, family).register_forward_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
     h2 = _tower(reference.module, family).register_forward_hook(lambda *a: calls.__setitem__("reference", calls["reference"] + 1))
     try:
-        out = recipe(batch)
+        out = step(batch)
     finally:
         h1.remove(), h2.remove()
     assert calls == {"policy": 1, "reference": 1}  # one batched call each, for 3 clips x (chosen + rejected)
@@ -152,7 +152,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_models, s
         adapter = _adapter(tiny_models, family, gradient_checkpointing=checkpointing)
         adapter.model.train()
         batch = _batch(adapter, speech_dir, n=2)
-        out = PreferenceRecipe(adapter, ObjectiveConfig(loss_type=["sigmoid", "sft"]), FrozenReference(adapter))(batch)
+        out = PreferenceStep(adapter, DPOConfig(loss_type=["sigmoid", "sft"]), FrozenReference(adapter))(batch)
         out.loss.backward()
         grad = adapter.embed_tokens(adapter.model).weight.grad.clone()
         results.append((out.loss.detach(), grad))
@@ -200,7 +200,7 @@ def test_no_family_names_in_the_shared_layers():
     package = REPO / "audiorl"
     by_design = {package / "config.py", package / "text.py", package / "quickstart.py"}
     shared = [f for f in sorted(package.rglob("*.py")) if package / "models" not in f.parents and f not in by_design]
-    assert package / "model_versions.py" in shared and package / "k8s" / "render.py" in shared
+    assert package / "tracking" / "model_versions.py" in shared and package / "k8s" / "render.py" in shared
     pattern = re.compile(r"whisper|qwen|step.?audio", re.IGNORECASE)
     offenders = []
     for file in shared:

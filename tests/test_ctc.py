@@ -58,7 +58,7 @@ def test_sft_with_ctc_logs_it_and_learns(tmp_path, tiny_whisper, speech_dir):
 
 
 def test_ctc_is_an_sft_option_for_whisper_only(tiny_models):
-    with pytest.raises(ConfigError, match="ctc_weight applies to objective.name=sft"):
+    with pytest.raises(ConfigError, match=r"objective.ctc_weight: not a knob of objective.name=dpo \(it belongs to objective.name=sft\)"):
         validate_config({"model": {"name_or_path": "x"}, "objective": {"name": "dpo", "ctc_weight": 0.3}})
     from audiorl.config import ModelConfig
     from audiorl.models.registry import load_adapter

@@ -124,7 +124,7 @@ def test_grpo_two_ranks_follow_one_rank(tmp_path, tiny_whisper, speech_dir, stra
     """GRPO too: each clip's samples come from its own seeded generator, so a clip gets the same
     completions on either rank layout; `grpo` aggregation (a mean over sequences) and group
     advantages make the averaged gradients equal. Under FSDP the rollouts decode in lockstep."""
-    grpo = ["objective.name=grpo", "objective.loss_type=[grpo]", "objective.num_generations=4",
+    grpo = ["objective.name=grpo", "objective.loss_type=grpo", "objective.num_generations=4",
             "objective.max_completion_length=6", "data.train=" + str(speech_dir / "transcripts.jsonl")]
     one = _config(tmp_path, tiny_whisper, speech_dir, "grpo-single", per_device_train_batch_size=6)
     two = _config(tmp_path, tiny_whisper, speech_dir, "grpo-ddp", per_device_train_batch_size=3)
@@ -223,3 +223,18 @@ def test_a_failing_rank_fails_the_job_promptly(tmp_path, tiny_whisper, speech_di
     assert rc != 0
     assert "rank 1 fails on purpose" in err
     assert time.time() - start < 90
+
+
+def test_the_strategy_says_where_test_sets_are_scored():
+    from audiorl.distributed import Dist, strategy_for
+
+    single = strategy_for("fsdp", Dist())  # one process: no sharding whatever the setting
+    assert (single.name, single.evaluates_in_loop, single.evaluates_export, single.lockstep, single.caches_encoder) == \
+        ("single", True, False, False, True)
+    main, other = Dist(rank=0, world_size=2), Dist(rank=1, world_size=2, local_rank=1)
+    assert strategy_for("auto", main).name == "ddp"
+    assert strategy_for("ddp", main).evaluates_in_loop and not strategy_for("ddp", other).evaluates_in_loop
+    fsdp = strategy_for("fsdp", main)
+    # a sharded model cannot generate on one rank: the base before sharding, then the exported model
+    assert (fsdp.evaluates_in_loop, fsdp.evaluates_export, fsdp.lockstep, fsdp.caches_encoder) == (False, True, True, False)
+    assert not strategy_for("fsdp", other).evaluates_export

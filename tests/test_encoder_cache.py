@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from audiorl.audio import AudioLimits
-from audiorl.config import LoraSettings, ModelConfig, ObjectiveConfig
+from audiorl.config import LoraSettings, ModelConfig
 from audiorl.data.collate import PreferenceCollator, RecordDataset
 from audiorl.data.records import read_records
+from audiorl.methods.dpo import DPOConfig, PreferenceStep
 from audiorl.models.registry import load_adapter
-from audiorl.recipes import PreferenceRecipe
 from audiorl.reference import FrozenReference
 
 
@@ -39,12 +39,12 @@ def test_frozen_encoder_runs_once_per_clip_across_steps_with_the_same_loss(tiny_
     plain = _adapter(tiny_whisper, freeze_encoder=True, encoder_cache=False)
     assert cached.encoder_cache is not None and plain.encoder_cache is None
     encoded = _encoded_clips(cached)
-    recipe = PreferenceRecipe(cached, ObjectiveConfig(), FrozenReference(cached))
-    baseline = PreferenceRecipe(plain, ObjectiveConfig(), FrozenReference(plain))
+    step = PreferenceStep(cached, DPOConfig(), FrozenReference(cached))
+    baseline = PreferenceStep(plain, DPOConfig(), FrozenReference(plain))
     first, second = _batch(cached, speech_dir, [0, 1, 2]), _batch(cached, speech_dir, [2, 3, 0])
     clips_encoded = []
     for batch in (first, second, first):
-        out = recipe(batch)
+        out = step(batch)
         out.loss.backward()
         expected = baseline(batch)
         expected.loss.backward()

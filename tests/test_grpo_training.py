@@ -90,7 +90,7 @@ def test_rollout_encodes_each_clip_once(tiny_models, speech_dir, family):
 
 @pytest.mark.parametrize("family", ["whisper", "qwen2_audio"])
 def test_a_grpo_step_encodes_each_clip_once_when_the_encoder_is_frozen(tmp_path, tiny_models, speech_dir, family):
-    from audiorl.api import build_recipe
+    from audiorl.api import build_step
 
     records = read_records(speech_dir / "transcripts.jsonl", "transcript")[:3]
     counts = {}
@@ -104,7 +104,7 @@ def test_a_grpo_step_encodes_each_clip_once_when_the_encoder_is_frozen(tmp_path,
         })
         adapter = load_adapter(cfg.model)
         dataset = RecordDataset(records, AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=5))
-        recipe, collate = build_recipe(cfg, adapter, dataset, "fp")
+        step, collate = build_step(cfg, adapter, dataset, "fp")
         batch = collate([dataset[i] for i in range(3)])
         tower = adapter.model.model.encoder if family == "whisper" else adapter.model.model.audio_tower
         rows: list[int] = []
@@ -114,9 +114,32 @@ def test_a_grpo_step_encodes_each_clip_once_when_the_encoder_is_frozen(tmp_path,
 
         hook = tower.register_forward_hook(count)
         try:
-            recipe(batch).loss.backward()
+            step(batch).loss.backward()
         finally:
             hook.remove()
         counts[frozen] = sum(rows)
     # frozen: the rollout's states serve the loss and the reference; trainable: the loss needs its own pass with gradients
     assert counts == {True: 3, False: 6}
+
+
+def test_sft_weight_teaches_the_references_beside_the_reward(tmp_path, tiny_whisper, speech_dir, monkeypatch):
+    # a reward that is the same for every sample: every advantage is 0, GRPO alone moves nothing,
+    # and whatever the model learns comes from the SFT term on the references
+    (tmp_path / "flat_rewards.py").write_text("def flat(completions, **columns):\n    return [0.0 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, rewards=[{"name": "flat_rewards:flat"}], sft_weight=1.0)
+    cfg.train.max_steps = 8
+    outcome = audiorl.train(cfg)
+    sft = _history(outcome.run_id, "loss/sft")
+    assert len(sft) == 8 and sft[-1] < 0.9 * sft[0] and sft == sorted(sft, reverse=True), sft  # about 6.1 -> 5.1
+    assert _history(outcome.run_id, "advantages/mean_abs") == [0.0] * 8
+    # the loss is the SFT term alone here (zero advantages, no KL)
+    assert _history(outcome.run_id, "loss") == pytest.approx(sft, rel=1e-5)
+
+
+def test_sft_weight_belongs_to_grpo():
+    from audiorl.config import validate_config
+    from audiorl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"objective.sft_weight: not a knob of objective.name=dpo \(it belongs to objective.name=grpo\)"):
+        validate_config({"model": {"name_or_path": "m"}, "objective": {"name": "dpo", "sft_weight": 0.5}})

@@ -351,7 +351,7 @@ def test_the_promotion_gate_and_scoring_import_no_torch():
     # `audiorl promote` decides on WERs with the same scoring as evaluation, without torch
     code = (
         "import sys\n"
-        "from audiorl.promotion import decide\n"
+        "from audiorl.tracking.promotion import decide\n"
         "from audiorl.scoring import score\n"
         "wer = score(['turn on the lights'], ['turn on the light']).wer\n"
         "decision = decide({'hard': 0.5}, {'hard': wer}, ['hard'], margin=0.0, tolerance=0.0)\n"

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import audiorl
-from audiorl.promotion import decide
+from audiorl.tracking.promotion import decide
 from tests.conftest import write_config
 from tests.mlflow_server import MlflowServer
 
@@ -263,3 +263,30 @@ def test_registering_leaves_the_callers_tracking_uri_alone(tmp_path, tiny_whispe
     cfg.data.eval = None
     audiorl.train(cfg)
     assert os.environ["MLFLOW_TRACKING_URI"] == mine and mlflow.get_tracking_uri() == mine
+
+
+def test_a_resumed_run_sends_what_its_earlier_attempt_kept_and_a_new_run_will_not_take_it(tmp_path):
+    from audiorl.config import TrackingConfig
+    from audiorl.errors import TrainingError
+    from audiorl.tracking import Outbox, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    first = Tracker(TrackingConfig(tracking_uri=uri, experiment_name="outbox"))
+    run_id = first.start(spill_dir=out)
+    first.end("KILLED")
+    # what the first attempt could not send before it was killed
+    Outbox(out).keep({"kind": "metrics", "step": 7, "timestamp": 0, "metrics": {"loss": 1.5}})
+
+    with pytest.raises(TrainingError, match=rf"mlflow-unsent.jsonl holds 1 item\(s\) that run {run_id} never sent.*"
+                                            rf"audiorl tracking sync {out}"):
+        Tracker(TrackingConfig(tracking_uri=uri, experiment_name="outbox")).start(spill_dir=out)  # a new run here
+    assert len(Outbox(out)) == 1  # still there, untouched
+
+    again = Tracker(TrackingConfig(tracking_uri=uri, experiment_name="outbox"))
+    assert again.start(spill_dir=out, resume=True) == run_id
+    again.log_metrics({"loss": 1.0}, step=8)
+    again.end()
+    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(7, 1.5), (8, 1.0)]
+    assert len(Outbox(out)) == 0 and not (out / "mlflow-unsent.jsonl").exists()

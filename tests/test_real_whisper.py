@@ -321,7 +321,7 @@ def test_imported_model_registers_in_mlflow_and_transcribes_there(tiny_en, clips
     or task (transformers refuses both for English-only models); the version transcribes."""
     import mlflow
 
-    from audiorl.model_versions import log_model
+    from audiorl.tracking.model_versions import log_model
 
     with mlflow.start_run():
         info = log_model(tiny_en, ModelConfig(name_or_path=str(tiny_en)), registered_name="tiny-en")

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from audiorl.audio import AudioLimits
-from audiorl.config import LoraSettings, ModelConfig, ObjectiveConfig
+from audiorl.config import LoraSettings, ModelConfig
 from audiorl.data.collate import PreferenceCollator, RecordDataset
 from audiorl.data.records import read_records
 from audiorl.errors import ModelError
+from audiorl.methods.dpo import DPOConfig, PreferenceStep
 from audiorl.models.registry import load_adapter
-from audiorl.recipes import PreferenceRecipe
 from audiorl.reference import FrozenReference
 
 
@@ -66,11 +66,11 @@ def _count_encoder_calls(adapter, module=None):
 def test_encoder_runs_once_per_clip_for_policy_and_reference(adapter, speech_dir):
     batch = _batch(adapter, speech_dir, n=3)
     reference = FrozenReference(adapter)
-    recipe = PreferenceRecipe(adapter, ObjectiveConfig(), reference)
+    step = PreferenceStep(adapter, DPOConfig(), reference)
     policy_calls, h1 = _count_encoder_calls(adapter)
     ref_calls, h2 = _count_encoder_calls(adapter, reference.module)
     try:
-        recipe(batch)
+        step(batch)
     finally:
         h1.remove(), h2.remove()
     # three clips encoded, not six (chosen + rejected), for the policy and for the reference
@@ -82,11 +82,11 @@ def test_frozen_encoder_shares_one_encoder_pass(model_config, speech_dir):
     assert not adapter.encoder_trainable
     batch = _batch(adapter, speech_dir, n=2)
     reference = FrozenReference(adapter)
-    recipe = PreferenceRecipe(adapter, ObjectiveConfig(), reference)
+    step = PreferenceStep(adapter, DPOConfig(), reference)
     policy_calls, h1 = _count_encoder_calls(adapter)
     ref_calls, h2 = _count_encoder_calls(adapter, reference.module)
     try:
-        out = recipe(batch)
+        out = step(batch)
     finally:
         h1.remove(), h2.remove()
     assert sum(policy_calls) == 2 and sum(ref_calls) == 0

@@ -16,12 +16,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from audiorl.audio import AudioLimits, duration_seconds, load_audio
 from audiorl.errors import DataError
+from audiorl.progress import console, progress_bar
+
+if TYPE_CHECKING:
+    from audiorl.models.base import ModelAdapter
 
 Kind = Literal["preference", "transcript"]
 
@@ -183,8 +187,6 @@ def validate_records(
     `text_check(record)` may raise DataError for transcripts the model cannot take (too long).
     With on_bad="error" the first bad records stop the run; with "skip" they are returned apart.
     """
-    from audiorl.progress import progress_bar
-
     good: list[Record] = []
     bad: list[Rejected] = []
     with progress_bar(description, total=len(records)) as advance:
@@ -205,6 +207,39 @@ def validate_records(
         )
     if not good:
         raise DataError("no usable records left after checking the data")
+    return good, bad
+
+
+def transcript_length_check(adapter: ModelAdapter, max_tokens: int, kind: Kind):
+    """A `text_check` for `validate_records`: every transcript of a record fits in `max_tokens`
+    of the model's tokens."""
+
+    def check(record: Record) -> None:
+        texts = [record.chosen, record.rejected] if kind == "preference" else [record.reference]
+        for text, ids in zip(texts, adapter.target_ids(texts)):
+            if len(ids) > max_tokens:
+                raise DataError(
+                    f"{record.source}: transcript {text[:30]!r}... is {len(ids)} tokens, over the limit of "
+                    f"{max_tokens} (data.max_target_tokens / the model's maximum)"
+                )
+
+    return check
+
+
+def load_records(
+    path: str | Path, adapter: ModelAdapter, limits: AudioLimits, kind: Kind, *, on_bad: Literal["error", "skip"],
+    max_tokens: int | None, label: str,
+) -> tuple[list[Record], list[Rejected]]:
+    """Read a manifest (or saved dataset) and check every record for this model: the clip
+    decodes within `limits`, the transcripts fit the model (and `max_tokens`). Bad records stop
+    here, named by file and line, or (`on_bad="skip"`) come back apart, counted on the console."""
+    records = read_records(path, kind)
+    limit = min(max_tokens or adapter.max_target_tokens, adapter.max_target_tokens)
+    good, bad = validate_records(
+        records, limits, on_bad=on_bad, text_check=transcript_length_check(adapter, limit, kind), description=f"checking {label}"
+    )
+    if bad:
+        console.print(f"[yellow]{label}: skipped {len(bad)} of {len(records)} records (data.on_bad_record=skip)[/]")
     return good, bad
 
 

@@ -7,6 +7,7 @@ The client is imported when a `Cluster` is made, never at module import: `audior
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +48,11 @@ def _api_client(kubeconfig: str | None, context: str | None):
 
 
 class Cluster:
-    """One namespace of one cluster, and the AudioRL jobs in it."""
+    """One namespace of one cluster, and the AudioRL jobs in it. The cluster backend; the local
+    one (`audiorl.k8s.local.LocalJobs`) answers `submit`, `logs`, `wait` and `status` the same way."""
+
+    #: the jobs run on the cluster, not in this process: nobody has to wait for them
+    attached = False
 
     def __init__(self, namespace: str, *, kubeconfig: str | None = None, context: str | None = None, kind: str = "PyTorchJob"):
         from kubernetes import client
@@ -58,6 +63,9 @@ class Cluster:
         self.custom = client.CustomObjectsApi(self.api)
         self.kind = kind
         self.group, self.version, self.plural = WORKLOADS[kind]
+
+    def close(self) -> None:
+        """Nothing to stop: the jobs belong to the cluster."""
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -294,8 +302,6 @@ class _NotFound(ClusterError):
 
 
 def _reason(exc: Any) -> str:
-    import json
-
     try:
         body = json.loads(exc.body)
         return body.get("message") or body.get("reason") or exc.reason

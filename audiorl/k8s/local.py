@@ -11,6 +11,7 @@ capped to this machine's cores.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import socket
@@ -18,12 +19,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from audiorl.errors import ClusterError
 from audiorl.k8s.render import CONFIG_FILE, Rendered
+from audiorl.k8s.status import JobState
 
 
 def operator_env(job: dict[str, Any], replica_type: str, index: int, *, master_addr: str, master_port: int) -> dict[str, str]:
@@ -116,69 +119,139 @@ def pod_commands(
     return pods, notes
 
 
-def run_local(rendered: Rendered, *, log: Callable[[str], None] = print, timeout_s: float | None = None) -> int:
-    """Run every pod of the job here, their output prefixed with the pod's name; the first pod
-    that fails stops the others. Returns the job's exit code (0 when every pod succeeded)."""
-    with tempfile.TemporaryDirectory(prefix=f"audiorl-{rendered.name}-") as tmp:
-        config_path = Path(tmp) / CONFIG_FILE
+class LocalJobs:
+    """The local backend, driven the way `Cluster` is (`submit`, `logs`, `wait`, `status`): a
+    job's pods run here as torchrun processes, their output prefixed with the pod's name; the
+    first pod that fails, or the deadline, stops the others. The job lives in this process
+    (`attached`): the caller streams its output and waits for it, and `close` stops what is left.
+    """
+
+    attached = True
+
+    def __init__(self, *, timeout_s: float | None = None):
+        self.timeout_s = timeout_s
+        self._jobs: dict[str, _LocalJob] = {}
+
+    def submit(self, rendered: Rendered, *, replace: bool = False, server_dry_run: bool = False,
+               log: Callable[[str], None] = print) -> None:
+        if server_dry_run:
+            raise ClusterError("--server-dry-run asks a cluster's API server to check the objects; there is none with --local")
+        if rendered.name in self._jobs and not self._jobs[rendered.name].done.is_set():
+            if not replace:
+                raise ClusterError(f"local job {rendered.name} is still running; pass --replace to stop it and start again")
+            self._jobs[rendered.name].stop()
+        self._jobs[rendered.name] = _LocalJob(rendered, log, self.timeout_s)
+
+    def _job(self, name: str) -> _LocalJob:
+        if name not in self._jobs:
+            raise ClusterError(f"no local job {name!r} was submitted in this process")
+        return self._jobs[name]
+
+    def logs(self, name: str, *, follow: bool = False, wait_s: float = 300) -> Iterator[str]:
+        """The pods' output so far; with `follow`, until every pod has exited."""
+        job = self._job(name)
+        while True:
+            try:
+                line = job.lines.get(timeout=0.2 if follow else 0)
+            except queue.Empty:
+                if not follow or (job.done.is_set() and job.lines.empty() and job.streams_closed()):
+                    return
+                continue
+            yield line
+
+    def status(self, name: str) -> JobState:
+        return self._job(name).state()
+
+    def wait(self, name: str, *, timeout_s: float | None = None, on_change: Callable[[JobState], None] | None = None) -> JobState:
+        job = self._job(name)
+        if on_change is not None:
+            on_change(job.state())
+        if not job.done.wait(timeout_s):
+            job.stop(reason="Timeout", message=f"still running after {timeout_s:g} s")
+            job.done.wait()
+        state = job.state()
+        if on_change is not None:
+            on_change(state)
+        return state
+
+    def close(self) -> None:
+        for job in self._jobs.values():
+            job.stop()
+
+
+class _LocalJob:
+    def __init__(self, rendered: Rendered, log: Callable[[str], None], timeout_s: float | None):
+        self.name = rendered.name
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.done = threading.Event()
+        self.outcome: tuple[str, str, str] | None = None  # (phase, reason, message)
+        self._ending = threading.Lock()  # the watcher and the caller may both end the job
+        self._folder = tempfile.TemporaryDirectory(prefix=f"audiorl-{rendered.name}-")
+        config_path = Path(self._folder.name) / CONFIG_FILE
         config_path.write_text(rendered.config_map["data"][CONFIG_FILE])
         pods, notes = pod_commands(rendered, config_path, master_port=_free_port())
         log(f"running {rendered.name} locally: {len(pods)} pod(s) as local torchrun processes in {os.getcwd()}")
         for note in notes:
             log(f"  note: {note}")
-        processes: list[tuple[str, subprocess.Popen[str]]] = []
-        lock = threading.Lock()
+        self.processes: list[tuple[str, subprocess.Popen[str]]] = []
+        self._pumps: list[threading.Thread] = []
+        for name, argv, env in pods:
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            self.processes.append((name, proc))
+            pump = threading.Thread(target=self._pump, args=(name, proc.stdout), daemon=True)
+            pump.start()
+            self._pumps.append(pump)
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        threading.Thread(target=self._watch, daemon=True).start()
 
-        def pump(name: str, stream: Any) -> None:
-            for line in stream:
-                with lock:
-                    log(f"[{name}] {line.rstrip()}")
+    def _pump(self, name: str, stream: Any) -> None:
+        for line in stream:
+            self.lines.put(f"[{name}] {line.rstrip()}")
 
-        threads = []
-        try:
-            for name, argv, env in pods:
-                proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-                processes.append((name, proc))
-                t = threading.Thread(target=pump, args=(name, proc.stdout), daemon=True)
-                t.start()
-                threads.append(t)
-            failed = _wait_all(processes, timeout_s)
-        except KeyboardInterrupt:
-            failed = ("interrupted", 130)
-        finally:
-            for _, proc in processes:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGTERM)
-            for _, proc in processes:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            for t in threads:
-                t.join(timeout=5)
-        if failed:
-            name, code = failed
-            log(f"{rendered.name}: Failed ({name} exited with {code})")
-            return code or 1
-        log(f"{rendered.name}: Succeeded")
-        return 0
+    def streams_closed(self) -> bool:
+        return not any(pump.is_alive() for pump in self._pumps)
 
+    def _watch(self) -> None:
+        """The first pod to fail fails the job and stops the others; every pod succeeding
+        succeeds it."""
+        while not self.done.is_set():
+            codes = [(name, proc.poll()) for name, proc in self.processes]
+            failed = next(((name, code) for name, code in codes if code not in (None, 0)), None)
+            if failed:
+                self.stop(reason="PodFailed", message=f"pod {failed[0]} exited with {failed[1]}")
+            elif all(code == 0 for _, code in codes):
+                self._finish(("Succeeded", "", ""))
+            elif self._deadline is not None and time.monotonic() > self._deadline:
+                self.stop(reason="Timeout", message="the deadline (--timeout) passed")
+            else:
+                time.sleep(0.2)
 
-def _wait_all(processes: list[tuple[str, subprocess.Popen[str]]], timeout_s: float | None) -> tuple[str, int] | None:
-    import time
+    def stop(self, *, reason: str = "Stopped", message: str = "stopped before it finished") -> None:
+        """Stop every pod still running (SIGTERM, then SIGKILL after 30 s); the job fails."""
+        for _, proc in self.processes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for _, proc in self.processes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._finish(("Failed", reason, message))
 
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while True:
-        running = False
-        for name, proc in processes:
+    def _finish(self, outcome: tuple[str, str, str]) -> None:
+        with self._ending:
+            if self.outcome is None:
+                self.outcome = outcome
+            for pump in self._pumps:
+                pump.join(timeout=5)
+            self._folder.cleanup()
+            self.done.set()
+
+    def state(self) -> JobState:
+        phase, reason, message = self.outcome or ("Running", "", "")
+        counts = {"active": 0, "succeeded": 0, "failed": 0}
+        for _, proc in self.processes:
             code = proc.poll()
-            if code is None:
-                running = True
-            elif code != 0:
-                return name, code
-        if not running:
-            return None
-        if deadline is not None and time.monotonic() > deadline:
-            return "timeout", 124
-        time.sleep(0.2)
+            counts["active" if code is None else "succeeded" if code == 0 else "failed"] += 1
+        return JobState(name=self.name, phase=phase, reason=reason, message=message, replicas={"Pod": counts})

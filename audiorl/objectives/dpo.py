@@ -17,25 +17,15 @@ MPO (Wang et al. 2024, arXiv 2411.10442) is `loss_type=[sigmoid, bco_pair, sft]`
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from audiorl.lazy import on_first_use
 
-class _OnFirstUse:
-    """A module imported when first used. The run schema reads `LOSSES` to check loss names, and
-    the operator commands (`audiorl render`) validate configs without loading torch."""
-
-    def __init__(self, name: str):
-        self._module_name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._module_name), attr)
-
-
-torch: Any = _OnFirstUse("torch")
-F: Any = _OnFirstUse("torch.nn.functional")
+# the run schema reads LOSSES to check loss names without loading torch (see audiorl.lazy)
+torch: Any = on_first_use("torch")
+F: Any = on_first_use("torch.nn.functional")
 
 
 @dataclass
@@ -259,7 +249,7 @@ class PreferenceLoss:
         self.label_smoothing = label_smoothing
         self.discopop_tau = discopop_tau
         self.running = RunningMean() if bco_running_mean else None
-        # user losses come from the config's names (audiorl.recipes resolves them) and have the
+        # user losses come from the config's names (audiorl.methods.dpo resolves them) and have the
         # built-ins' signature
         losses = {**LOSSES, **(custom or {})}
         unknown = [name for name in self.loss_type if name not in losses]

@@ -22,9 +22,13 @@ Shapes: token_logps, old_token_logps, ref_token_logps, mask (N, L); advantages (
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
+from audiorl.lazy import on_first_use
 from audiorl.objectives.dpo import LossOutput
+
+# the run schema reads GRPO_LOSS_TYPES without loading torch (see audiorl.lazy)
+torch: Any = on_first_use("torch")
 
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 

@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from audiorl.config import TextNormalization, TrackingConfig
+from audiorl.data.records import fingerprint, read_records
 from audiorl.errors import AudioRLError
-from audiorl.model_versions import CHALLENGER, CHAMPION
+from audiorl.scoring import score
+from audiorl.tracking import resolve_tracking_uri
+from audiorl.tracking.model_versions import CHALLENGER, CHAMPION, using_tracking_uri
 
 _WER_TAG = "audiorl.eval.{}.wer"
 _CER_TAG = "audiorl.eval.{}.cer"
@@ -84,8 +88,6 @@ def decide(champion: Mapping[str, float] | None, challenger: Mapping[str, float]
 
 
 def _fingerprint(path: Path) -> str:
-    from audiorl.data.records import fingerprint, read_records
-
     return fingerprint(read_records(path, "transcript"))
 
 
@@ -94,11 +96,6 @@ def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, 
     """WER of one registered version on each test set: from its tags when they were measured on
     the same data and normaliser, else by transcribing through the version's pyfunc (and saved as tags)."""
     import mlflow
-
-    from audiorl.config import TextNormalization
-    from audiorl.data.records import read_records
-    from audiorl.model_versions import using_tracking_uri
-    from audiorl.scoring import score
 
     tags = client.get_model_version(name, version).tags
     wers: dict[str, float] = {}
@@ -142,9 +139,6 @@ def promote(name: str, gate: Mapping[str, Path], checks: Mapping[str, Path] | No
     """Compare the `challenger` version of `name` with its `champion` on the gate (and check) sets,
     move `champion` if the challenger wins, and record the decision on the challenger's tags."""
     from mlflow.tracking import MlflowClient
-
-    from audiorl.config import TrackingConfig
-    from audiorl.tracking import resolve_tracking_uri
 
     if not gate:
         raise AudioRLError("promote needs at least one gate test set (--gate NAME=MANIFEST)")

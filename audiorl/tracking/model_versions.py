@@ -15,11 +15,24 @@ import contextlib
 import logging
 import os
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import mlflow
+import mlflow  # noqa: TID253 - the pyfunc below subclasses mlflow.pyfunc.PythonModel
 import numpy as np
+
+from audiorl.audio import AudioLimits
+from audiorl.config import ModelConfig
+from audiorl.data.records import Record
+from audiorl.lazy import on_first_use
+
+# `audiorl promote` reads versions through this module and must not import torch: the model code
+# is imported when a version is loaded or logged
+registry: Any = on_first_use("audiorl.models.registry")
+runtime: Any = on_first_use("audiorl.runtime")
+evaluation: Any = on_first_use("audiorl.evaluation")
+transformers: Any = on_first_use("transformers")
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -33,28 +46,20 @@ class Transcriber(mlflow.pyfunc.PythonModel):
     """A saved AudioRL model as a pyfunc: audio in, transcripts out."""
 
     def load_context(self, context) -> None:
-        from audiorl.audio import AudioLimits
-        from audiorl.config import ModelConfig
-        from audiorl.models.registry import load_adapter
-        from audiorl.runtime import resolve_device
-
         settings = dict(context.model_config or {})
         self.max_new_tokens = int(settings.pop("max_new_tokens", 128))
         self.batch_size = int(settings.pop("batch_size", 8))
-        self.adapter = load_adapter(ModelConfig(name_or_path=context.artifacts["model"], **settings), resolve_device("auto"))
+        self.adapter = registry.load_adapter(ModelConfig(name_or_path=context.artifacts["model"], **settings), runtime.resolve_device("auto"))
         self.limits = AudioLimits(sampling_rate=self.adapter.sampling_rate, max_seconds=float("inf"))
 
     def predict(self, context, model_input, params=None) -> list[str]:
-        from audiorl.data.records import Record
-        from audiorl.evaluation import transcribe
-
         records = []
         for i, item in enumerate(_items(model_input)):
             if isinstance(item, np.ndarray):
                 records.append(Record(audio=item.astype(np.float32), source=f"input[{i}]", sampling_rate=self.adapter.sampling_rate))
             else:
                 records.append(Record(audio=item, source=f"input[{i}]"))
-        return transcribe(self.adapter, records, self.limits, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+        return evaluation.transcribe(self.adapter, records, self.limits, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
 
 
 def _items(model_input: Any) -> list[Any]:
@@ -76,20 +81,14 @@ def _items(model_input: Any) -> list[Any]:
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import version
-
     # pinned explicitly: MLflow's own inference imports optional packages (torchvision) to guess
     return [f"audiorl=={version('audiorl')}", f"torch=={version('torch').split('+')[0]}", f"transformers=={version('transformers')}"]
 
 
 def log_model(model_dir: str | Path, model_config, *, registered_name: str | None, max_new_tokens: int = 128):
     """Log the saved model `model_dir` into the active run; with `registered_name`, register it too."""
-    from audiorl.models.registry import adapter_class
-
     model_dir = str(model_dir)
-    if adapter_class(model_config.family).mlflow_flavor == "transformers":
-        import transformers
-
+    if registry.adapter_class(model_config.family).mlflow_flavor == "transformers":
         pipe = transformers.pipeline("automatic-speech-recognition", model=model_dir, device="cpu")
         generate: dict[str, Any] = {"num_beams": 1, "max_new_tokens": max_new_tokens}
         # an English-only model takes neither language nor task (transformers refuses both)

@@ -1,0 +1,144 @@
+"""The DPO family on preference pairs: one or more of the registered losses
+(`audiorl.objectives.dpo.LOSSES`, TRL's names) weighed and summed; MPO is
+`loss_type: [sigmoid, bco_pair, sft]` with `loss_weights: [0.8, 0.2, 1.0]`.
+
+Each clip is encoded once; chosen and rejected are scored against it in one decoder pass, and
+against the reference (precomputed, the LoRA-disabled network, or a frozen copy).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from audiorl import plugins
+from audiorl.errors import ConfigError
+from audiorl.lazy import on_first_use
+from audiorl.methods.base import BuildContext, Method, MethodConfig, Step, build_reference, disable_dropout
+from audiorl.objectives.dpo import LOSSES, loss_names
+
+if TYPE_CHECKING:
+    from audiorl.models.base import ModelAdapter
+    from audiorl.objectives import LossOutput
+    from audiorl.reference import Reference
+
+# torch-bound modules, imported when a step runs (see audiorl.methods.base)
+torch: Any = on_first_use("torch")
+objectives: Any = on_first_use("audiorl.objectives")
+collators: Any = on_first_use("audiorl.data.collate")
+
+
+class DPOConfig(MethodConfig):
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, ge=0, description="DPO's β (τ of IPO)")
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    discopop_tau: float = Field(0.05, gt=0)
+    bco_running_mean: bool = Field(
+        False,
+        description="shift bco_pair rewards by a running mean of past rewards, as in the MPO paper's code",
+    )
+    precompute_reference: bool = False
+    disable_dropout: bool = True
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _split_loss_type(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_losses(self) -> DPOConfig:
+        unknown = [name for name in self.loss_type if name not in loss_names() and ":" not in name]
+        if unknown:
+            unknown = [name for name in unknown if name not in plugins.entry_point_names(plugins.LOSS_GROUP)]
+        if unknown:
+            raise ValueError(
+                f"unknown loss_type {unknown}; choose from {loss_names()}, or name your own as package.module:function"
+            )
+        if not self.loss_type:
+            raise ValueError("loss_type must name at least one loss")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"loss_weights has {len(self.loss_weights)} entries but loss_type has {len(self.loss_type)}"
+            )
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
+            raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper suggests 1e-3)")
+        return self
+
+    @property
+    def weights(self) -> list[float]:
+        return self.loss_weights if self.loss_weights is not None else [1.0] * len(self.loss_type)
+
+
+def custom_losses(names: list[str]) -> dict:
+    """Resolve the loss names that are not built in (package.module:function or entry points)."""
+    found = {}
+    for name in names:
+        if name in LOSSES:
+            continue
+        fn = plugins.resolve(name, plugins.LOSS_GROUP, "objective.loss_type")
+        if not callable(fn):
+            raise ConfigError(f"objective.loss_type: {name!r} is not a callable loss")
+        found[name] = fn
+    return found
+
+
+class PreferenceStep(Step):
+    """Encode each clip once, score chosen and rejected against it in one decoder pass."""
+
+    def __init__(self, adapter: ModelAdapter, objective: DPOConfig, reference: Reference):
+        self.adapter = adapter
+        self.reference = reference
+        self.loss = objectives.PreferenceLoss(
+            objective.loss_type,
+            objective.weights,
+            beta=objective.beta,
+            label_smoothing=objective.label_smoothing,
+            discopop_tau=objective.discopop_tau,
+            bco_running_mean=objective.bco_running_mean,
+            custom=custom_losses(objective.loss_type),
+        )
+
+    def __call__(self, batch: dict[str, Any]) -> LossOutput:
+        n = len(batch["chosen_ids"])
+        targets = batch["chosen_ids"] + batch["rejected_ids"]
+        index = torch.arange(n).repeat(2)
+        context = self.adapter.encode(batch["features"])
+        scored = self.adapter.sequence_logps(context, targets, index)
+        sums, counts = scored.sum, scored.num_tokens
+        policy = objectives.PreferenceLogps(chosen=sums[:n], rejected=sums[n:], chosen_tokens=counts[:n], rejected_tokens=counts[n:])
+        ref = self.reference.logps(batch, context, targets, index).to(sums.device, sums.dtype)
+        return self.loss(policy, ref[:n], ref[n:])
+
+    def state_dict(self) -> dict:
+        return self.loss.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss.load_state_dict(state)
+
+
+class DPO(Method):
+    name = "dpo"
+    config = DPOConfig
+    data_kind = "preference"
+
+    def needs_reference(self, objective: DPOConfig) -> bool:
+        return True
+
+    def tag(self, objective: DPOConfig) -> str:
+        return f"dpo:{'+'.join(objective.loss_type)}"
+
+    def build(self, ctx: BuildContext) -> tuple[Step, Any]:
+        objective: DPOConfig = ctx.run.objective  # type: ignore[assignment]
+        if objective.disable_dropout:
+            disable_dropout(ctx.adapter.model)
+        collate = collators.PreferenceCollator(ctx.adapter)
+        reference = build_reference(ctx, collate, precompute=objective.precompute_reference)
+        return PreferenceStep(ctx.adapter, objective, reference), collate
+
+
+METHOD = DPO()

@@ -1,0 +1,217 @@
+"""GRPO: sample G transcripts per clip with the current policy (audio encoded once per clip),
+score them with the composed reward, normalise the rewards within each group, then take the
+clipped-surrogate loss (`audiorl.objectives.grpo`) on the policy's log-probs of those transcripts.
+
+Knobs and defaults are TRL's (`trl.GRPOConfig`): `loss_type` is one string (default `dapo`) and
+`beta` defaults to 0, which loads no reference model. With `num_iterations` > 1 the same rollouts
+serve that many optimizer steps (the trainer repeats the batch), and the log-probs at sampling
+time are the "old" policy of the ratio. `sft_weight` adds the token NLL of each clip's reference
+transcript: what the reward teaches, plus the words no sample spelled.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from audiorl.lazy import on_first_use
+from audiorl.methods.base import BuildContext, Method, MethodConfig, Step, build_reference
+from audiorl.objectives.grpo import GRPO_LOSS_TYPES
+from audiorl.sections import Section
+
+if TYPE_CHECKING:
+    from audiorl.models.base import ModelAdapter
+    from audiorl.objectives import LossOutput
+    from audiorl.reference import Reference
+
+# torch-bound modules, imported when a step runs (see audiorl.methods.base)
+torch: Any = on_first_use("torch")
+objectives: Any = on_first_use("audiorl.objectives")
+grpo_math: Any = on_first_use("audiorl.objectives.grpo")
+rollouts: Any = on_first_use("audiorl.rollout")
+collators: Any = on_first_use("audiorl.data.collate")
+reward_composer: Any = on_first_use("audiorl.rewards")
+
+
+class RewardConfig(Section):
+    """One term of the composed reward: a built-in (wer, cer, hotword, hallucination, language,
+    length), `package.module:function`, or an `audiorl.rewards` entry point."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class GRPOConfig(MethodConfig):
+    name: Literal["grpo"] = "grpo"
+    loss_type: Literal[GRPO_LOSS_TYPES] = Field("dapo", description="how token losses become one number")  # type: ignore[valid-type]
+    beta: float = Field(0.0, ge=0, description="KL weight to the reference (0: no reference model is loaded)")
+    num_generations: int = Field(8, ge=2)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_completion_length: int = Field(128, gt=0)
+    epsilon: float = Field(0.2, gt=0)
+    epsilon_high: float | None = Field(None, gt=0)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    num_iterations: int = Field(1, ge=1)
+    mask_truncated_completions: bool = False
+    sft_weight: float = Field(
+        0.0, ge=0, description="add this weight times the token NLL of each clip's reference transcript (an SFT term beside the reward)"
+    )
+    rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig(name="wer")])
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_loss(cls, value: Any) -> Any:
+        # configs written for the DPO family's list form: a one-item list is that item
+        if isinstance(value, list) and len(value) == 1:
+            return value[0]
+        if isinstance(value, list):
+            raise ValueError(f"GRPO takes one loss_type from {list(GRPO_LOSS_TYPES)}, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPOConfig:
+        if not self.rewards:
+            raise ValueError("GRPO needs at least one reward in rewards")
+        return self
+
+
+class GRPOStep(Step):
+    def __init__(self, adapter: ModelAdapter, objective: GRPOConfig, reference: Reference | None, reward, *,
+                 seed: int = 0, lockstep: bool = False):
+        self.adapter = adapter
+        self.objective = objective
+        self.reference = reference
+        self.reward = reward
+        self.lockstep = lockstep
+        self.batch_repeats = objective.num_iterations
+        self.settings = rollouts.SamplingSettings(
+            num_generations=objective.num_generations,
+            temperature=objective.temperature,
+            top_p=objective.top_p,
+            top_k=objective.top_k,
+            max_new_tokens=objective.max_completion_length,
+        )
+        self._cached: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self.seed = seed
+        self.rollouts = 0  # checkpointed: sampling seeds depend on it
+
+    def _row_seeds(self, indices) -> list[int]:
+        """One seed per completion from (seed, rollout number, the clip's dataset index, sample
+        number): a clip's samples are the same whatever batch or rank it lands in."""
+        g = self.settings.num_generations
+        return [
+            (((self.seed * 1_000_003 + self.rollouts) * 1_000_033 + int(i)) * 1_009 + k) % (2**63 - 1)
+            for i in indices.tolist()
+            for k in range(g)
+        ]
+
+    def _rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # the cache holds the batch itself, so its identity cannot be reused by a later batch
+        if self._cached is not None and self._cached[0] is batch:
+            return self._cached[1]
+        g = self.settings.num_generations
+        with torch.no_grad():
+            context = self.adapter.encode(batch["features"])
+            rollout = rollouts.sample(
+                self.adapter, context, self.settings, row_seeds=self._row_seeds(batch["index"]),
+                with_logps=self.objective.num_iterations > 1, early_stop=not self.lockstep,
+            )
+            self.rollouts += 1
+            columns = {k: [v for v in values for _ in range(g)] for k, values in batch["columns"].items()}
+            total, parts = self.reward(rollout.texts, **columns)
+            rewards = torch.tensor(total, dtype=torch.float32)
+            advantages = grpo_math.group_advantages(rewards, g, self.objective.scale_rewards)
+        data = {"rollout": rollout, "rewards": rewards, "parts": parts, "advantages": advantages}
+        if not self.adapter.encoder_trainable:
+            # no gradient goes into the encoder: the loss scores the completions against the
+            # states the rollout computed (the audio encoder runs once per clip and step)
+            data["context"] = context
+        self._cached = (batch, data)
+        return data
+
+    def __call__(self, batch: dict[str, Any]) -> LossOutput:
+        data = self._rollout(batch)
+        rollout = data["rollout"]
+        context = data["context"] if "context" in data else self.adapter.encode(batch["features"])
+        scored = self.adapter.sequence_logps(context, rollout.token_ids, rollout.clip_index)
+        mask = scored.mask
+        if self.objective.mask_truncated_completions:
+            keep = torch.tensor([not t for t in rollout.truncated], dtype=mask.dtype, device=mask.device)
+            mask = mask * keep.unsqueeze(-1)
+        old = rollout.token_logps.to(mask.device) if rollout.token_logps is not None else scored.token_logps.detach()
+        ref = None
+        if self.reference is not None:
+            ref = self.reference.score(batch, context, rollout.token_ids, rollout.clip_index).token_logps
+        out = grpo_math.grpo_loss(
+            scored.token_logps,
+            old,
+            data["advantages"].to(mask.device),
+            mask,
+            ref_token_logps=ref,
+            beta=self.objective.beta,
+            epsilon=self.objective.epsilon,
+            epsilon_high=self.objective.epsilon_high,
+            loss_type=self.objective.loss_type,
+            importance_sampling_level=self.objective.importance_sampling_level,
+            max_completion_length=self.objective.max_completion_length,
+        )
+        if self.objective.sft_weight:
+            # the reference transcripts against the same encoder states: what SFT learns, beside
+            # what the reward teaches (the rollouts cannot teach a word no sample spelled)
+            reference = self.adapter.sequence_logps(context, batch["target_ids"])
+            sft = objectives.sft_loss(reference.token_logps, reference.mask).loss
+            out = objectives.LossOutput(loss=out.loss + self.objective.sft_weight * sft, metrics={**out.metrics, "loss/sft": sft.detach()})
+        out.metrics.update(self._reward_metrics(data, scored.mask, rollout))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts = int(state.get("rollouts", 0))
+
+    def _reward_metrics(self, data, mask, rollout) -> dict[str, Any]:
+        g = self.settings.num_generations
+        rewards = data["rewards"]
+        metrics = {
+            "reward": rewards.mean(),
+            "reward_std": rewards.view(-1, g).std(dim=1).mean(),
+            "frac_reward_zero_std": (rewards.view(-1, g).std(dim=1) == 0).float().mean(),
+            "advantages/mean_abs": data["advantages"].abs().mean(),
+            "completions/mean_length": mask.sum(-1).float().mean().detach().cpu(),
+            "completions/clipped_ratio": torch.tensor(sum(rollout.truncated) / len(rollout.truncated)),
+        }
+        for name, values in data["parts"].items():
+            present = torch.tensor([v for v in values if v is not None], dtype=torch.float32)
+            if present.numel():
+                metrics[f"rewards/{name}/mean"] = present.mean()
+                metrics[f"rewards/{name}/std"] = present.std() if present.numel() > 1 else torch.tensor(0.0)
+        return metrics
+
+
+class GRPO(Method):
+    name = "grpo"
+    config = GRPOConfig
+    data_kind = "transcript"
+
+    def needs_reference(self, objective: GRPOConfig) -> bool:
+        return objective.beta != 0.0  # TRL's convention: beta 0 loads no reference model
+
+    def tag(self, objective: GRPOConfig) -> str:
+        return f"grpo:{objective.loss_type}"
+
+    def build(self, ctx: BuildContext) -> tuple[Step, Any]:
+        objective: GRPOConfig = ctx.run.objective  # type: ignore[assignment]
+        collate = collators.TranscriptCollator(ctx.adapter)
+        reference = build_reference(ctx, collate) if self.needs_reference(objective) else None
+        reward = reward_composer.build_reward([r.model_dump() for r in objective.rewards], ctx.run.data.normalize)
+        step = GRPOStep(ctx.adapter, objective, reference, reward, seed=ctx.run.train.seed, lockstep=ctx.lockstep)
+        return step, collate
+
+
+METHOD = GRPO()

@@ -1,0 +1,251 @@
+"""A training run, top to bottom (`audiorl train`, `audiorl.train`):
+
+1. `set_up_runtime`: threads, device, the process group under torchrun, the distributed strategy,
+   the seed; progress bars from the main rank only.
+2. `load_data`: the model, then the training records and the test sets, every clip decoded and
+   every transcript checked against the model before anything trains.
+3. `open_run`: the MLflow run with its tags and fingerprints, node metrics, the skipped records.
+4. `build_method`: the method's step (batch -> loss) and collator (`audiorl.methods`).
+5. `fit`: the trainer's loop; the evaluator scores the test sets whenever the strategy allows.
+6. `export_and_register`: the final model written, scored if the strategy could not score it in
+   the loop, charted before/after, logged and registered as the challenger.
+
+Nothing here knows a model family or a method: the adapter and the method answer for themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from audiorl import distributed, progress
+from audiorl.audio import AudioLimits
+from audiorl.config import RunConfig, load_config
+from audiorl.data.collate import RecordDataset
+from audiorl.data.records import Record, Rejected, fingerprint, load_records
+from audiorl.distributed import Dist, Strategy, strategy_for
+from audiorl.errors import ConfigError
+from audiorl.evaluation import Evaluator
+from audiorl.methods import BuildContext, Step, method_for
+from audiorl.models.base import ModelAdapter
+from audiorl.models.registry import load_adapter
+from audiorl.plots import wer_chart
+from audiorl.progress import console
+from audiorl.runtime import resolve_device, seed_everything
+from audiorl.tracking import Tracker, run_tags
+from audiorl.trainer import Preempted, Trainer, TrainResult, resume_target
+
+
+@dataclass
+class TrainOutcome:
+    output_dir: Path
+    final_model_dir: Path
+    result: TrainResult
+    run_id: str | None
+    tracking: str
+    skipped: list[Rejected] = field(default_factory=list)
+    eval_before: dict[str, float] = field(default_factory=dict)
+
+    def wer_by_set(self) -> list[tuple[str, float | None, float, float]]:
+        """(test set, WER before, WER after, CER after) per test set, then over all of them
+        ("all sets"; a single unnamed set is "eval"); empty without evaluation."""
+        after, before = self.result.eval_metrics, self.eval_before
+        if not after:
+            return []
+        sets = list(dict.fromkeys(key.split("/")[1] for key in after if key.count("/") == 2))
+        rows = [(name, f"eval/{name}/") for name in sets] + [("all sets" if sets else "eval", "eval/")]
+        return [(name, before.get(prefix + "wer"), after[prefix + "wer"], after[prefix + "cer"]) for name, prefix in rows]
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dist: Dist
+    strategy: Strategy
+
+
+@dataclass
+class RunData:
+    adapter: ModelAdapter
+    limits: AudioLimits
+    train: list[Record]
+    test_sets: dict[str, list[Record]]
+    skipped: list[Rejected]
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        self.dataset = RecordDataset(self.train, self.limits)  # what the trainer and a precomputed reference index
+
+
+def train(config: RunConfig | str | Path, overrides: list[str] | None = None) -> TrainOutcome:
+    """Train as the config says; returns where the final model and the MLflow run are."""
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    if cfg.data.train is None:
+        raise ConfigError("data.train: required for training (a JSONL manifest or a saved dataset)")
+    runtime = set_up_runtime(cfg)
+    data = load_data(cfg, runtime)
+    with open_run(cfg, runtime, data) as tracker:
+        evaluator = Evaluator(
+            data.adapter, data.test_sets, data.limits, normalization=cfg.data.normalize,
+            batch_size=cfg.train.per_device_eval_batch_size, max_new_tokens=cfg.train.generation_max_new_tokens,
+            tracker=tracker, console=console,
+        )
+        loss_step, collate = build_method(cfg, data, runtime)
+        trainer, result = fit(cfg, runtime, data, loss_step, collate, evaluator, tracker)
+        final_dir = export_and_register(cfg, runtime, data, trainer, evaluator, result, tracker)
+    return TrainOutcome(
+        output_dir=Path(cfg.train.output_dir), final_model_dir=final_dir, result=result, run_id=tracker.run_id,
+        tracking=tracker.where(), skipped=data.skipped, eval_before=evaluator.before,
+    )
+
+
+def set_up_runtime(cfg: RunConfig) -> Runtime:
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    info = distributed.init(device, cfg.train.distributed.timeout_s)
+    device = distributed.rank_device(device, info)
+    if not info.is_main:
+        progress.silence()  # one set of progress bars per job, rank 0's
+    seed_everything(cfg.train.seed)
+    strategy = strategy_for(cfg.train.distributed.strategy, info)
+    if strategy.sharded and cfg.model.lora is not None:
+        raise ConfigError("train.distributed.strategy=fsdp with model.lora is not supported yet; use ddp (LoRA keeps memory low)")
+    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+    return Runtime(device=device, dist=info, strategy=strategy)
+
+
+def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
+    adapter = load_adapter(cfg.model, runtime.device)
+    if not runtime.strategy.caches_encoder:
+        adapter.encoder_cache = None
+    limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=cfg.data.max_audio_seconds)
+    kind = method_for(cfg.objective).data_kind
+    checks = dict(on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens)
+    records: list[Record] = []
+    skipped: list[Rejected] = []
+    sources = cfg.data.train_sources()
+    for source in sources:
+        label = "train data" if len(sources) == 1 else f"train data ({source})"
+        good, bad = load_records(source, adapter, limits, kind, label=label, **checks)  # type: ignore[arg-type]
+        records += good
+        skipped += bad
+    test_sets: dict[str, list[Record]] = {}
+    for name, path in cfg.data.eval_sets().items():
+        test_sets[name], bad = load_records(path, adapter, limits, "transcript", label=f"eval data ({name})", **checks)  # type: ignore[arg-type]
+        skipped += bad
+    return RunData(adapter=adapter, limits=limits, train=records, test_sets=test_sets, skipped=skipped, fingerprint=fingerprint(records))
+
+
+@contextlib.contextmanager
+def open_run(cfg: RunConfig, runtime: Runtime, data: RunData) -> Iterator[Tracker]:
+    """The MLflow run (on the main rank; a no-op tracker elsewhere), ended FINISHED, KILLED on
+    preemption or FAILED, and node metrics from the first process of every node."""
+    output_dir = Path(cfg.train.output_dir)
+    tracker = Tracker(cfg.tracking, active=runtime.dist.is_main)
+    tracker.start(
+        cfg,
+        tags={
+            **run_tags(cfg),
+            "audiorl.data_fingerprint": data.fingerprint,
+            "audiorl.config_fingerprint": cfg.fingerprint(runtime.dist.world_size),
+        },
+        spill_dir=output_dir,
+        # a run that continues from a checkpoint continues its MLflow run too
+        resume=resume_target(cfg.train) is not None,
+    )
+    node_monitor = _watch_node(cfg, tracker, runtime.dist)
+    if data.skipped and runtime.dist.is_main:
+        lines = "\n".join(json.dumps({"source": r.source, "reason": r.reason}) for r in data.skipped)
+        (output_dir / "skipped_records.jsonl").write_text(lines + "\n")
+        tracker.log_metrics({"data/skipped_records": len(data.skipped)}, step=0)
+        tracker.log_artifact(output_dir / "skipped_records.jsonl", "data")
+    status = "FAILED"
+    try:
+        yield tracker
+        distributed.barrier()
+        status = "FINISHED"
+    except Preempted:
+        status = "KILLED"
+        raise
+    finally:
+        if node_monitor is not None:
+            node_monitor.end()
+        tracker.end(status)
+        distributed.shutdown()
+
+
+def build_method(cfg: RunConfig, data: RunData, runtime: Runtime) -> tuple[Step, object]:
+    """The method's step (batch -> loss) and the collator its batches need."""
+    return build_step(cfg, data.adapter, data.dataset, data.fingerprint, lockstep=runtime.strategy.lockstep)
+
+
+def build_step(cfg: RunConfig, adapter: ModelAdapter, dataset, data_fp: str, *, lockstep: bool = False):
+    return method_for(cfg.objective).build(BuildContext(cfg, adapter, dataset, data_fp, lockstep=lockstep))
+
+
+def fit(cfg: RunConfig, runtime: Runtime, data: RunData, loss_step: Step, collate, evaluator: Evaluator,
+        tracker: Tracker) -> tuple[Trainer, TrainResult]:
+    # a sharded model cannot generate on one rank: the base is scored before the trainer shards it
+    if evaluator and runtime.strategy.evaluates_export and cfg.train.eval_before_training:
+        evaluator(0)
+    trainer = Trainer(
+        cfg.train, loss_step, data.dataset, collate, device=runtime.device,
+        num_workers=cfg.data.num_workers, evaluate=evaluator if evaluator and runtime.strategy.evaluates_in_loop else None,
+        log=tracker.log_metrics, fingerprint=cfg.fingerprint(runtime.dist.world_size), dist_info=runtime.dist,
+    )
+    result = trainer.train()
+    cache = data.adapter.encoder_cache
+    if cache is not None and runtime.dist.is_main:
+        console.print(f"encoder cache: {cache.misses} clip encodings computed, {cache.hits} reused")
+    return trainer, result
+
+
+def export_and_register(cfg: RunConfig, runtime: Runtime, data: RunData, trainer: Trainer, evaluator: Evaluator,
+                        result: TrainResult, tracker: Tracker) -> Path:
+    output_dir = Path(cfg.train.output_dir)
+    final_dir = output_dir / "final"
+    full_weights = trainer.full_state_dict()  # collective under FSDP
+    if not runtime.dist.is_main:  # every rank holds the same weights; one writes them
+        return final_dir
+    data.adapter.save_pretrained(str(final_dir), state_dict=full_weights)
+    (output_dir / "config.yaml").write_text(cfg.to_yaml())
+    exported = cfg.model.model_copy(update={"name_or_path": str(final_dir), "lora": None})
+    if evaluator and runtime.strategy.evaluates_export:
+        result.eval_metrics = evaluator(result.global_step, adapter=load_adapter(exported, runtime.device))
+    tags = run_tags(cfg)
+    before_after = evaluator.wer_before_and_after(result.eval_metrics)
+    if before_after:
+        tracker.log_figure(wer_chart(before_after, title=f"WER before and after training ({tags['audiorl.objective']})"),
+                           "eval/wer_before_after.png")
+    if cfg.tracking.log_model:
+        registered = (cfg.tracking.registered_model_name or cfg.tracking.experiment_name) if cfg.tracking.register_model else None
+        version = tracker.register_model(
+            final_dir, exported, name=registered,
+            tags={key: tags[key] for key in ("audiorl.base_model", "audiorl.objective")} | {"audiorl.data_fingerprint": data.fingerprint},
+            max_new_tokens=cfg.train.generation_max_new_tokens,
+        )
+        if version:
+            console.print(f"registered {registered} version {version} (alias challenger)")
+    return final_dir
+
+
+def _watch_node(cfg: RunConfig, tracker: Tracker, info: Dist):
+    """System metrics of this node (CPU, memory, GPU) under node-N, from its first process. Rank 0
+    uses its own tracker; the first process of every other node attaches to rank 0's run."""
+    run = distributed.broadcast_from_main((tracker.run_id, tracker.tracking_uri))
+    if not (cfg.tracking.enabled and cfg.tracking.system_metrics and run[0]) or info.local_rank != 0:
+        return None
+    node = f"node-{distributed.node_rank()}"
+    if info.is_main:
+        tracker.start_system_metrics(node, cfg.tracking.system_metrics_interval_s)
+        return None
+    side = Tracker(cfg.tracking)
+    side.attach(*run)
+    side.start_system_metrics(node, cfg.tracking.system_metrics_interval_s)
+    return side
