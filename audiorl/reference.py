@@ -30,6 +30,7 @@ from audiorl.models.base import (
     model_source,
     save_whole,
 )
+from audiorl.progress import console, progress_bar
 
 
 class Reference(ABC):
@@ -117,8 +118,6 @@ def precompute_reference(
     num_workers: int = 0,
 ) -> PrecomputedReference:
     """Score every pair once with the starting weights (adapter off under LoRA) and cache it."""
-    from audiorl.progress import console, progress_bar
-
     path = Path(cache_dir) / f"reference-logps-{key}.pt"
     if path.exists():
         cached = torch.load(path, map_location="cpu")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import soundfile as sf
 import torch
 
 from audiorl.audio import AudioLimits
@@ -276,8 +277,6 @@ class CheckReport:
 def check_manifest(path: str | Path, kind: Literal["preference", "transcript"], limits: AudioLimits) -> CheckReport:
     """Every problem of every record, by line: JSON, keys, types, empty text, hotwords, audio
     (readable, not empty, finite, not too long). Also counts native sampling rates."""
-    import soundfile as sf
-
     path = Path(path)
     report = CheckReport()
     try:

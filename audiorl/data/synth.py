@@ -37,6 +37,7 @@ import soundfile as sf
 from audiorl.audio import resample, to_mono
 from audiorl.data.speech import espeak_binary, speak
 from audiorl.errors import ConfigError, DataError
+from audiorl.progress import progress_bar
 
 SAMPLING_RATE = 16000
 ACCENTS = ["en-us", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-scotland", "en-029"]
@@ -299,8 +300,6 @@ def _render(job: _Job, out: Path, max_seconds: float) -> dict | None:
 
 def synthesize(settings: SynthSettings) -> SynthSummary:
     """Speak the corpus into `settings.out`: clips under clips/<split>/ and one manifest per split."""
-    from audiorl.progress import progress_bar
-
     espeak_binary()  # ToolMissingError with the install hint when absent
     _check(settings)
     out = Path(settings.out)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import copy
 import math
 import re
+import uuid
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
 from audiorl import __version__
-from audiorl.config import RunConfig, has_uri_password, is_secret_key, parse_quantity
+from audiorl.config import RunConfig, has_uri_password, is_secret_key, load_config, parse_quantity
 from audiorl.errors import ConfigError
 
 PYTORCHJOB_API = "kubeflow.org/v1"
@@ -413,8 +414,6 @@ def render(cfg: RunConfig, *, name: str | None = None, run_id: str, api: str = "
 
 
 def new_run_id() -> str:
-    import uuid
-
     return uuid.uuid4().hex[:12]
 
 
@@ -422,9 +421,6 @@ def render_file(path: str | Any, overrides: list[str] | None = None, *, run_id: 
                 runtime: str = "torch-distributed") -> Rendered:
     """Load a run file (with `--set` overrides) and render it; the job is named after the file
     unless `job.name` says otherwise."""
-    from pathlib import Path
-
-    from audiorl.config import load_config
 
     cfg = load_config(path, overrides or [])
     return render(cfg, name=default_job_name(Path(path).stem), run_id=run_id or new_run_id(), api=api, runtime=runtime)

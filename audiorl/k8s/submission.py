@@ -11,6 +11,7 @@ from pathlib import Path
 
 from audiorl.config import load_config
 from audiorl.k8s.render import Rendered, default_job_name, new_run_id, render
+from audiorl.tracking import create_job_run, is_connection_error, is_server, resolve_tracking_uri
 
 
 def prepare(path: str | Path, overrides: list[str] | None = None, *, api: str = "pytorchjob", runtime: str = "torch-distributed",
@@ -23,8 +24,6 @@ def prepare(path: str | Path, overrides: list[str] | None = None, *, api: str = 
     env: dict[str, str] = {}
     mlflow_run = None
     if cfg.tracking.enabled and create_run:
-        from audiorl.tracking import create_job_run, is_connection_error, is_server, resolve_tracking_uri
-
         uri = resolve_tracking_uri(cfg.tracking) if (local or cfg.tracking.tracking_uri) else None
         if uri and (local or is_server(uri)):
             try:

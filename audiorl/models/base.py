@@ -16,6 +16,7 @@ this surface, so none of them branches on a family. A family implements:
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoProcessor
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from audiorl.config import ModelConfig
-from audiorl.errors import ModelError
+from audiorl.errors import ConfigError, ModelError
 
 
 class AudioContext(ABC):
@@ -101,9 +104,6 @@ class ModelAdapter(ABC):
     def save_pretrained(self, directory: str, state_dict: dict | None = None) -> None:
         """Write a directory the family's loader reads (LoRA merged into the weights), with the
         processor; `state_dict` replaces the in-memory weights (those gathered from shards)."""
-        import copy
-        from pathlib import Path
-
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(self.model).merge_and_unload() if self.uses_lora else self.model
@@ -182,8 +182,6 @@ class ModelAdapter(ABC):
         """The submodules FSDP shards one by one (the rest is sharded at the root): by default
         every transformer layer, which transformers and AudioRL's own layers build on
         `GradientCheckpointingLayer`. A family with other layers overrides this."""
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
         return [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
     @property
@@ -220,8 +218,6 @@ def with_lora(model: nn.Module, config: ModelConfig) -> nn.Module:
     """Wrap `model` with peft LoRA adapters as `config.lora` says; only adapter weights train."""
     from peft import LoraConfig, get_peft_model
 
-    from audiorl.errors import ModelError
-
     lora = config.lora
     assert lora is not None
     peft_config = LoraConfig(
@@ -235,8 +231,6 @@ def with_lora(model: nn.Module, config: ModelConfig) -> nn.Module:
 
 def apply_trainable_settings(model: nn.Module, config: ModelConfig, encoder: nn.Module, projector: nn.Module | None) -> nn.Module:
     """Freeze encoder/projector, enable gradient checkpointing, wrap with LoRA, as configured."""
-    from audiorl.errors import ConfigError
-
     if config.freeze_encoder:
         encoder.requires_grad_(False)
     if config.freeze_projector:
@@ -276,11 +270,7 @@ def save_whole(obj: Any, path: Path) -> None:
 def load_pretrained(model_class, config: ModelConfig, label: str, processor_loader=None):
     """`model_class.from_pretrained` and the processor (AutoProcessor unless given), with an
     error that names the config key and what was expected."""
-    from audiorl.errors import ModelError
-
     if processor_loader is None:
-        from transformers import AutoProcessor
-
         processor_loader = AutoProcessor.from_pretrained
     try:
         model = model_class.from_pretrained(config.name_or_path, revision=config.revision, dtype=DTYPES[config.dtype])

@@ -18,12 +18,19 @@ from __future__ import annotations
 import json
 import re
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer
+from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from audiorl.errors import ModelError
+from audiorl.models.base import DTYPES
+from audiorl.models.registry import detect_family
+from audiorl.models.whisper import multilingual_vocabulary
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 _VERSION = 6  # what CTranslate2 3.x and 4.x write
@@ -227,8 +234,6 @@ def whisper_state_dict(model: CT2Model, source: Path) -> tuple[dict[str, np.ndar
 
 
 def _tokenizer(source: Path):
-    from transformers import WhisperTokenizer
-
     path = source / "tokenizer.json"
     if not path.is_file():
         raise ModelError(
@@ -246,8 +251,6 @@ def _tokenizer(source: Path):
 
 
 def _feature_extractor(source: Path, num_mel_bins: int):
-    from transformers import WhisperFeatureExtractor
-
     path = source / "preprocessor_config.json"
     if path.is_file():
         extractor = WhisperFeatureExtractor.from_pretrained(str(source))
@@ -258,11 +261,6 @@ def _feature_extractor(source: Path, num_mel_bins: int):
 
 
 def _generation_config(tokenizer, ct2_config: dict, dims: dict[str, int]):
-    from transformers import GenerationConfig
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    from audiorl.models.whisper import multilingual_vocabulary
-
     def token(text: str) -> int | None:
         tid = tokenizer.convert_tokens_to_ids(text)
         return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
@@ -299,15 +297,6 @@ def import_ct2(source: str | Path, out: str | Path, *, dtype: str = "float32") -
     """Turn a CTranslate2 (faster-whisper) Whisper directory into a `save_pretrained` directory:
     weights (as `dtype`), tokenizer, feature extractor and a generation config carrying the CT2
     config's suppressed tokens, alignment heads and language settings."""
-    import torch
-    from transformers import (
-        WhisperConfig,
-        WhisperForConditionalGeneration,
-        WhisperProcessor,
-    )
-
-    from audiorl.models.base import DTYPES
-
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise ModelError(f"{source}: not a directory; give a faster-whisper (CTranslate2) model directory")
@@ -356,8 +345,6 @@ def import_ct2(source: str | Path, out: str | Path, *, dtype: str = "float32") -
 def export_ct2(source: str, out: str | Path, *, quantization: str = "float32", force: bool = False) -> Path:
     """A saved Whisper (a `save_pretrained` directory, or an MLflow model URI such as
     `models:/NAME@champion` or `runs:/RUN/model`) as a faster-whisper model."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="audiorl-export-") as tmp:
         return _export(_saved_whisper(source, Path(tmp)), out, quantization=quantization, force=force)
 
@@ -365,8 +352,6 @@ def export_ct2(source: str, out: str | Path, *, quantization: str = "float32", f
 def _saved_whisper(source: str, tmp: Path) -> Path:
     """A plain `save_pretrained` Whisper directory for `source`: itself, or an MLflow model's
     components written out."""
-    from audiorl.models.registry import detect_family
-
     if source.startswith(("models:/", "runs:/")):
         import mlflow
 
@@ -407,8 +392,6 @@ def _export(model_dir: Path, out: str | Path, *, quantization: str, force: bool)
     if not (out / "preprocessor_config.json").is_file():
         # faster-whisper reads the mel bins (80, or 128 for large-v3) and window from this file;
         # transformers 5 keeps them inside processor_config.json instead
-        from transformers import WhisperFeatureExtractor
-
         WhisperFeatureExtractor.from_pretrained(str(model_dir)).to_json_file(str(out / "preprocessor_config.json"))
     return out
 

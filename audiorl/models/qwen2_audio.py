@@ -19,10 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from transformers import (
+    Qwen2AudioConfig,
+    Qwen2AudioEncoderConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioProcessor,
+    Qwen2Config,
+    Qwen2Tokenizer,
+    WhisperFeatureExtractor,
+)
+from transformers.masking_utils import create_bidirectional_mask
 
 from audiorl.config import ModelConfig
 from audiorl.models.audio_llm import TransformersAudioLLMAdapter, wants_chat
 from audiorl.models.base import apply_trainable_settings, load_pretrained
+from audiorl.models.tiny import train_byte_bpe
 
 DEFAULT_INSTRUCTION = "Detect the language and recognize the speech:"
 
@@ -40,8 +51,6 @@ class Qwen2AudioAdapter(TransformersAudioLLMAdapter):
 
     @classmethod
     def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> Qwen2AudioAdapter:
-        from transformers import Qwen2AudioForConditionalGeneration
-
         model, processor = load_pretrained(Qwen2AudioForConditionalGeneration, config, "Qwen2-Audio")
         model.to(device)
         model = apply_trainable_settings(model, config, model.model.audio_tower, model.model.multi_modal_projector)
@@ -61,8 +70,6 @@ class Qwen2AudioAdapter(TransformersAudioLLMAdapter):
         return {"input_features": out["input_features"], "feature_attention_mask": out["attention_mask"]}
 
     def audio_embeddings(self, features, core):
-        from transformers.masking_utils import create_bidirectional_mask
-
         inner = core.model
         tower = inner.audio_tower
         feats = features["input_features"].to(dtype=tower.conv1.weight.dtype)
@@ -111,18 +118,6 @@ def build_tiny_qwen2_audio(
 ) -> Path:
     """A Qwen2-Audio with random weights, its own byte-level BPE with the Qwen special tokens, a
     Whisper feature extractor of `chunk_seconds` windows, saved for `from_pretrained`."""
-    from transformers import (
-        Qwen2AudioConfig,
-        Qwen2AudioEncoderConfig,
-        Qwen2AudioForConditionalGeneration,
-        Qwen2AudioProcessor,
-        Qwen2Config,
-        Qwen2Tokenizer,
-        WhisperFeatureExtractor,
-    )
-
-    from audiorl.models.tiny import train_byte_bpe
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = train_byte_bpe(texts + [DEFAULT_INSTRUCTION], vocab_size, ["<|endoftext|>"])

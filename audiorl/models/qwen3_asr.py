@@ -14,10 +14,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from transformers import (
+    Qwen2Tokenizer,
+    Qwen3ASRConfig,
+    Qwen3ASREncoderConfig,
+    Qwen3ASRFeatureExtractor,
+    Qwen3ASRForConditionalGeneration,
+    Qwen3ASRProcessor,
+    Qwen3Config,
+)
+from transformers.models.qwen3_asr.modeling_qwen3_asr import Qwen3ASREncoder
+from transformers.models.qwen3_asr.processing_qwen3_asr import LANGUAGE_CODE_TO_NAME
 
 from audiorl.config import ModelConfig
 from audiorl.models.audio_llm import TransformersAudioLLMAdapter
 from audiorl.models.base import apply_trainable_settings, load_pretrained
+from audiorl.models.tiny import train_byte_bpe
 
 _MARK = "\x00"
 
@@ -34,8 +46,6 @@ class Qwen3ASRAdapter(TransformersAudioLLMAdapter):
 
     @classmethod
     def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> Qwen3ASRAdapter:
-        from transformers import Qwen3ASRForConditionalGeneration
-
         model, processor = load_pretrained(Qwen3ASRForConditionalGeneration, config, "Qwen3-ASR")
         model.to(device)
         model = apply_trainable_settings(model, config, model.model.audio_tower, model.model.multi_modal_projector)
@@ -43,8 +53,6 @@ class Qwen3ASRAdapter(TransformersAudioLLMAdapter):
 
 
     def _prompt_text(self) -> str:
-        from transformers.models.qwen3_asr.processing_qwen3_asr import LANGUAGE_CODE_TO_NAME
-
         messages = []
         if self.config.instruction:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.config.instruction}]})
@@ -68,8 +76,6 @@ class Qwen3ASRAdapter(TransformersAudioLLMAdapter):
         return {"input_features": out["input_features"], "input_features_mask": mask}
 
     def audio_embeddings(self, features, core):
-        from transformers.models.qwen3_asr.modeling_qwen3_asr import Qwen3ASREncoder
-
         inner = core.model
         tower = inner.audio_tower
         feats = features["input_features"].to(dtype=next(tower.parameters()).dtype)
@@ -116,18 +122,6 @@ def build_tiny_qwen3_asr(
     seed: int = 0,
 ) -> Path:
     """A Qwen3-ASR with random weights and its own byte-level BPE, saved for `from_pretrained`."""
-    from transformers import (
-        Qwen2Tokenizer,
-        Qwen3ASRConfig,
-        Qwen3ASREncoderConfig,
-        Qwen3ASRFeatureExtractor,
-        Qwen3ASRForConditionalGeneration,
-        Qwen3ASRProcessor,
-        Qwen3Config,
-    )
-
-    from audiorl.models.tiny import train_byte_bpe
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = train_byte_bpe(texts + ["language English"], vocab_size, ["<|endoftext|>"])

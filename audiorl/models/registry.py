@@ -2,42 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from audiorl.config import ModelConfig
 from audiorl.errors import ConfigError
 from audiorl.models.base import ModelAdapter
+from audiorl.plugins import FAMILY_GROUP, entry_point_names, resolve
 
-
-def _whisper() -> type[ModelAdapter]:
-    from audiorl.models.whisper import WhisperAdapter
-
-    return WhisperAdapter
-
-
-def _qwen2_audio() -> type[ModelAdapter]:
-    from audiorl.models.qwen2_audio import Qwen2AudioAdapter
-
-    return Qwen2AudioAdapter
-
-
-def _qwen3_asr() -> type[ModelAdapter]:
-    from audiorl.models.qwen3_asr import Qwen3ASRAdapter
-
-    return Qwen3ASRAdapter
-
-
-def _step_audio2() -> type[ModelAdapter]:
-    from audiorl.models.step_audio2 import StepAudio2Adapter
-
-    return StepAudio2Adapter
-
-
+# the built-in families, imported (by the same resolver as a plug-in family) only when one is used
 _FAMILIES = {
-    "whisper": _whisper,
-    "qwen2_audio": _qwen2_audio,
-    "qwen3_asr": _qwen3_asr,
-    "step_audio2": _step_audio2,
+    "whisper": "audiorl.models.whisper:WhisperAdapter",
+    "qwen2_audio": "audiorl.models.qwen2_audio:Qwen2AudioAdapter",
+    "qwen3_asr": "audiorl.models.qwen3_asr:Qwen3ASRAdapter",
+    "step_audio2": "audiorl.models.step_audio2:StepAudio2Adapter",
 }
 
 
@@ -47,9 +27,6 @@ _MODEL_TYPES = {"whisper": "whisper", "qwen2_audio": "qwen2_audio", "qwen3_asr":
 
 def detect_family(name_or_path: str) -> str | None:
     """The family of a local model directory, from its config.json; None if it cannot tell."""
-    import json
-    from pathlib import Path
-
     config = Path(name_or_path) / "config.json"
     if not config.is_file():
         return None
@@ -61,18 +38,12 @@ def detect_family(name_or_path: str) -> str | None:
 
 def families() -> list[str]:
     """Built-in families and those installed packages register as entry points."""
-    from audiorl.plugins import FAMILY_GROUP, entry_point_names
-
     return sorted(set(_FAMILIES) | set(entry_point_names(FAMILY_GROUP)))
 
 
 def adapter_class(family: str) -> type[ModelAdapter]:
     """A built-in family, a `package.module:Class`, or an `audiorl.model_families` entry point."""
-    from audiorl.plugins import FAMILY_GROUP, resolve
-
-    if family in _FAMILIES:
-        return _FAMILIES[family]()
-    cls = resolve(family, FAMILY_GROUP, "model.family")
+    cls = resolve(_FAMILIES.get(family, family), FAMILY_GROUP, "model.family")
     if cls is None:
         raise ConfigError(
             f"model.family={family!r} is not supported; choose one of {families()} or name your own adapter as package.module:Class"

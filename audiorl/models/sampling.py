@@ -6,6 +6,7 @@ The warpers are transformers' own, so sampling behaves as `generate` users expec
 from __future__ import annotations
 
 import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 
 def next_tokens(
@@ -24,8 +25,6 @@ def next_tokens(
     sample does not depend on which other rows share the batch."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
     if temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
     scores = logits

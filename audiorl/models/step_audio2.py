@@ -23,12 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, Qwen2Config
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, Qwen2Config, Qwen2Model, Qwen2Tokenizer
+from transformers.audio_utils import mel_filter_bank
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from audiorl.config import ModelConfig
 from audiorl.models.audio_llm import AudioLLMAdapter, core_model
 from audiorl.models.base import apply_trainable_settings, load_pretrained
+from audiorl.models.tiny import train_byte_bpe
 
 ASR_INSTRUCTION = "请记录下你所听到的语音内容。"  # "Write down the speech you hear." (Step-Audio 2's ASR system prompt)
 AUDIO_FIELDS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer", "llm_dim", "kernel_size", "adapter_stride")
@@ -61,8 +64,6 @@ class StepAudio2Config(PretrainedConfig):
 
 def _register() -> None:
     """Let AutoConfig (and so AutoTokenizer, which reads config.json) know the model type."""
-    from transformers import AutoConfig
-
     try:
         AutoConfig.register(StepAudio2Config.model_type, StepAudio2Config)
     except ValueError:  # already registered
@@ -153,8 +154,6 @@ class StepAudio2ForCausalLM(PreTrainedModel):
 
     def __init__(self, config: StepAudio2Config):
         super().__init__(config)
-        from transformers import Qwen2Model
-
         audio = config.audio_encoder_config
         self.model = Qwen2Model(config.text_config)
         self.encoder = StepAudio2Encoder(
@@ -178,8 +177,6 @@ class StepAudio2ForCausalLM(PreTrainedModel):
     ):
         """Token ids with one `audio_token_id` per audio frame, the clips' log-mels -> logits (and
         the mean next-token loss over labels that are not -100)."""
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         embeds = self.model.embed_tokens(input_ids)
         if input_features is not None:
             audio = torch.cat(self.audio_embeddings(input_features, feature_lengths))
@@ -205,8 +202,6 @@ class StepAudio2FeatureExtractor:
     sampling_rate = 16000
 
     def __init__(self, n_mels: int = 128):
-        from transformers.audio_utils import mel_filter_bank
-
         self.n_mels = n_mels
         self.filters = torch.from_numpy(
             mel_filter_bank(
@@ -255,8 +250,6 @@ class StepAudio2Adapter(AudioLLMAdapter):
 
     @classmethod
     def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> StepAudio2Adapter:
-        from transformers import AutoTokenizer
-
         model, tokenizer = load_pretrained(StepAudio2ForCausalLM, config, "Step-Audio 2", AutoTokenizer.from_pretrained)
         model.to(device)
         processor = StepAudio2Processor(tokenizer, model.config.audio_encoder_config["n_mels"])
@@ -334,10 +327,6 @@ def build_tiny_step_audio2(
 ) -> Path:
     """A tiny Step-Audio 2 with random weights in the published layout (config.json fields,
     safetensors parameter names, a Qwen2 tokenizer with the audio and chat tokens)."""
-    from transformers import Qwen2Tokenizer
-
-    from audiorl.models.tiny import train_byte_bpe
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = train_byte_bpe(texts + [ASR_INSTRUCTION, "system user assistant"], vocab_size, ["<|endoftext|>"])

@@ -8,15 +8,21 @@ its hidden states, and `sequence_logps` indexes them for every target scored aga
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from audiorl.config import ModelConfig
 from audiorl.errors import ModelError
-from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps, apply_trainable_settings, load_pretrained
+from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps, apply_trainable_settings, load_pretrained, model_source
+from audiorl.models.encoder_cache import EncoderCache
 from audiorl.models.sampling import next_tokens
 from audiorl.models.tiny import train_byte_bpe
 
@@ -113,8 +119,6 @@ class WhisperAdapter(ModelAdapter):
 
     @classmethod
     def from_pretrained(cls, config: ModelConfig, device: torch.device | str = "cpu") -> WhisperAdapter:
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
         model, processor = load_pretrained(WhisperForConditionalGeneration, config, "Whisper", WhisperProcessor.from_pretrained)
         model.to(device)
         model = apply_trainable_settings(model, config, model.model.encoder, projector=None)
@@ -125,12 +129,6 @@ class WhisperAdapter(ModelAdapter):
 
     def enable_encoder_cache(self, directory: str | None = None, max_bytes: int = 4 * 2**30) -> None:
         """Reuse each clip's encoder states while the encoder does not train (see encoder_cache.py)."""
-        import hashlib
-        import json
-
-        from audiorl.models.base import model_source
-        from audiorl.models.encoder_cache import EncoderCache
-
         key = hashlib.sha256(json.dumps(model_source(self), sort_keys=True, default=str).encode()).hexdigest()
         self.encoder_cache = EncoderCache(key, WhisperContext, max_bytes=max_bytes, directory=directory)
 
@@ -283,8 +281,6 @@ class WhisperAdapter(ModelAdapter):
         prefix: list[int] | None = None,
         early_stop: bool = True,
     ) -> Generation:
-        from transformers.modeling_outputs import BaseModelOutput
-
         core = _core(self.model)
         assert isinstance(context, WhisperContext)
         group = num_return_sequences
@@ -389,16 +385,6 @@ def build_tiny_whisper(
     `pad_vocab_to` grows the output layer to a real model's vocabulary (51865 for Whisper) for
     benchmarks; the extra ids are never generated.
     """
-    from transformers import (
-        GenerationConfig,
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperProcessor,
-        WhisperTokenizer,
-    )
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
     if not texts:
         raise ModelError("build_tiny_whisper needs some texts to train its tokenizer on")
     out = Path(output_dir)

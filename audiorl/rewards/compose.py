@@ -10,6 +10,8 @@ from typing import Any
 
 from audiorl.config import TextNormalization
 from audiorl.errors import ConfigError
+from audiorl.plugins import resolve
+from audiorl.rewards.asr import REWARDS
 
 REWARD_GROUP = "audiorl.rewards"
 
@@ -22,9 +24,6 @@ class RewardSpec:
 
 
 def resolve_reward(name: str) -> Callable[..., list]:
-    from audiorl.plugins import resolve
-    from audiorl.rewards.asr import REWARDS
-
     if name in REWARDS:
         return REWARDS[name]
     fn = resolve(name, REWARD_GROUP, "objective.rewards")
