@@ -12,10 +12,11 @@ Run from the repository root after the data commands in the README (the quicksta
    (`data/tiny-en-replay/validation.jsonl`: other everyday sentences in US and RP English); when no
    rate stays within 5%, the one that costs least;
 2. every method then runs with the same tuning clips and the same 40 optimizer steps of 8: DPO at
-   MPO's rate, MPO with replay at SFT-with-replay's rate, GRPO and its SFT twin (the same clips plus
-   30 without speech) at SFT's rate;
+   MPO's rate, MPO with replay at SFT-with-replay's rate, GRPO, GRPO with an SFT term and their SFT
+   twin (the same clips plus 30 without speech) at SFT's rate;
 3. the two best methods by mean WER over the hard test sets (each method by its best row, a
-   variant with replay or no-speech clips counting as its method) run again with seeds 43 and 44;
+   variant with replay or no-speech clips counting as its method), and the no-speech pair (SFT and
+   GRPO + SFT term on the clips with and without speech), run again with seeds 43 and 44;
 4. the winner (the lowest hard-set WER among the rows that cost at most 5% on the general set) is
    made the `challenger` of the registered model `tiny-en-table`, the base tiny.en its `champion`,
    and `audiorl promote` decides with the hard sets as the gate and the general set as the check;
@@ -63,8 +64,12 @@ LABELS = {
     "mpo-replay": "MPO + replay (pairs on the same clips)",
     "no-speech-sft": "SFT, plus 30 no-speech clips (empty references)",
     "grpo": "GRPO (WER + hallucination + hotword) on those clips",
+    "grpo-sft": "GRPO + SFT term (`sft_weight: 1`) on those clips",
 }
-METHOD = {"sft": "SFT", "sft-replay": "SFT", "no-speech-sft": "SFT", "dpo": "DPO", "mpo": "MPO", "mpo-replay": "MPO", "grpo": "GRPO"}
+METHOD = {"sft": "SFT", "sft-replay": "SFT", "no-speech-sft": "SFT", "dpo": "DPO", "mpo": "MPO", "mpo-replay": "MPO", "grpo": "GRPO",
+          "grpo-sft": "GRPO"}
+# the head-to-head on clips without speech: the same data, SFT against the RL method that keeps SFT's term
+ALWAYS_SEEDED = ["no-speech-sft", "grpo-sft"]
 REPORT_ONLY = "--report" in sys.argv  # print the table from the runs that finished; run nothing
 
 
@@ -166,7 +171,7 @@ def register_base_as_champion(tracking_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from audiorl.config import ModelConfig
-    from audiorl.model_versions import CHAMPION, register
+    from audiorl.tracking.model_versions import CHAMPION, register
 
     client = MlflowClient(tracking_uri)
     for version in client.search_model_versions(f"name='{REGISTERED}'"):
@@ -184,7 +189,7 @@ def register_base_as_champion(tracking_uri: str) -> None:
 def promote_and_deploy(winner: str, run: dict) -> None:
     from mlflow.tracking import MlflowClient
 
-    from audiorl.model_versions import CHALLENGER
+    from audiorl.tracking.model_versions import CHALLENGER
 
     pointer = json.loads((RUNS / f"{winner}-seed42" / "mlflow-run.json").read_text())
     client = MlflowClient(pointer["tracking_uri"])
@@ -238,7 +243,7 @@ def main() -> None:
     started = time.time()
     swept = {method: pick_rate(method) for method in ("sft", "mpo", "sft-replay")}
     rates = {"sft": swept["sft"], "dpo": swept["mpo"], "mpo": swept["mpo"], "sft-replay": swept["sft-replay"],
-             "mpo-replay": swept["sft-replay"], "no-speech-sft": swept["sft"], "grpo": swept["sft"]}
+             "mpo-replay": swept["sft-replay"], "no-speech-sft": swept["sft"], "grpo": swept["sft"], "grpo-sft": swept["sft"]}
     rows: dict[str, list[dict]] = {method: [] for method in rates}
     for method in rates:
         rows[method] += [m for m in [train(method, f"{method}-seed42", f"train.learning_rate={rates[method]}", "train.seed=42",
@@ -253,7 +258,7 @@ def main() -> None:
         best.setdefault(METHOD[row], row)
     top_two = list(best.values())[:2]
     for seed in SEEDS[1:]:
-        for method in top_two:
+        for method in dict.fromkeys(top_two + [m for m in ALWAYS_SEEDED if rows[m]]):
             rows[method] += [m for m in [train(method, f"{method}-seed{seed}", f"train.learning_rate={rates[method]}", f"train.seed={seed}",
                                                *EVAL_BEFORE_AND_AFTER)] if m]
     print_table(rows, rates)
