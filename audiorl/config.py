@@ -1,6 +1,7 @@
 """One run, one YAML file: the pydantic schema and its loader.
 
-The schema has six sections (`model`, `data`, `objective`, `train`, `tracking`, `job`). Unknown keys and
+The schema has six sections (`model`, `data`, `objective`, `train`, `tracking`, `job`; `objective` is
+the section of the method `objective.name` picks, from audiorl.methods). Unknown keys and
 wrong types are errors that name the key path and the file. `--set a.b=value` overrides are applied
 to the parsed YAML before validation, so they are checked exactly like the file itself.
 

@@ -7,6 +7,9 @@ the result says so.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from audiorl.audio import AudioLimits
@@ -64,6 +67,7 @@ def evaluate(
                  hotwords=[r.extra.get("hotwords") for r in records])
 
 
+@dataclass
 class Evaluator:
     """The test sets of a training run, and the one place they are scored and logged.
 
@@ -74,19 +78,19 @@ class Evaluator:
     evaluation at step 0 is kept as `before`, for the chart and the outcome.
     """
 
-    def __init__(self, adapter: ModelAdapter, sets: dict[str, list[Record]], limits: AudioLimits, *,
-                 normalization: TextNormalization, batch_size: int, max_new_tokens: int, tracker, console):
-        self.adapter = adapter
-        self.sets = sets
-        self.limits = limits
-        self.normalization = normalization
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.tracker = tracker
-        self.console = console
-        self.several = len(sets) > 1
-        self.prefixes = {name: f"eval/{name}/" if self.several else "eval/" for name in sets}
-        self.before: dict[str, float] = {}
+    adapter: ModelAdapter
+    sets: dict[str, list[Record]]
+    limits: AudioLimits
+    normalization: TextNormalization
+    batch_size: int
+    max_new_tokens: int
+    tracker: Any
+    console: Any
+    before: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.several = len(self.sets) > 1
+        self.prefixes = {name: f"eval/{name}/" if self.several else "eval/" for name in self.sets}
 
     def __bool__(self) -> bool:
         return bool(self.sets)
