@@ -42,7 +42,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from transformers import get_scheduler
 
 from audiorl.config import TrainConfig
 from audiorl.distributed import Dist, barrier, mean_across_ranks, strategy_for
@@ -198,6 +197,8 @@ class Trainer:
         steps_per_epoch = math.ceil(self.batches_per_epoch * loss_step.batch_repeats / config.gradient_accumulation_steps)
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.total_steps)
+        from transformers import get_scheduler
+
         self.scheduler = get_scheduler(
             config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )

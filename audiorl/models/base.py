@@ -26,8 +26,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoProcessor
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from audiorl.config import ModelConfig
 from audiorl.errors import ConfigError, ModelError
@@ -182,6 +180,8 @@ class ModelAdapter(ABC):
         """The submodules FSDP shards one by one (the rest is sharded at the root): by default
         every transformer layer, which transformers and AudioRL's own layers build on
         `GradientCheckpointingLayer`. A family with other layers overrides this."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
         return [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
     @property
@@ -271,6 +271,8 @@ def load_pretrained(model_class, config: ModelConfig, label: str, processor_load
     """`model_class.from_pretrained` and the processor (AutoProcessor unless given), with an
     error that names the config key and what was expected."""
     if processor_loader is None:
+        from transformers import AutoProcessor
+
         processor_loader = AutoProcessor.from_pretrained
     try:
         model = model_class.from_pretrained(config.name_or_path, revision=config.revision, dtype=DTYPES[config.dtype])

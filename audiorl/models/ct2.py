@@ -21,22 +21,24 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer
-from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from audiorl.errors import ModelError
+from audiorl.lazy import on_first_use
 from audiorl.models.base import DTYPES
 from audiorl.models.registry import detect_family
-from audiorl.models.whisper import multilingual_vocabulary
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 _VERSION = 6  # what CTranslate2 3.x and 4.x write
 # a model ships one of these beside model.bin; faster-whisper needs the tokenizer
 _COPIED_FILES = ("tokenizer.json", "preprocessor_config.json", "vocabulary.json", "vocabulary.txt")
 QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16")
+
+# the Whisper family module imports transformers; `import audiorl.api` should not pay for it
+whisper: Any = on_first_use("audiorl.models.whisper")
 
 
 @dataclass
@@ -234,6 +236,8 @@ def whisper_state_dict(model: CT2Model, source: Path) -> tuple[dict[str, np.ndar
 
 
 def _tokenizer(source: Path):
+    from transformers import WhisperTokenizer
+
     path = source / "tokenizer.json"
     if not path.is_file():
         raise ModelError(
@@ -251,6 +255,8 @@ def _tokenizer(source: Path):
 
 
 def _feature_extractor(source: Path, num_mel_bins: int):
+    from transformers import WhisperFeatureExtractor
+
     path = source / "preprocessor_config.json"
     if path.is_file():
         extractor = WhisperFeatureExtractor.from_pretrained(str(source))
@@ -261,6 +267,9 @@ def _feature_extractor(source: Path, num_mel_bins: int):
 
 
 def _generation_config(tokenizer, ct2_config: dict, dims: dict[str, int]):
+    from transformers import GenerationConfig
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
     def token(text: str) -> int | None:
         tid = tokenizer.convert_tokens_to_ids(text)
         return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
@@ -269,7 +278,7 @@ def _generation_config(tokenizer, ct2_config: dict, dims: dict[str, int]):
     sot = token("<|startoftranscript|>")
     if sot is None:
         raise ModelError("tokenizer.json has no <|startoftranscript|> token; is this a Whisper tokenizer?")
-    multilingual = multilingual_vocabulary(dims["vocab_size"])
+    multilingual = whisper.multilingual_vocabulary(dims["vocab_size"])
     fields = dict(
         decoder_start_token_id=sot,
         bos_token_id=eot,
@@ -297,6 +306,12 @@ def import_ct2(source: str | Path, out: str | Path, *, dtype: str = "float32") -
     """Turn a CTranslate2 (faster-whisper) Whisper directory into a `save_pretrained` directory:
     weights (as `dtype`), tokenizer, feature extractor and a generation config carrying the CT2
     config's suppressed tokens, alignment heads and language settings."""
+    from transformers import (
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+    )
+
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise ModelError(f"{source}: not a directory; give a faster-whisper (CTranslate2) model directory")
@@ -392,6 +407,8 @@ def _export(model_dir: Path, out: str | Path, *, quantization: str, force: bool)
     if not (out / "preprocessor_config.json").is_file():
         # faster-whisper reads the mel bins (80, or 128 for large-v3) and window from this file;
         # transformers 5 keeps them inside processor_config.json instead
+        from transformers import WhisperFeatureExtractor
+
         WhisperFeatureExtractor.from_pretrained(str(model_dir)).to_json_file(str(out / "preprocessor_config.json"))
     return out
 
