@@ -89,7 +89,8 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         raise ConfigError("data.train: required for training (a JSONL manifest or a saved dataset)")
     runtime = set_up_runtime(cfg)
     data = load_data(cfg, runtime)
-    with open_run(cfg, runtime, data) as tracker:
+    tags = run_tags(cfg)  # the code version asks git: once per run
+    with open_run(cfg, runtime, data, tags) as tracker:
         evaluator = Evaluator(
             data.adapter, data.test_sets, data.limits, normalization=cfg.data.normalize,
             batch_size=cfg.train.per_device_eval_batch_size, max_new_tokens=cfg.train.generation_max_new_tokens,
@@ -97,7 +98,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         )
         loss_step, collate = build_method(cfg, data, runtime)
         trainer, result = fit(cfg, runtime, data, loss_step, collate, evaluator, tracker)
-        final_dir = export_and_register(cfg, runtime, data, trainer, evaluator, result, tracker)
+        final_dir = export_and_register(cfg, runtime, data, trainer, evaluator, result, tracker, tags)
     return TrainOutcome(
         output_dir=Path(cfg.train.output_dir), final_model_dir=final_dir, result=result, run_id=tracker.run_id,
         tracking=tracker.where(), skipped=data.skipped, eval_before=evaluator.before,
@@ -143,7 +144,7 @@ def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
 
 
 @contextlib.contextmanager
-def open_run(cfg: RunConfig, runtime: Runtime, data: RunData) -> Iterator[Tracker]:
+def open_run(cfg: RunConfig, runtime: Runtime, data: RunData, tags: dict[str, str]) -> Iterator[Tracker]:
     """The MLflow run (on the main rank; a no-op tracker elsewhere), ended FINISHED, KILLED on
     preemption or FAILED, and node metrics from the first process of every node."""
     output_dir = Path(cfg.train.output_dir)
@@ -151,7 +152,7 @@ def open_run(cfg: RunConfig, runtime: Runtime, data: RunData) -> Iterator[Tracke
     tracker.start(
         cfg,
         tags={
-            **run_tags(cfg),
+            **tags,
             "audiorl.data_fingerprint": data.fingerprint,
             "audiorl.config_fingerprint": cfg.fingerprint(runtime.dist.world_size),
         },
@@ -207,7 +208,7 @@ def fit(cfg: RunConfig, runtime: Runtime, data: RunData, loss_step: Step, collat
 
 
 def export_and_register(cfg: RunConfig, runtime: Runtime, data: RunData, trainer: Trainer, evaluator: Evaluator,
-                        result: TrainResult, tracker: Tracker) -> Path:
+                        result: TrainResult, tracker: Tracker, tags: dict[str, str]) -> Path:
     output_dir = Path(cfg.train.output_dir)
     final_dir = output_dir / "final"
     full_weights = trainer.full_state_dict()  # collective under FSDP
@@ -218,7 +219,6 @@ def export_and_register(cfg: RunConfig, runtime: Runtime, data: RunData, trainer
     exported = cfg.model.model_copy(update={"name_or_path": str(final_dir), "lora": None})
     if evaluator and runtime.strategy.evaluates_export:
         result.eval_metrics = evaluator(result.global_step, adapter=load_adapter(exported, runtime.device))
-    tags = run_tags(cfg)
     before_after = evaluator.wer_before_and_after(result.eval_metrics)
     if before_after:
         tracker.log_figure(wer_chart(before_after, title=f"WER before and after training ({tags['audiorl.objective']})"),
