@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from audiorl.audio import AudioLimits
 from audiorl.config import ModelConfig, RunConfig, TextNormalization, load_config
@@ -19,6 +20,7 @@ from audiorl.data.builders import build_pairs, find_hard_cases
 from audiorl.data.records import load_records
 from audiorl.errors import ConfigError
 from audiorl.evaluation import evaluate as run_eval
+from audiorl.lazy import on_first_use
 from audiorl.methods import method_for
 from audiorl.models.base import ModelAdapter
 from audiorl.models.ct2 import export_ct2, import_ct2
@@ -31,6 +33,9 @@ from audiorl.trainer import load_model_weights
 
 __all__ = ["TrainOutcome", "build_step", "evaluate", "evaluate_and_log", "export_checkpoint", "export_model", "import_model",
            "make_hard_cases", "make_pairs", "train"]
+
+# mlflow is imported when a registered model is exported, not with the library
+model_versions: Any = on_first_use("audiorl.tracking.model_versions")
 
 
 def export_checkpoint(config: RunConfig | str | Path, checkpoint: str | Path, out: str | Path, overrides: list[str] | None = None) -> Path:
@@ -63,7 +68,10 @@ def export_model(source: str | Path, out: str | Path, *, checkpoint: str | Path 
         if format == "transformers":
             raise ConfigError("a saved model is already in the transformers format; export it with --format ctranslate2, "
                               "or give a run's config and a CHECKPOINT")
-        return export_ct2(str(source), out, quantization=quantization, force=force)
+        if str(source).startswith(("models:/", "runs:/")):
+            with tempfile.TemporaryDirectory(prefix="audiorl-export-") as tmp:
+                return export_ct2(model_versions.write_out(str(source), tmp), out, quantization=quantization, force=force)
+        return export_ct2(source, out, quantization=quantization, force=force)
     if format == "transformers":
         return export_checkpoint(Path(source), checkpoint, out, overrides)
     with tempfile.TemporaryDirectory(prefix="audiorl-export-") as tmp:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -357,35 +356,12 @@ def import_ct2(source: str | Path, out: str | Path, *, dtype: str = "float32") -
     return out
 
 
-def export_ct2(source: str, out: str | Path, *, quantization: str = "float32", force: bool = False) -> Path:
-    """A saved Whisper (a `save_pretrained` directory, or an MLflow model URI such as
-    `models:/NAME@champion` or `runs:/RUN/model`) as a faster-whisper model."""
-    with tempfile.TemporaryDirectory(prefix="audiorl-export-") as tmp:
-        return _export(_saved_whisper(source, Path(tmp)), out, quantization=quantization, force=force)
-
-
-def _saved_whisper(source: str, tmp: Path) -> Path:
-    """A plain `save_pretrained` Whisper directory for `source`: itself, or an MLflow model's
-    components written out."""
-    if source.startswith(("models:/", "runs:/")):
-        import mlflow
-
-        try:
-            components = mlflow.transformers.load_model(source, return_type="components", device="cpu")
-        except Exception as exc:  # MLflow raises several kinds for a missing or foreign model
-            raise ModelError(f"{source}: cannot load it as an MLflow transformers model ({exc})") from None
-        for part in components.values():
-            if hasattr(part, "save_pretrained"):
-                part.save_pretrained(tmp)
-        return tmp
-    path = Path(source)
-    if detect_family(str(path)) != "whisper":
-        raise ModelError(f"{path}: not a saved Whisper model (no config.json with model_type whisper); only Whisper exports to faster-whisper")
-    return path
-
-
-def _export(model_dir: Path, out: str | Path, *, quantization: str, force: bool) -> Path:
+def export_ct2(source: str | Path, out: str | Path, *, quantization: str = "float32", force: bool = False) -> Path:
     """A `save_pretrained` Whisper as a faster-whisper model, through CTranslate2's own converter."""
+    model_dir = Path(source)
+    if detect_family(str(model_dir)) != "whisper":
+        raise ModelError(f"{model_dir}: not a saved Whisper model (no config.json with model_type whisper); "
+                         "only Whisper exports to faster-whisper")
     try:
         from ctranslate2.converters import TransformersConverter
     except ImportError:

@@ -6,7 +6,9 @@ language and task); the others (the audio LLMs, which have no transformers pipel
 that transcribes with AudioRL's own adapter. Either way
 `mlflow.pyfunc.load_model("models:/NAME@challenger").predict(...)` takes audio (bytes, a file
 path, or a 16 kHz float array for the pyfunc) and returns transcripts. A new version gets the
-alias `challenger`; `audiorl promote` decides whether it becomes `champion`.
+alias `challenger`; `audiorl promote` decides whether it becomes `champion`, scoring the
+registered weights with AudioRL's own decoder (`load_version`): the one training evaluates with,
+which matches faster-whisper's, where the transformers pipeline pads short clips differently.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from audiorl.audio import AudioLimits
 from audiorl.config import ModelConfig
 from audiorl.data.records import Record
+from audiorl.errors import ModelError
 from audiorl.lazy import on_first_use
 
 # `audiorl promote` reads versions through this module and must not import torch: the model code
@@ -116,6 +119,49 @@ def log_model(model_dir: str | Path, model_config, *, registered_name: str | Non
         registered_model_name=registered_name,
         pip_requirements=_requirements(),
     )
+
+
+def _flavors(uri: str) -> dict:
+    try:
+        return mlflow.models.get_model_info(uri).flavors
+    except Exception as exc:  # MLflow raises several kinds for a missing or foreign model
+        raise ModelError(f"{uri}: cannot read it as an MLflow model ({exc})") from None
+
+
+def write_out(uri: str, workdir: str | Path) -> Path:
+    """The transformers-flavor model at `uri` (`models:/NAME/VERSION`, `models:/NAME@alias`,
+    `runs:/RUN/model`) as a `save_pretrained` folder: its components written to `workdir`."""
+    if "transformers" not in _flavors(uri):
+        raise ModelError(f"{uri}: not an MLflow transformers model (AudioRL logs only Whisper that way)")
+    try:
+        components = mlflow.transformers.load_model(uri, return_type="components", device="cpu")
+    except Exception as exc:
+        raise ModelError(f"{uri}: cannot load it as an MLflow transformers model ({exc})") from None
+    for part in components.values():
+        if hasattr(part, "save_pretrained"):
+            part.save_pretrained(workdir)
+    return Path(workdir)
+
+
+def load_version(uri: str, workdir: str | Path, *, device: str = "auto"):
+    """The logged model at `uri` as an AudioRL adapter, and the most new tokens it was logged to
+    write. A transformers-flavor model is written out to `workdir` (which must outlive the
+    adapter's use) and loaded through its family's adapter, with the language and task it was
+    logged with; an AudioRL pyfunc already holds an adapter."""
+    flavors = _flavors(uri)
+    if "transformers" not in flavors:
+        transcriber = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+        if not isinstance(transcriber, Transcriber):
+            raise ModelError(f"{uri}: neither a transformers model nor one AudioRL logged; AudioRL cannot decode it")
+        return transcriber.adapter, transcriber.max_new_tokens
+    write_out(uri, workdir)
+    family = registry.detect_family(str(workdir))
+    if family is None:
+        raise ModelError(f"{uri}: its model is of no family AudioRL knows (config.json in {workdir})")
+    generate = (flavors.get("python_function", {}).get("config") or {}).get("generate_kwargs", {})
+    # an English-only model was logged with neither language nor task
+    config = ModelConfig(family=family, name_or_path=str(workdir), language=generate.get("language"), task=generate.get("task", "transcribe"))
+    return registry.load_adapter(config, runtime.resolve_device(device)), int(generate.get("max_new_tokens", 128))
 
 
 @contextlib.contextmanager

@@ -1,8 +1,12 @@
 """The champion/challenger gate: does a new registered version transcribe better than the one in
 service, on the same test sets?
 
-Both versions are scored through what MLflow would serve (`mlflow.pyfunc.load_model` on the
-version), so the gate judges the registered artifact, not a training-time copy. Scores are kept
+Both versions are scored on their registered weights (read back from MLflow, not a training-time
+copy) with AudioRL's own decoder (`model_versions.load_version`): the one `audiorl eval` and the
+training-time evaluation use, and the one whose transcripts match faster-whisper's. (A Whisper's
+transformers pipeline pads a short clip's waveform to 30 s instead of its spectrogram, and writes
+different words on some clips, enough to move a small test set's WER by more than a tolerance.)
+Scores are kept
 on each version as tags (`audiorl.eval.<set>.wer`, with the test set's fingerprint), so a
 version is evaluated once per test set, and running the gate twice decides the same way.
 
@@ -13,17 +17,24 @@ challenger becomes champion.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+from audiorl.audio import AudioLimits
 from audiorl.config import TextNormalization, TrackingConfig
 from audiorl.data.records import fingerprint, read_records
 from audiorl.errors import AudioRLError
+from audiorl.lazy import on_first_use
 from audiorl.scoring import score
 from audiorl.tracking import resolve_tracking_uri
-from audiorl.tracking.model_versions import CHALLENGER, CHAMPION, using_tracking_uri
+from audiorl.tracking.model_versions import CHALLENGER, CHAMPION, load_version, using_tracking_uri
+
+# the decoder (torch) is imported when a version has to be scored, not for the gate's arithmetic
+evaluation: Any = on_first_use("audiorl.evaluation")
 
 _WER_TAG = "audiorl.eval.{}.wer"
 _CER_TAG = "audiorl.eval.{}.cer"
@@ -94,27 +105,30 @@ def _fingerprint(path: Path) -> str:
 def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, batch_size: int = 8, log=print,
                   normalizer: str = "plain") -> dict[str, float]:
     """WER of one registered version on each test set: from its tags when they were measured on
-    the same data and normaliser, else by transcribing through the version's pyfunc (and saved as tags)."""
-    import mlflow
+    the same data and normaliser, else by transcribing with the version's weights (and saved as tags)."""
+    with tempfile.TemporaryDirectory(prefix="audiorl-promote-") as workdir:
+        return _score_version(client, name, version, sets, Path(workdir), batch_size=batch_size, log=log, normalizer=normalizer)
 
+
+def _score_version(client, name: str, version: str, sets: Mapping[str, Path], workdir: Path, *, batch_size: int, log,
+                   normalizer: str) -> dict[str, float]:
     tags = client.get_model_version(name, version).tags
     wers: dict[str, float] = {}
-    model = None
+    loaded = None
     for set_name, path in sets.items():
         data_fp = _fingerprint(path) if normalizer == "plain" else f"{_fingerprint(path)}+{normalizer}"
         if tags.get(_DATA_TAG.format(set_name)) == data_fp and _WER_TAG.format(set_name) in tags:
             wers[set_name] = float(tags[_WER_TAG.format(set_name)])
             continue
-        if model is None:
+        if loaded is None:
             log(f"loading {name} version {version}")
             # models:/ resolves through the process-wide registry: point it at this client's server
             with using_tracking_uri(client.tracking_uri):
-                model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+                loaded = load_version(f"models:/{name}/{version}", workdir)
+        adapter, max_new_tokens = loaded
         records = read_records(path, "transcript")
-        audio = [r.audio if not isinstance(r.audio, str) else Path(r.audio).read_bytes() for r in records]
-        hypotheses: list[str] = []
-        for start in range(0, len(audio), batch_size):
-            hypotheses += [str(h) for h in model.predict(audio[start : start + batch_size])]
+        limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=float("inf"))
+        hypotheses = evaluation.transcribe(adapter, records, limits, batch_size=batch_size, max_new_tokens=max_new_tokens)
         result = score([r.reference for r in records], hypotheses, TextNormalization(normalizer=normalizer),
                        sources=[r.source for r in records])
         log(f"{name} v{version} on {set_name}: WER {result.wer:.4f} ({result.num_utterances} utterances)")
