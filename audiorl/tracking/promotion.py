@@ -39,6 +39,7 @@ evaluation: Any = on_first_use("audiorl.evaluation")
 _WER_TAG = "audiorl.eval.{}.wer"
 _CER_TAG = "audiorl.eval.{}.cer"
 _DATA_TAG = "audiorl.eval.{}.data"
+_DECODER = "+audiorl-decoder"
 
 
 @dataclass
@@ -116,7 +117,8 @@ def _score_version(client, name: str, version: str, sets: Mapping[str, Path], wo
     wers: dict[str, float] = {}
     loaded = None
     for set_name, path in sets.items():
-        data_fp = _fingerprint(path) if normalizer == "plain" else f"{_fingerprint(path)}+{normalizer}"
+        # keyed by the decoder too: a score stored when promote decoded through the pipeline is not reused
+        data_fp = (_fingerprint(path) if normalizer == "plain" else f"{_fingerprint(path)}+{normalizer}") + _DECODER
         if tags.get(_DATA_TAG.format(set_name)) == data_fp and _WER_TAG.format(set_name) in tags:
             wers[set_name] = float(tags[_WER_TAG.format(set_name)])
             continue
