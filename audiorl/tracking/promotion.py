@@ -99,44 +99,35 @@ def decide(champion: Mapping[str, float] | None, challenger: Mapping[str, float]
     return Decision(False, "; ".join(parts), rows)
 
 
-def _fingerprint(path: Path) -> str:
-    return fingerprint(read_records(path, "transcript"))
-
-
 def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, batch_size: int = 8, log=print,
                   normalizer: str = "plain") -> dict[str, float]:
     """WER of one registered version on each test set: from its tags when they were measured on
-    the same data and normaliser, else by transcribing with the version's weights (and saved as tags)."""
-    with tempfile.TemporaryDirectory(prefix="audiorl-promote-") as workdir:
-        return _score_version(client, name, version, sets, Path(workdir), batch_size=batch_size, log=log, normalizer=normalizer)
-
-
-def _score_version(client, name: str, version: str, sets: Mapping[str, Path], workdir: Path, *, batch_size: int, log,
-                   normalizer: str) -> dict[str, float]:
+    the same data, normaliser and decoder, else by transcribing with the version's weights (and saved as tags)."""
     tags = client.get_model_version(name, version).tags
     wers: dict[str, float] = {}
     loaded = None
-    for set_name, path in sets.items():
-        # keyed by the decoder too: a score stored when promote decoded through the pipeline is not reused
-        data_fp = (_fingerprint(path) if normalizer == "plain" else f"{_fingerprint(path)}+{normalizer}") + _DECODER
-        if tags.get(_DATA_TAG.format(set_name)) == data_fp and _WER_TAG.format(set_name) in tags:
-            wers[set_name] = float(tags[_WER_TAG.format(set_name)])
-            continue
-        if loaded is None:
-            log(f"loading {name} version {version}")
-            # models:/ resolves through the process-wide registry: point it at this client's server
-            with using_tracking_uri(client.tracking_uri):
-                loaded = load_version(f"models:/{name}/{version}", workdir)
-        adapter, max_new_tokens = loaded
-        records = read_records(path, "transcript")
-        limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=float("inf"))
-        hypotheses = evaluation.transcribe(adapter, records, limits, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        result = score([r.reference for r in records], hypotheses, TextNormalization(normalizer=normalizer),
-                       sources=[r.source for r in records])
-        log(f"{name} v{version} on {set_name}: WER {result.wer:.4f} ({result.num_utterances} utterances)")
-        for tag, value in ((_WER_TAG, result.wer), (_CER_TAG, result.cer), (_DATA_TAG, data_fp)):
-            client.set_model_version_tag(name, version, tag.format(set_name), str(value))
-        wers[set_name] = result.wer
+    with tempfile.TemporaryDirectory(prefix="audiorl-promote-") as workdir:  # the version's weights, while they are used
+        for set_name, path in sets.items():
+            records = read_records(path, "transcript")
+            # keyed by the decoder too: a score stored when promote decoded through the pipeline is not reused
+            data_fp = (fingerprint(records) if normalizer == "plain" else f"{fingerprint(records)}+{normalizer}") + _DECODER
+            if tags.get(_DATA_TAG.format(set_name)) == data_fp and _WER_TAG.format(set_name) in tags:
+                wers[set_name] = float(tags[_WER_TAG.format(set_name)])
+                continue
+            if loaded is None:
+                log(f"loading {name} version {version}")
+                # models:/ resolves through the process-wide registry: point it at this client's server
+                with using_tracking_uri(client.tracking_uri):
+                    loaded = load_version(f"models:/{name}/{version}", workdir)
+            adapter, max_new_tokens = loaded
+            limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=float("inf"))
+            hypotheses = evaluation.transcribe(adapter, records, limits, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            result = score([r.reference for r in records], hypotheses, TextNormalization(normalizer=normalizer),
+                           sources=[r.source for r in records])
+            log(f"{name} v{version} on {set_name}: WER {result.wer:.4f} ({result.num_utterances} utterances)")
+            for tag, value in ((_WER_TAG, result.wer), (_CER_TAG, result.cer), (_DATA_TAG, data_fp)):
+                client.set_model_version_tag(name, version, tag.format(set_name), str(value))
+            wers[set_name] = result.wer
     return wers
 
 
