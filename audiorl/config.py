@@ -175,6 +175,11 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N optimizer steps (and at the end)")
     eval_before_training: bool = True
+    eval_before_cache_dir: str | None = Field(
+        None,
+        description="keep the step-0 transcripts here, keyed by the starting weights, each test set and the decoding settings; "
+        "a later run from the same weights reads them instead of decoding again (a sweep scores its base once)",
+    )
     save_steps: int | None = Field(500, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
     resume: str = Field("auto", description="auto, never, or a checkpoint directory")
@@ -391,7 +396,7 @@ class RunConfig(Section):
         payload = self.to_dict()
         payload.pop("tracking", None)
         payload.pop("job", None)
-        for key in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "output_dir", "distributed"):
+        for key in ("logging_steps", "eval_steps", "eval_before_cache_dir", "save_steps", "save_total_limit", "resume", "output_dir", "distributed"):
             payload["train"].pop(key, None)
         payload["train"]["per_device_train_batch_size"] *= world_size
         blob = json.dumps(payload, sort_keys=True).encode()

@@ -3,19 +3,27 @@
 Clips are sorted by length before batching so that padding and decoding steps are not wasted;
 results come back in the original order. Decoding is greedy (one beam) unless told otherwise, and
 the result says so.
+
+The step-0 transcripts can be kept on disk (`train.eval_before_cache_dir`), keyed by a hash of the
+starting weights themselves, the test set's content and the decoding settings: runs that start
+from the same weights (a learning-rate sweep, seeds) decode each test set once between them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from audiorl.audio import AudioLimits
 from audiorl.config import TextNormalization
-from audiorl.data.records import Record
-from audiorl.models.base import ModelAdapter
+from audiorl.data.records import Record, fingerprint
+from audiorl.models.base import ModelAdapter, model_source
 from audiorl.progress import progress_bar
 from audiorl.scoring import EvalResult, pooled, score
 
@@ -63,8 +71,22 @@ def evaluate(
     hypotheses = transcribe(
         adapter, records, limits, batch_size=batch_size, max_new_tokens=max_new_tokens, description=description
     )
+    return score_transcripts(records, hypotheses, normalization)
+
+
+def score_transcripts(records: list[Record], hypotheses: list[str], normalization: TextNormalization | None) -> EvalResult:
     return score([r.reference for r in records], hypotheses, normalization, sources=[r.source for r in records],
                  hotwords=[r.extra.get("hotwords") for r in records])
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -87,6 +109,7 @@ class Evaluator:
     tracker: Any
     console: Any
     before: dict[str, float] = field(default_factory=dict)
+    before_cache: str | Path | None = None  # train.eval_before_cache_dir
 
     def __post_init__(self) -> None:
         self.several = len(self.sets) > 1
@@ -97,14 +120,21 @@ class Evaluator:
 
     def __call__(self, step: int, adapter: ModelAdapter | None = None) -> dict[str, float]:
         """Score every set with the run's adapter (or `adapter`, e.g. the exported model)."""
-        results = {
-            name: evaluate(
-                adapter or self.adapter, records, self.limits, normalization=self.normalization, batch_size=self.batch_size,
-                max_new_tokens=self.max_new_tokens,
-                description=f"eval {name} @ step {step}" if self.several else f"eval @ step {step}",
-            )
-            for name, records in self.sets.items()
-        }
+        cached = self.before_cache is not None and step == 0 and adapter is None and not self.before
+        weights = weights_digest(self.adapter.model) if cached else None
+        results = {}
+        for name, records in self.sets.items():
+            description = f"eval {name} @ step {step}" if self.several else f"eval @ step {step}"
+            path = self._before_file(weights, records) if weights else None
+            hypotheses = self._read_before(path, name, records) if path else None
+            if hypotheses is None:
+                hypotheses = transcribe(adapter or self.adapter, records, self.limits, batch_size=self.batch_size,
+                                        max_new_tokens=self.max_new_tokens, description=description)
+                if path:
+                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps({"test_set": name, "hypotheses": hypotheses}))
+                    tmp.replace(path)  # processes that write the same file at once never leave half of one
+            results[name] = score_transcripts(records, hypotheses, self.normalization)
         metrics: dict[str, float] = {}
         for name, result in results.items():
             metrics.update(result.metrics(self.prefixes[name]))
@@ -119,6 +149,29 @@ class Evaluator:
             self.before.update(metrics)
         self.console.print(f"eval @ step {step}{' (all sets)' if self.several else ''}: WER {overall.wer:.3f}  CER {overall.cer:.3f}")
         return metrics
+
+    def _before_file(self, weights: str, records: list[Record]) -> Path:
+        cfg = self.adapter.config
+        key = {"weights": weights, "model": model_source(self.adapter), "language": cfg.language, "task": cfg.task,
+               "records": fingerprint(records), "limits": repr(self.limits), "batch_size": self.batch_size,
+               "max_new_tokens": self.max_new_tokens}
+        folder = Path(self.before_cache)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"eval-before-{hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]}.json"
+
+    def _read_before(self, path: Path, name: str, records: list[Record]) -> list[str] | None:
+        if not path.exists():
+            return None
+        try:
+            hypotheses = json.loads(path.read_text())["hypotheses"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.console.print(f"[yellow]{path}: unreadable ({exc}); decoding {name} again[/]")
+            return None
+        if not isinstance(hypotheses, list) or len(hypotheses) != len(records):
+            self.console.print(f"[yellow]{path}: holds a different number of transcripts than {name}; decoding it again[/]")
+            return None
+        self.console.print(f"eval {name} @ step 0: the starting weights' transcripts from {path}")
+        return hypotheses
 
     def wer_before_and_after(self, after: dict[str, float]) -> dict[str, dict[str, float]]:
         """{set: {"before", "after"}} for the chart; empty unless both evaluations ran."""

@@ -64,7 +64,7 @@ REAL = Preset(num_sentences=150, utterances_per_sentence=1, speed=(170, 230), sn
               batch_size=8, learning_rate=1e-5, freeze_encoder=True, normalizer="whisper_english", threads=2)
 # the shipped toy base never heard these two accents (its training speech has the other four)
 TOY = Preset(num_sentences=300, utterances_per_sentence=2, speed=(130, 200), snr_db=(5.0, 20.0), num_samples=8, max_new_tokens=40,
-             batch_size=16, learning_rate=1e-4, freeze_encoder=False, normalizer="plain", threads=1, accents=list(HELDOUT_ACCENTS))
+             batch_size=16, learning_rate=1e-4, freeze_encoder=False, normalizer="plain", threads=2, accents=list(HELDOUT_ACCENTS))
 
 
 def shipped_base() -> Path:

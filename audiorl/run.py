@@ -94,7 +94,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
         evaluator = Evaluator(
             data.adapter, data.test_sets, data.limits, normalization=cfg.data.normalize,
             batch_size=cfg.train.per_device_eval_batch_size, max_new_tokens=cfg.train.generation_max_new_tokens,
-            tracker=tracker, console=console,
+            tracker=tracker, console=console, before_cache=cfg.train.eval_before_cache_dir,
         )
         loss_step, collate = build_method(cfg, data, runtime)
         trainer, result = fit(cfg, runtime, data, loss_step, collate, evaluator, tracker)

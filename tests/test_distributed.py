@@ -69,40 +69,55 @@ def _losses(tmp_path, experiment, key="loss"):
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 
-def test_two_ranks_of_batch_b_follow_one_rank_of_batch_2b(tmp_path, tiny_whisper, speech_dir):
+def _one_rank(tmp_path_factory, tiny_whisper, speech_dir, name, *overrides, key="loss"):
+    """A one-process run of batch 6 that several multi-rank tests compare with: (logged `key` per
+    step, final weights)."""
+    folder = tmp_path_factory.mktemp(name)
+    rc, _, err = _run(_config(folder, tiny_whisper, speech_dir, name, per_device_train_batch_size=6), 1, *overrides)
+    assert rc == 0, err[-2000:]
+    return _losses(folder, name, key), load_file(str(folder / name / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_rank_sigmoid(tmp_path_factory, tiny_whisper, speech_dir):
+    return _one_rank(tmp_path_factory, tiny_whisper, speech_dir, "single", "objective.loss_type=[sigmoid]")
+
+
+GRPO = ["objective.name=grpo", "objective.loss_type=grpo", "objective.num_generations=4", "objective.max_completion_length=6"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_grpo(tmp_path_factory, tiny_whisper, speech_dir):
+    return _one_rank(tmp_path_factory, tiny_whisper, speech_dir, "grpo-single", *GRPO, "data.train=" + str(speech_dir / "transcripts.jsonl"),
+                     key="reward")
+
+
+def test_two_ranks_of_batch_b_follow_one_rank_of_batch_2b(tmp_path, tiny_whisper, speech_dir, one_rank_sigmoid):
     # sigmoid DPO is a mean over pairs, so averaging the ranks' gradients is exactly the large
     # batch's gradient (a token-averaged term such as sft is averaged per rank instead)
-    one = _config(tmp_path, tiny_whisper, speech_dir, "single", per_device_train_batch_size=6)
     two = _config(tmp_path, tiny_whisper, speech_dir, "ddp", per_device_train_batch_size=3)
-    rc, _, err = _run(one, 1, "objective.loss_type=[sigmoid]")
-    assert rc == 0, err[-2000:]
     rc, _, err = _run(two, 2, "objective.loss_type=[sigmoid]")
     assert rc == 0, err[-2000:]
-    single, ddp = _losses(tmp_path, "single"), _losses(tmp_path, "ddp")
+    (single, w1), ddp = one_rank_sigmoid, _losses(tmp_path, "ddp")
     assert len(single) == len(ddp) == 4
     # the logged loss is the mean over ranks; the curves agree to float noise
     for a, b in zip(single, ddp):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
-    w1 = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_fsdp2_two_ranks_follow_one_rank_and_resume_on_one(tmp_path, tiny_whisper, speech_dir):
+def test_fsdp2_two_ranks_follow_one_rank_and_resume_on_one(tmp_path, tiny_whisper, speech_dir, one_rank_sigmoid):
     """FSDP2 (layers sharded over 2 ranks) follows a single process; its distributed checkpoint
     (written as 2 shards) resumes in a single process and ends on the same weights."""
-    one = _config(tmp_path, tiny_whisper, speech_dir, "fsdp-single", per_device_train_batch_size=6, max_steps=4)
     two = _config(tmp_path, tiny_whisper, speech_dir, "fsdp", per_device_train_batch_size=3, max_steps=4, save_steps=2,
                   save_total_limit=None)
-    rc, _, err = _run(one, 1, "objective.loss_type=[sigmoid]")
-    assert rc == 0, err[-2000:]
     rc, _, err = _run(two, 2, "objective.loss_type=[sigmoid]", "train.distributed.strategy=fsdp")
     assert rc == 0, err[-3000:]
-    single, sharded = _losses(tmp_path, "fsdp-single"), _losses(tmp_path, "fsdp")
+    (single, w1), sharded = one_rank_sigmoid, _losses(tmp_path, "fsdp")
     for a, b in zip(single, sharded, strict=True):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
-    w1 = load_file(str(tmp_path / "fsdp-single" / "final" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
     assert w1.keys() == w2.keys()
     for name in w1:
@@ -120,25 +135,19 @@ def test_fsdp2_two_ranks_follow_one_rank_and_resume_on_one(tmp_path, tiny_whispe
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_grpo_two_ranks_follow_one_rank(tmp_path, tiny_whisper, speech_dir, strategy):
+def test_grpo_two_ranks_follow_one_rank(tmp_path, tiny_whisper, speech_dir, strategy, one_rank_grpo):
     """GRPO too: each clip's samples come from its own seeded generator, so a clip gets the same
     completions on either rank layout; `grpo` aggregation (a mean over sequences) and group
     advantages make the averaged gradients equal. Under FSDP the rollouts decode in lockstep."""
-    grpo = ["objective.name=grpo", "objective.loss_type=grpo", "objective.num_generations=4",
-            "objective.max_completion_length=6", "data.train=" + str(speech_dir / "transcripts.jsonl")]
-    one = _config(tmp_path, tiny_whisper, speech_dir, "grpo-single", per_device_train_batch_size=6)
     two = _config(tmp_path, tiny_whisper, speech_dir, "grpo-ddp", per_device_train_batch_size=3)
-    rc, _, err = _run(one, 1, *grpo)
-    assert rc == 0, err[-2000:]
-    rc, _, err = _run(two, 2, *grpo, f"train.distributed.strategy={strategy}")
+    rc, _, err = _run(two, 2, *GRPO, "data.train=" + str(speech_dir / "transcripts.jsonl"), f"train.distributed.strategy={strategy}")
     assert rc == 0, err[-2000:]
     # with one iteration per rollout the surrogate's value is ~0 by construction; the rewards of
     # the sampled completions and the weights the gradients produce are what must agree
-    single, ddp = _losses(tmp_path, "grpo-single", "reward"), _losses(tmp_path, "grpo-ddp", "reward")
+    (single, w1), ddp = one_rank_grpo, _losses(tmp_path, "grpo-ddp", "reward")
     assert len(single) == len(ddp) == 4
     for a, b in zip(single, ddp):
         assert b == pytest.approx(a, abs=1e-6)
-    w1 = load_file(str(tmp_path / "grpo-single" / "final" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "grpo-ddp" / "final" / "model.safetensors"))
     moved = load_file(str(tiny_whisper / "model.safetensors"))
     assert any(not torch.equal(w1[n], moved[n]) for n in w1)
@@ -147,10 +156,10 @@ def test_grpo_two_ranks_follow_one_rank(tmp_path, tiny_whisper, speech_dir, stra
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_whisper, speech_dir):
-    straight = _config(tmp_path, tiny_whisper, speech_dir, "straight", per_device_train_batch_size=2, max_steps=40, save_steps=4)
+    straight = _config(tmp_path, tiny_whisper, speech_dir, "straight", per_device_train_batch_size=2, max_steps=16, save_steps=4)
     rc, _, err = _run(straight, 2)
     assert rc == 0, err[-2000:]
-    killed = _config(tmp_path, tiny_whisper, speech_dir, "killed", per_device_train_batch_size=2, max_steps=40, save_steps=4,
+    killed = _config(tmp_path, tiny_whisper, speech_dir, "killed", per_device_train_batch_size=2, max_steps=16, save_steps=4,
                      resume="auto")
     proc = _launch(killed, 2)
     checkpoints = tmp_path / "killed" / "checkpoints"
@@ -163,8 +172,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_whis
     assert not (tmp_path / "killed" / "final").exists()
     rc, _, err = _run(killed, 2)
     assert rc == 0, err[-2000:]
-    state = json.loads((checkpoints / "checkpoint-40" / "trainer_state.json").read_text())
-    assert state["global_step"] == 40 and state["world_size"] == 2
+    state = json.loads((checkpoints / "checkpoint-16" / "trainer_state.json").read_text())
+    assert state["global_step"] == 16 and state["world_size"] == 2
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
     for name in a:

@@ -8,7 +8,8 @@ that transcribes with AudioRL's own adapter. Either way
 path, or a 16 kHz float array for the pyfunc) and returns transcripts. A new version gets the
 alias `challenger`; `audiorl promote` decides whether it becomes `champion`, scoring the
 registered weights with AudioRL's own decoder (`load_version`): the one training evaluates with,
-which matches faster-whisper's, where the transformers pipeline pads short clips differently.
+which matches the CTranslate2 export's transcripts, where the transformers pipeline pads short
+clips differently.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def write_out(uri: str, workdir: str | Path) -> Path:
     """The transformers-flavor model at `uri` (`models:/NAME/VERSION`, `models:/NAME@alias`,
     `runs:/RUN/model`) as a `save_pretrained` folder: its components written to `workdir`."""
     if "transformers" not in _flavors(uri):
-        raise ModelError(f"{uri}: not an MLflow transformers model (AudioRL logs only Whisper that way)")
+        raise ModelError(f"{uri}: not an MLflow transformers model (AudioRL logs that way only families with mlflow_flavor 'transformers')")
     try:
         components = mlflow.transformers.load_model(uri, return_type="components", device="cpu")
     except Exception as exc:

@@ -3,11 +3,10 @@ service, on the same test sets?
 
 Both versions are scored on their registered weights (read back from MLflow, not a training-time
 copy) with AudioRL's own decoder (`model_versions.load_version`): the one `audiorl eval` and the
-training-time evaluation use, and the one whose transcripts match faster-whisper's. (A Whisper's
+training-time evaluation use, and the one whose transcripts match the CTranslate2 export's. (The
 transformers pipeline pads a short clip's waveform to 30 s instead of its spectrogram, and writes
 different words on some clips, enough to move a small test set's WER by more than a tolerance.)
-Scores are kept
-on each version as tags (`audiorl.eval.<set>.wer`, with the test set's fingerprint), so a
+Scores are kept on each version as tags (`audiorl.eval.<set>.wer`, with the test set's fingerprint), so a
 version is evaluated once per test set, and running the gate twice decides the same way.
 
 The rule: the challenger must lower WER on every gate set by at least `margin` (relative), and
