@@ -5,8 +5,10 @@ results come back in the original order. Decoding is greedy (one beam) unless to
 the result says so.
 
 The step-0 transcripts can be kept on disk (`train.eval_before_cache_dir`), keyed by a hash of the
-starting weights themselves, the test set's content and the decoding settings: runs that start
-from the same weights (a learning-rate sweep, seeds) decode each test set once between them.
+starting weights themselves, the whole model section (prompt and instruction included), the test
+set's content, the decoding settings, the device kind and the code and library versions: runs
+that start from the same weights (a learning-rate sweep; seeds too, unless a seeded LoRA
+initialisation makes their weights differ) decode each test set once between them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,14 @@ import torch
 from audiorl.audio import AudioLimits
 from audiorl.config import TextNormalization
 from audiorl.data.records import Record, fingerprint
+from audiorl.lazy import on_first_use
 from audiorl.models.base import ModelAdapter, model_source
 from audiorl.progress import progress_bar
 from audiorl.scoring import EvalResult, pooled, score
+
+# needed for the step-0 cache key only
+transformers: Any = on_first_use("transformers")
+store: Any = on_first_use("audiorl.tracking.store")
 
 
 @torch.no_grad()
@@ -80,9 +88,13 @@ def score_transcripts(records: list[Record], hypotheses: list[str], normalizatio
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's state: every tensor's name, dtype, shape and bytes, in name order."""
+    """SHA-256 of a module's state: every tensor's name, dtype, shape and bytes, in name order
+    (an entry that is not a plain tensor, such as a module's extra state, by its repr)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.is_quantized:
+            digest.update(f"{name}|{tensor!r}".encode())
+            continue
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(flat.view(torch.uint8).numpy())
@@ -120,20 +132,18 @@ class Evaluator:
 
     def __call__(self, step: int, adapter: ModelAdapter | None = None) -> dict[str, float]:
         """Score every set with the run's adapter (or `adapter`, e.g. the exported model)."""
-        cached = self.before_cache is not None and step == 0 and adapter is None and not self.before
-        weights = weights_digest(self.adapter.model) if cached else None
+        cached = bool(self.before_cache) and step == 0 and adapter is None and not self.before
+        key = self._before_key() if cached else None
         results = {}
         for name, records in self.sets.items():
             description = f"eval {name} @ step {step}" if self.several else f"eval @ step {step}"
-            path = self._before_file(weights, records) if weights else None
+            path = self._before_file(key, records) if key else None
             hypotheses = self._read_before(path, name, records) if path else None
             if hypotheses is None:
                 hypotheses = transcribe(adapter or self.adapter, records, self.limits, batch_size=self.batch_size,
                                         max_new_tokens=self.max_new_tokens, description=description)
                 if path:
-                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                    tmp.write_text(json.dumps({"test_set": name, "hypotheses": hypotheses}))
-                    tmp.replace(path)  # processes that write the same file at once never leave half of one
+                    self._write_before(path, name, hypotheses)
             results[name] = score_transcripts(records, hypotheses, self.normalization)
         metrics: dict[str, float] = {}
         for name, result in results.items():
@@ -150,14 +160,36 @@ class Evaluator:
         self.console.print(f"eval @ step {step}{' (all sets)' if self.several else ''}: WER {overall.wer:.3f}  CER {overall.cer:.3f}")
         return metrics
 
-    def _before_file(self, weights: str, records: list[Record]) -> Path:
-        cfg = self.adapter.config
-        key = {"weights": weights, "model": model_source(self.adapter), "language": cfg.language, "task": cfg.task,
-               "records": fingerprint(records), "limits": repr(self.limits), "batch_size": self.batch_size,
-               "max_new_tokens": self.max_new_tokens}
+    def _before_key(self) -> dict[str, Any]:
+        """What the step-0 transcripts depend on besides the test set."""
+        return {"weights": weights_digest(self.adapter.model), "model": model_source(self.adapter),
+                "model_config": self.adapter.config.model_dump(mode="json"), "limits": repr(self.limits), "batch_size": self.batch_size,
+                "max_new_tokens": self.max_new_tokens, "device": self.adapter.device.type, "code": store.code_version(),
+                "torch": torch.__version__, "transformers": transformers.__version__}
+
+    def _before_file(self, key: dict[str, Any], records: list[Record]) -> Path | None:
+        key = {**key, "records": fingerprint(records)}
         folder = Path(self.before_cache)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.console.print(f"[yellow]train.eval_before_cache_dir {folder}: cannot create it ({exc}); decoding without the cache[/]")
+            return None
         return folder / f"eval-before-{hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]}.json"
+
+    def _write_before(self, path: Path, name: str, hypotheses: list[str]) -> None:
+        # a file of our own, renamed into place: writers on other hosts sharing the folder never
+        # leave half a file or take each other's; a folder that cannot be written costs the cache only
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"test_set": name, "hypotheses": hypotheses}, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.console.print(f"[yellow]{path}: cannot write the step-0 transcripts of {name} ({exc}); the run goes on without them[/]")
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
 
     def _read_before(self, path: Path, name: str, records: list[Record]) -> list[str] | None:
         if not path.exists():
@@ -167,8 +199,8 @@ class Evaluator:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.console.print(f"[yellow]{path}: unreadable ({exc}); decoding {name} again[/]")
             return None
-        if not isinstance(hypotheses, list) or len(hypotheses) != len(records):
-            self.console.print(f"[yellow]{path}: holds a different number of transcripts than {name}; decoding it again[/]")
+        if not isinstance(hypotheses, list) or len(hypotheses) != len(records) or not all(isinstance(h, str) for h in hypotheses):
+            self.console.print(f"[yellow]{path}: does not hold one transcript per clip of {name}; decoding it again[/]")
             return None
         self.console.print(f"eval {name} @ step 0: the starting weights' transcripts from {path}")
         return hypotheses

@@ -191,7 +191,9 @@ def test_several_test_sets_are_scored_apart_and_together(tmp_path, tiny_whisper,
 
 def test_the_starting_weights_are_scored_once_per_test_set_between_runs(tmp_path, tiny_whisper, speech_dir):
     """train.eval_before_cache_dir: a run from the same weights reads the step-0 transcripts the
-    first one wrote; a new test set, or other weights, is decoded."""
+    first one wrote (and only those: later evaluations decode); a new test set, or other weights
+    in the very same files, is decoded."""
+    import os
     import shutil
 
     from safetensors.torch import save_file
@@ -199,36 +201,44 @@ def test_the_starting_weights_are_scored_once_per_test_set_between_runs(tmp_path
     lines = (speech_dir / "transcripts.jsonl").read_text().replace('"clips/', f'"{speech_dir}/clips/').splitlines(keepends=True)
     (tmp_path / "a.jsonl").write_text("".join(lines[:5]))
     (tmp_path / "b.jsonl").write_text("".join(lines[5:]))
+    base = tmp_path / "base"  # a copy of its own: its weights change below
+    shutil.copytree(tiny_whisper, base)
     cache = tmp_path / "before"
 
-    def run(name, model, sets):
-        cfg = make_config(tmp_path, model, speech_dir, data={"eval": sets},
+    def run(name, sets):
+        cfg = make_config(tmp_path, base, speech_dir, data={"eval": sets},
                           train={"output_dir": str(tmp_path / name), "max_steps": 1, "generation_max_new_tokens": 8, "save_steps": None,
                                  "eval_before_cache_dir": str(cache)})
-        return audiorl.train(cfg).eval_before
+        outcome = audiorl.train(cfg)
+        return outcome.eval_before, outcome.result.eval_metrics
 
-    first = run("first", tiny_whisper, {"set-a": str(tmp_path / "a.jsonl")})
+    first, _ = run("first", {"set-a": str(tmp_path / "a.jsonl")})
     (written,) = cache.glob("eval-before-*.json")
     assert first["eval/wer"] > 0  # random weights: something to tell a cached read from a decode
     # the cache holds transcripts; put the references there, and a run that reads it scores 0
     references = [json.loads(line)["text"] for line in lines[:5]]
     assert len(json.loads(written.read_text())["hypotheses"]) == len(references)
     written.write_text(json.dumps({"test_set": "set-a", "hypotheses": references}))
-    second = run("second", tiny_whisper, {"set-a": str(tmp_path / "a.jsonl"), "set-b": str(tmp_path / "b.jsonl")})
+    second, second_after = run("second", {"set-a": str(tmp_path / "a.jsonl"), "set-b": str(tmp_path / "b.jsonl")})
     assert second["eval/set-a/wer"] == 0
+    assert second_after["eval/set-a/wer"] > 0  # the trained weights are decoded, never read
     assert second["eval/set-b/wer"] > 0 and len(list(cache.glob("eval-before-*.json"))) == 2
-    # the same files but one weight changed: decoded again, under a key of its own
-    other = tmp_path / "other-base"
-    shutil.copytree(tiny_whisper, other)
-    weights = load_file(str(other / "model.safetensors"))
+    # a cache file that does not hold one transcript per clip is decoded again, not trusted
+    for number, stale in enumerate([json.dumps({"hypotheses": references[:2]}), json.dumps({"hypotheses": [None] * 5}), "not json"]):
+        written.write_text(stale)
+        assert run(f"stale-{number}", {"set-a": str(tmp_path / "a.jsonl")})[0]["eval/wer"] == pytest.approx(first["eval/wer"])
+    # one weight changed in the same file, its size and modification time kept: the file list
+    # looks the same, the weights do not, so set-a is decoded again under a key of its own
+    weights_file = base / "model.safetensors"
+    stat = weights_file.stat()
+    weights = load_file(str(weights_file))
     name = next(iter(sorted(weights)))
     weights[name] = weights[name] + 1e-3
-    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
-    third = run("third", other, {"set-a": str(tmp_path / "a.jsonl")})
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights_file.stat().st_size == stat.st_size
+    third, _ = run("third", {"set-a": str(tmp_path / "a.jsonl")})
     assert third["eval/wer"] > 0 and len(list(cache.glob("eval-before-*.json"))) == 3
-    # and a cache file that no longer holds one transcript per clip is decoded again, not trusted
-    written.write_text(json.dumps({"test_set": "set-a", "hypotheses": references[:2]}))
-    assert run("fourth", tiny_whisper, {"set-a": str(tmp_path / "a.jsonl")})["eval/wer"] == pytest.approx(first["eval/wer"])
 
 
 def test_a_test_set_name_must_suit_a_metric_key(tmp_path):

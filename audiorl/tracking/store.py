@@ -51,7 +51,7 @@ def code_version() -> str:
     $AUDIORL_CODE_VERSION, which an image build can set)."""
     if os.environ.get("AUDIORL_CODE_VERSION"):
         return os.environ["AUDIORL_CODE_VERSION"]
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the package: a change anywhere in it makes the checkout dirty
     try:
         sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
         if sha.returncode == 0 and sha.stdout.strip():

@@ -125,6 +125,8 @@ def pick_rate(method: str) -> tuple[str, dict]:
     runs = {rate: m for rate, m in runs.items() if m}
     if not runs:
         return "", {}
+    if len(runs) < len(RATES):
+        print(f"{method}: the sweep is not finished ({', '.join(runs)} of {', '.join(RATES)}); its rate may still change", flush=True)
     hard = {rate: (m["eval/tune-clean/wer"] + m["eval/tune-noisy/wer"]) / 2 for rate, m in runs.items()}
     cost = {rate: m["eval/tune-general/wer"] / m["eval/tune-general/wer@0"] - 1 for rate, m in runs.items()}
     within = [rate for rate in runs if cost[rate] <= GENERAL_BUDGET]
