@@ -91,7 +91,9 @@ def _requirements() -> list[str]:
 
 def log_model(model_dir: str | Path, model_config, *, registered_name: str | None, max_new_tokens: int = 128):
     """Log the saved model `model_dir` into the active run; with `registered_name`, register it too."""
-    model_dir = str(model_dir)
+    # an absolute path: a relative `folder/model` reads like a hub id, and MLflow spends about 20 s
+    # retrying the hub for that id's model card (where no network is, or the id is not a repository)
+    model_dir = str(Path(model_dir).resolve()) if Path(model_dir).exists() else str(model_dir)
     if registry.adapter_class(model_config.family).mlflow_flavor == "transformers":
         pipe = transformers.pipeline("automatic-speech-recognition", model=model_dir, device="cpu")
         generate: dict[str, Any] = {"num_beams": 1, "max_new_tokens": max_new_tokens}
