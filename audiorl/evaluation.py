@@ -133,7 +133,7 @@ class Evaluator:
     def __call__(self, step: int, adapter: ModelAdapter | None = None) -> dict[str, float]:
         """Score every set with the run's adapter (or `adapter`, e.g. the exported model)."""
         cached = bool(self.before_cache) and step == 0 and adapter is None and not self.before
-        key = self._before_key() if cached else None
+        key = self._before_key() if cached and self._cache_folder() else None
         results = {}
         for name, records in self.sets.items():
             description = f"eval {name} @ step {step}" if self.several else f"eval @ step {step}"
@@ -167,15 +167,18 @@ class Evaluator:
                 "max_new_tokens": self.max_new_tokens, "device": self.adapter.device.type, "code": store.code_version(),
                 "torch": torch.__version__, "transformers": transformers.__version__}
 
-    def _before_file(self, key: dict[str, Any], records: list[Record]) -> Path | None:
-        key = {**key, "records": fingerprint(records)}
-        folder = Path(self.before_cache)
+    def _cache_folder(self) -> bool:
+        """Whether the cache folder exists or could be made (if not, the run decodes without it)."""
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            Path(self.before_cache).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            self.console.print(f"[yellow]train.eval_before_cache_dir {folder}: cannot create it ({exc}); decoding without the cache[/]")
-            return None
-        return folder / f"eval-before-{hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]}.json"
+            self.console.print(f"[yellow]train.eval_before_cache_dir {self.before_cache}: cannot create it ({exc}); decoding without the cache[/]")
+            return False
+        return True
+
+    def _before_file(self, key: dict[str, Any], records: list[Record]) -> Path:
+        key = {**key, "records": fingerprint(records)}
+        return Path(self.before_cache) / f"eval-before-{hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]}.json"
 
     def _write_before(self, path: Path, name: str, hypotheses: list[str]) -> None:
         # a file of our own, renamed into place: writers on other hosts sharing the folder never

@@ -55,8 +55,8 @@ MANIFESTS = {
     "general": "data/tiny-en-general/train.jsonl",
 }
 # the recipes evaluate every 20 steps too; the table needs only before and after (the chart per
-# test set is the same), and each evaluation of the six test sets costs about half a minute per
-# test set, the base's step-0 scores decoded once between all runs
+# test set is the same), and each evaluation of the six test sets costs about half a minute; the
+# base's step-0 scores are decoded once between all runs
 EVAL_BEFORE_AND_AFTER = ["train.eval_steps=null", "train.eval_before_cache_dir=runs/tiny-en/eval-before"]
 WITH_VALIDATION = [f"data.eval.{name}={path}" for name, path in VALIDATION.items()]
 REGISTERED = "tiny-en-table"
