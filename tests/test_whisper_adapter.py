@@ -155,3 +155,30 @@ def test_lora_reference_is_the_base_model(model_config, speech_dir):
     assert not torch.allclose(enabled, expected, atol=1e-3)
     # the adapter trains again once the reference pass is over
     assert {n for n, p in lora.model.named_parameters() if p.requires_grad} == trainable
+
+
+@pytest.mark.parametrize("layout", ["group", "pairs", "uneven"])
+def test_targets_that_share_a_clip_score_as_if_each_had_its_own_copy(adapter, speech_dir, layout):
+    """Several targets per clip (GRPO's group, DPO's chosen and rejected) read the clip's
+    cross-attention keys and values projected once; log-probs and gradients must be those of
+    scoring each target against its own copy of the encoder states."""
+    batch = _batch(adapter, speech_dir)
+    adapter.model.train()
+    texts = batch["chosen_ids"] + batch["rejected_ids"]
+    index = {"group": torch.arange(4).repeat_interleave(2), "pairs": torch.arange(4).repeat(2),
+             "uneven": torch.tensor([0, 0, 0, 1, 2, 2, 3, 3])}[layout]
+    targets = [texts[i] for i in range(8)]
+
+    def scored(shared):
+        adapter.model.zero_grad()
+        context = adapter.encode(batch["features"])
+        out = adapter.sequence_logps(context, targets, index) if shared else adapter.sequence_logps(context.select(index), targets)
+        (out.token_logps * torch.linspace(0.5, 1.5, 8).unsqueeze(-1)).sum().backward()  # rows weighed apart: order matters
+        grads = {name: p.grad.clone() for name, p in adapter.model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    (ours, ours_grads), (naive, naive_grads) = scored(True), scored(False)
+    assert torch.allclose(ours.token_logps, naive.token_logps, atol=1e-5) and torch.equal(ours.mask, naive.mask)
+    assert ours_grads.keys() == naive_grads.keys()
+    for name, grad in naive_grads.items():
+        assert torch.allclose(ours_grads[name], grad, rtol=1e-4, atol=1e-6), name

@@ -16,7 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.models.whisper.modeling_whisper import eager_attention_forward
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from audiorl.config import ModelConfig
@@ -25,6 +28,61 @@ from audiorl.models.base import AudioContext, Generation, ModelAdapter, Sequence
 from audiorl.models.encoder_cache import EncoderCache
 from audiorl.models.sampling import next_tokens
 from audiorl.models.tiny import train_byte_bpe
+
+# the attention implementation a decoder call runs with while the cross-attention is shared
+# (see _shared_cross_attention): a stack, so that a nested call restores what it found
+_INNER_ATTENTION: list[str] = []
+
+
+def _grouped_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention for a decoder whose cross-attention keys and values hold one row per clip while
+    its queries hold `group` targets per clip (sorted by clip): each clip's targets are read as one
+    longer query, which is the same attention (cross-attention has no mask and no positions), with
+    no copy of the keys and values per target. Self-attention runs as the model's own implementation."""
+    name = _INNER_ATTENTION[-1]
+    inner = eager_attention_forward if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
+    clips = key.shape[0]
+    if clips == query.shape[0]:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    batch, heads, length, width = query.shape
+    group = batch // clips
+    grouped = query.view(clips, group, heads, length, width).transpose(1, 2).reshape(clips, heads, group * length, width)
+    out, _ = inner(module, grouped, key, value, None, **kwargs)  # (clips, group * length, heads, width)
+    return out.reshape(batch, length, heads, width), None
+
+
+AttentionInterface.register("audiorl_grouped_cross_attention", _grouped_attention)
+
+
+def _shared_cross_attention(core: nn.Module, hidden: torch.Tensor, clips: torch.Tensor) -> EncoderDecoderCache | None:
+    """The decoder's cross-attention keys and values, projected once per clip (`clips`: the rows of
+    `hidden` in the order the targets read them) for every target that reads the clip (GRPO's
+    group, DPO's chosen and rejected), as a cache the decoder reads instead of projecting each
+    target's copy of the encoder states: on a 30-second window those projections are most of the
+    decoder's work. None where a layer cannot be called on its own (FSDP-sharded weights) or the
+    cache would be dropped (activation checkpointing); the decoder then projects repeated states."""
+    layers = core.model.decoder.layers
+    if getattr(core, "is_activation_checkpointing", False) or hasattr(layers[0].encoder_attn.k_proj.weight, "full_tensor"):
+        return None
+    hidden = hidden.index_select(0, clips.to(hidden.device))
+    cross = DynamicCache()
+    for number, layer in enumerate(layers):
+        attention = layer.encoder_attn
+        shape = (hidden.shape[0], -1, attention.num_heads, attention.head_dim)
+        cross.update(attention.k_proj(hidden).view(shape).transpose(1, 2), attention.v_proj(hidden).view(shape).transpose(1, 2), number)
+    cache = EncoderDecoderCache(DynamicCache(), cross)
+    for number in range(len(layers)):
+        cache.is_updated[number] = True
+    return cache
+
+
+def _clip_groups(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the order that sorts targets by clip, the clips in that order, once each) when every clip
+    is read by the same number (> 1) of targets; None otherwise."""
+    clips, counts = torch.unique(index, return_counts=True)
+    if len(clips) == len(index) or bool((counts != counts[0]).any()):
+        return None
+    return torch.argsort(index, stable=True), clips
 
 
 class WhisperContext(AudioContext):
@@ -213,6 +271,13 @@ class WhisperAdapter(ModelAdapter):
     ) -> SequenceLogps:
         core = _core(model if model is not None else self.model)
         assert isinstance(context, WhisperContext)
+        encoded = context.hidden_states
+        groups = _clip_groups(index.cpu()) if index is not None else None
+        if groups is not None:
+            # the targets sorted by clip, so that a clip's targets sit together for the shared
+            # cross-attention; their rows are put back in the caller's order at the end
+            order = groups[0]
+            targets, index = [targets[i] for i in order.tolist()], index.cpu()[order]
         if index is not None:
             context = context.select(index)
         if context.batch_size != len(targets):
@@ -232,12 +297,23 @@ class WhisperAdapter(ModelAdapter):
             labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[row, : len(ids)] = 1.0
         inputs, labels, mask = inputs.to(device), labels.to(device), mask.to(device)
-        hidden = core.model.decoder(
-            input_ids=inputs, encoder_hidden_states=context.hidden_states, use_cache=False
-        ).last_hidden_state
+        cross = _shared_cross_attention(core, encoded, groups[1]) if groups is not None else None
+        if cross is None:
+            hidden = core.model.decoder(input_ids=inputs, encoder_hidden_states=context.hidden_states, use_cache=False).last_hidden_state
+        else:
+            _INNER_ATTENTION.append(core.config._attn_implementation)
+            core.config._attn_implementation = "audiorl_grouped_cross_attention"
+            try:
+                hidden = core.model.decoder(input_ids=inputs, encoder_hidden_states=context.hidden_states, cache=cross,
+                                            use_cache=True).last_hidden_state
+            finally:
+                core.config._attn_implementation = _INNER_ATTENTION.pop()
         logits = core.proj_out(hidden[:, n_prefix - 1 :])
         logps = torch.log_softmax(logits.float(), dim=-1)
         token_logps = logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask
+        if groups is not None:
+            back = torch.argsort(groups[0]).to(token_logps.device)
+            token_logps, mask = token_logps.index_select(0, back), mask.index_select(0, back)
         return SequenceLogps(token_logps=token_logps, mask=mask)
 
     def add_ctc_head(self) -> None:
