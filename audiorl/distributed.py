@@ -110,6 +110,15 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
     return dict(zip(keys, tensor.tolist()))
 
 
+def mean_tensor_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """A tensor's mean over all ranks (itself outside a process group); no gradient flows."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / dist.get_world_size()
+
+
 def broadcast_from_main(value):
     """Rank 0's value on every rank (any picklable object)."""
     if not (dist.is_available() and dist.is_initialized()):

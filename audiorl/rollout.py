@@ -33,6 +33,17 @@ class Rollout:
     mask: torch.Tensor | None = None
 
 
+def row_seeds(seed: int, rollout_number: int, clip_indices: list[int], group_size: int) -> list[int]:
+    """One seed per completion from (the run's seed, the rollout's number, the clip's dataset
+    index, the sample's number), clip-major: a clip's samples are the same whatever batch or rank
+    it lands in, and differ from one rollout to the next."""
+    return [
+        (((seed * 1_000_003 + rollout_number) * 1_000_033 + int(i)) * 1_009 + k) % (2**63 - 1)
+        for i in clip_indices
+        for k in range(group_size)
+    ]
+
+
 @torch.no_grad()
 def sample(
     adapter: ModelAdapter,

@@ -207,6 +207,11 @@ def data_pairs(
     data: Annotated[Path, typer.Option("--data", "-d", help="Transcript manifest: {audio, text} per line.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Preference manifest to write.")],
     family: FamilyOption = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="pairs ({audio, chosen, rejected}) or unpaired ({audio, completion, label}, for KTO).")
+    ] = "pairs",
+    good_wer: Annotated[float, typer.Option(help="--format unpaired: a transcript at or below this WER is desirable.")] = 0.1,
+    bad_wer: Annotated[float, typer.Option(help="--format unpaired: a transcript at or above this WER is undesirable.")] = 0.3,
     num_samples: Annotated[int, typer.Option(help="Hypotheses sampled per clip.")] = 8,
     policy: Annotated[str, typer.Option(help="best-worst, reference-worst, or all (every pair past the margin).")] = "best-worst",
     min_wer_margin: Annotated[float, typer.Option(help="Least WER difference between chosen and rejected.")] = 0.1,
@@ -226,10 +231,12 @@ def data_pairs(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
-    """Sample N hypotheses per clip, rank them by WER, write preference pairs."""
+    """Sample N hypotheses per clip, rank them by WER, write preference pairs (or KTO's unpaired rows)."""
     from audiorl.api import make_pairs
     from audiorl.errors import ConfigError
 
+    if output_format not in ("pairs", "unpaired"):
+        raise ConfigError(f"--format {output_format!r}: use pairs or unpaired")
     if policy not in ("best-worst", "reference-worst", "all"):
         raise ConfigError(f"--policy {policy!r}: use best-worst, reference-worst or all")
     if dropout_ntp not in (None, "mask", "noise"):
@@ -238,7 +245,8 @@ def data_pairs(
         model, data, out, family=family, language=language, device=device, temperature=temperature, top_p=top_p,
         top_k=top_k, max_new_tokens=max_new_tokens, num_samples=num_samples, policy=policy, min_wer_margin=min_wer_margin,
         max_pairs_per_clip=max_pairs_per_clip, dropout_ntp=dropout_ntp, start_ratio=start_ratio, batch_size=batch_size, seed=seed,
-        normalization=_normalization(normalizer), encoder_cache_dir=encoder_cache_dir,
+        normalization=_normalization(normalizer), encoder_cache_dir=encoder_cache_dir, output_format=output_format, good_wer=good_wer,
+        bad_wer=bad_wer,
     )
     _print_summary(summary, out)
 
@@ -337,7 +345,7 @@ def data_synth(
 @data_app.command("check")
 def data_check(
     manifest: Annotated[Path, typer.Argument(help="JSONL manifest to check.")],
-    kind: Annotated[str, typer.Option(help="transcript or preference.")] = "transcript",
+    kind: Annotated[str, typer.Option(help="transcript, preference or unpaired.")] = "transcript",
     max_audio_seconds: Annotated[float, typer.Option(help="Longest clip allowed.")] = 30.0,
     sampling_rate: Annotated[int, typer.Option(help="The model's sampling rate (clips are resampled to it).")] = 16000,
 ) -> None:
@@ -346,8 +354,8 @@ def data_check(
     from audiorl.data.builders import check_manifest
     from audiorl.errors import ConfigError, DataError
 
-    if kind not in ("transcript", "preference"):
-        raise ConfigError(f"--kind {kind!r}: use transcript or preference")
+    if kind not in ("transcript", "preference", "unpaired"):
+        raise ConfigError(f"--kind {kind!r}: use transcript, preference or unpaired")
     report = check_manifest(manifest, kind, AudioLimits(sampling_rate=sampling_rate, max_seconds=max_audio_seconds))
     out = _out()
     rates = ", ".join(f"{rate} Hz x {n}" for rate, n in sorted(report.rates.items()))

@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from audiorl.api import make_hard_cases, make_pairs
 from audiorl.config import TextNormalization
-from audiorl.data.builders import _rank_pairs
+from audiorl.data.builders import _label_hypotheses, _rank_pairs
 from audiorl.data.records import Record
 
 
@@ -28,6 +29,37 @@ def test_pairing_policies_by_hand():
     assert [(p[2], p[3]) for p in pairs] == [(0.0, 0.6), (0.2, 0.6)]
     assert _rank_pairs(_record(), hyps[:1] * 3, "best-worst", 0.1, 4, norm) == "all samples identical"
     assert _rank_pairs(_record(), hyps[:2], "best-worst", 0.5, 4, norm) == "best and worst samples closer than the margin"
+
+
+def test_unpaired_labels_by_hand():
+    norm = TextNormalization()
+    hyps = ["turn on the kitchen lights", "turn on the kitchen nights", "turn kitchen", "turn on the kitchen lights"]
+    # WERs 0.0, 0.2, 0.6: at most 0.1 is desirable, at least 0.5 undesirable, 0.2 neither
+    assert _label_hypotheses(_record(), hyps, "best-worst", 0.1, 0.5, 4, norm) == [
+        ("turn on the kitchen lights", True, 0.0), ("turn kitchen", False, 0.6)]
+    assert _label_hypotheses(_record(), hyps[1:3], "reference-worst", 0.1, 0.5, 4, norm) == [
+        ("turn on the kitchen lights", True, 0.0), ("turn kitchen", False, 0.6)]
+    assert _label_hypotheses(_record(), hyps, "all", 0.25, 0.5, 4, norm) == [
+        ("turn on the kitchen lights", True, 0.0), ("turn on the kitchen nights", True, 0.2), ("turn kitchen", False, 0.6)]
+    assert _label_hypotheses(_record(), hyps[1:2], "best-worst", 0.1, 0.5, 4, norm) == (
+        "no transcript at or below the good WER or at or above the bad WER")
+
+
+def test_unpaired_rows_from_a_model_are_a_kto_manifest(tmp_path, tiny_whisper, speech_dir):
+    from audiorl.data.records import read_records
+    from audiorl.errors import DataError
+
+    out = tmp_path / "out" / "unpaired.jsonl"
+    summary = make_pairs(tiny_whisper, speech_dir / "transcripts.jsonl", out, num_samples=4, max_new_tokens=8, policy="reference-worst",
+                         seed=0, output_format="unpaired", good_wer=0.0, bad_wer=0.5)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.rows == len(rows) and rows
+    assert all((r["wer"] <= 0.0) == r["label"] and (r["label"] or r["wer"] >= 0.5) for r in rows)
+    assert summary.reasons["desirable rows"] == sum(r["label"] for r in rows) == 12  # the reference of every clip
+    records = read_records(out, "unpaired")
+    assert [(r.completion, r.label) for r in records] == [(row["completion"], row["label"]) for row in rows]
+    with pytest.raises(DataError, match=r"the good WER \(0.5\) must be at least 0 and below the bad WER \(0.3\)"):
+        make_pairs(tiny_whisper, speech_dir / "transcripts.jsonl", out, output_format="unpaired", good_wer=0.5, bad_wer=0.3)
 
 
 def test_empty_samples_never_become_a_side_of_a_pair():

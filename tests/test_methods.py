@@ -38,8 +38,8 @@ def test_a_knob_of_another_method_is_an_error_naming_the_key_and_its_method(own,
 
 
 def test_an_unknown_method_lists_the_methods():
-    with pytest.raises(ConfigError, match=r"objective: objective.name must be one of \['dpo', 'grpo', 'sft'\]"):
-        validate_config({"model": {"name_or_path": "m"}, "objective": {"name": "kto"}})
+    with pytest.raises(ConfigError, match=r"objective: objective.name must be one of \['cpo', 'dpo', 'grpo', 'kto', 'mwer', 'orpo', 'sft'\]"):
+        validate_config({"model": {"name_or_path": "m"}, "objective": {"name": "simpo"}})
 
 
 def test_grpo_takes_one_loss_type():

@@ -25,7 +25,7 @@ import torch
 
 from audiorl.audio import AudioLimits
 from audiorl.config import TextNormalization
-from audiorl.data.records import Record, record_from_row
+from audiorl.data.records import Kind, Record, record_from_row
 from audiorl.errors import DataError
 from audiorl.models.base import ModelAdapter
 from audiorl.progress import progress_bar
@@ -90,8 +90,18 @@ def build_pairs(
     batch_size: int = 8,
     normalization: TextNormalization | None = None,
     seed: int = 0,
+    output_format: Literal["pairs", "unpaired"] = "pairs",
+    good_wer: float = 0.1,
+    bad_wer: float = 0.3,
 ) -> BuildSummary:
-    """Sample hypotheses per clip, rank them by WER against the reference, write preference rows."""
+    """Sample hypotheses per clip, rank them by WER against the reference, write preference rows:
+    pairs `{audio, chosen, rejected}`, or (`output_format="unpaired"`, for KTO) one row per
+    transcript `{audio, completion, label}`, desirable at WER <= `good_wer`, undesirable at WER >=
+    `bad_wer` (what lies between is left out and counted)."""
+    if output_format == "unpaired" and dropout_ntp:
+        raise DataError("unpaired rows come from sampled hypotheses; DropoutNTP builds pairs only")
+    if output_format == "unpaired" and not 0 <= good_wer < bad_wer:
+        raise DataError(f"the good WER ({good_wer}) must be at least 0 and below the bad WER ({bad_wer})")
     norm = normalization or TextNormalization()
     settings = dataclasses.replace(sampling or SamplingSettings(), num_generations=num_samples)  # the caller's stays as it was
     out_dir = Path(out_path).parent
@@ -114,9 +124,18 @@ def build_pairs(
                     made = _dropout_ntp_pair(adapter, record, waves[i], dropout_ntp, start_ratio, settings, rng, norm)
                 else:
                     hyps = rollout.texts[i * num_samples : (i + 1) * num_samples]
-                    made = _rank_pairs(record, hyps, policy, min_wer_margin, max_pairs_per_clip, norm)
+                    if output_format == "unpaired":
+                        made = _label_hypotheses(record, hyps, policy, good_wer, bad_wer, max_pairs_per_clip, norm)
+                    else:
+                        made = _rank_pairs(record, hyps, policy, min_wer_margin, max_pairs_per_clip, norm)
                 if isinstance(made, str):
                     summary.reasons[made] += 1
+                elif output_format == "unpaired":
+                    summary.kept += 1
+                    for completion, label, wer in made:
+                        rows.append({"audio": _audio_ref(record, out_dir), "completion": completion, "label": label, "wer": round(wer, 4),
+                                     **({"language": record.language} if record.language else {}), "source": record.source})
+                        summary.reasons["desirable rows" if label else "undesirable rows"] += 1
                 else:
                     summary.kept += 1
                     for chosen, rejected, c_wer, r_wer in made:
@@ -162,6 +181,28 @@ def _rank_pairs(record, hyps, policy, margin, max_pairs, norm):
         return "no two samples differ by the margin"
     pairs.sort(key=lambda p: p[1][0] - p[0][0], reverse=True)
     return [(a[1], b[1], a[0], b[0]) for a, b in pairs[:max_pairs]]
+
+
+def _label_hypotheses(record, hyps, policy, good, bad, max_rows, norm):
+    """KTO's unpaired rows for one clip: (transcript, desirable?, WER). `policy` picks which
+    transcripts are judged, as for pairs: the best and the worst sample (best-worst), the reference
+    and the worst sample (reference-worst), or every distinct sample (all, at most `max_rows` of
+    each label)."""
+    distinct = [h for h in dict.fromkeys(h.strip() for h in hyps) if h]
+    if not distinct:
+        return "every sample empty"
+    scored = sorted(zip(_scores(record.reference, distinct, norm), distinct))
+    if policy == "reference-worst":
+        candidates = [(0.0, record.reference), scored[-1]]
+    elif policy == "best-worst":
+        candidates = [scored[0], scored[-1]] if len(scored) > 1 else scored
+    else:
+        candidates = scored
+    good_rows = [(text, True, wer) for wer, text in candidates if wer <= good][:max_rows if policy == "all" else 1]
+    bad_rows = [(text, False, wer) for wer, text in reversed(candidates) if wer >= bad][:max_rows if policy == "all" else 1]
+    if not good_rows and not bad_rows:
+        return "no transcript at or below the good WER or at or above the bad WER"
+    return good_rows + bad_rows
 
 
 def _dropout_ntp_pair(adapter, record, wave, how, start_ratio, settings, rng, norm):
@@ -274,7 +315,7 @@ class CheckReport:
     seconds: float = 0.0
 
 
-def check_manifest(path: str | Path, kind: Literal["preference", "transcript"], limits: AudioLimits) -> CheckReport:
+def check_manifest(path: str | Path, kind: Kind, limits: AudioLimits) -> CheckReport:
     """Every problem of every record, by line: JSON, keys, types, empty text, hotwords, audio
     (readable, not empty, finite, not too long). Also counts native sampling rates."""
     path = Path(path)

@@ -45,6 +45,22 @@ class PreferenceCollator:
         }
 
 
+class UnpairedCollator:
+    """-> {index, features, completion_ids, desirable}: one transcript per clip and its label."""
+
+    def __init__(self, adapter: ModelAdapter):
+        self.adapter = adapter
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        records = [item["record"] for item in items]
+        return {
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+            "features": self.adapter.features([item["waveform"] for item in items]),
+            "completion_ids": self.adapter.target_ids([r.completion for r in records]),
+            "desirable": torch.tensor([bool(r.label) for r in records]),
+        }
+
+
 class TranscriptCollator:
     """-> {index, features, target_ids, references, columns}; `columns` holds, per clip, what
     rewards read: reference, language and every other record column (hotwords, no_speech, ...)."""

@@ -1,9 +1,11 @@
 """Records and manifests.
 
-Two record kinds share one type:
-- preference records `{audio, chosen, rejected, prompt?, language?}` for DPO/MPO;
-- transcript records `{audio, text, language?}` for SFT and evaluation (a preference manifest
-  can be evaluated too: its `chosen` transcript is the reference).
+Three record kinds share one type:
+- preference records `{audio, chosen, rejected, prompt?, language?}` for DPO/MPO, CPO, ORPO;
+- unpaired records `{audio, completion, label, language?}` for KTO: one transcript of the clip,
+  `label` true when it is desirable, false when not;
+- transcript records `{audio, text, language?}` for SFT, GRPO, MWER and evaluation (a preference
+  manifest can be evaluated too: its `chosen` transcript is the reference).
 
 Sources: JSONL manifests (audio paths relative to the manifest's folder) and Hugging Face
 datasets saved with `save_to_disk`. Each record remembers where it came from (`file:line` or
@@ -27,7 +29,7 @@ from audiorl.progress import console, progress_bar
 if TYPE_CHECKING:
     from audiorl.models.base import ModelAdapter
 
-Kind = Literal["preference", "transcript"]
+Kind = Literal["preference", "transcript", "unpaired"]
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Record:
     text: str | None = None
     chosen: str | None = None
     rejected: str | None = None
+    completion: str | None = None  # unpaired records: the transcript `label` judges
+    label: bool | None = None
     prompt: str | None = None
     language: str | None = None
     sampling_rate: int | None = None  # only for in-memory arrays
@@ -58,7 +62,7 @@ class Record:
 
 
 _OPTIONAL_TEXT = ("prompt", "language")
-_KNOWN = {"audio", "text", "chosen", "rejected", *_OPTIONAL_TEXT}
+_KNOWN = {"audio", "text", "chosen", "rejected", "completion", "label", *_OPTIONAL_TEXT}
 
 
 def _text_field(row: dict[str, Any], key: str, where: str, required: bool) -> str | None:
@@ -103,6 +107,12 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> 
     if kind == "preference":
         record.chosen = _text_field(row, "chosen", where, required=True)
         record.rejected = _text_field(row, "rejected", where, required=True)
+    elif kind == "unpaired":
+        record.completion = _text_field(row, "completion", where, required=True)
+        if not isinstance(row.get("label"), bool):
+            raise DataError(f"{where}: 'label' must be true (a desirable completion) or false (an undesirable one), "
+                            f"got {row.get('label')!r}")
+        record.label = row["label"]
     elif row.get("no_speech") is True:
         # a clip with no speech in it: its reference is the empty transcript
         record.text = _text_field(row, "text", where, required=False) or ""
@@ -215,7 +225,7 @@ def transcript_length_check(adapter: ModelAdapter, max_tokens: int, kind: Kind):
     of the model's tokens."""
 
     def check(record: Record) -> None:
-        texts = [record.chosen, record.rejected] if kind == "preference" else [record.reference]
+        texts = {"preference": [record.chosen, record.rejected], "unpaired": [record.completion]}.get(kind) or [record.reference]
         for text, ids in zip(texts, adapter.target_ids(texts)):
             if len(ids) > max_tokens:
                 raise DataError(
@@ -247,9 +257,10 @@ def fingerprint(records: list[Record]) -> str:
     """A hash of the records' content: transcripts, and audio by path, size and mtime (or bytes)."""
     digest = hashlib.sha256()
     for record in records:
-        digest.update(
-            json.dumps([record.text, record.chosen, record.rejected, record.prompt, record.language, record.extra], default=str).encode()
-        )
+        content = [record.text, record.chosen, record.rejected, record.prompt, record.language, record.extra]
+        if record.completion is not None:  # unpaired records (the other kinds keep the fingerprints they had)
+            content += [record.completion, record.label]
+        digest.update(json.dumps(content, default=str).encode())
         if isinstance(record.audio, str):
             try:
                 stat = Path(record.audio).stat()

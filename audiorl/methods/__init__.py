@@ -1,5 +1,6 @@
 """Training methods, one module each: `sft`, `dpo` (the preference family, MPO included),
-`grpo`. See `audiorl.methods.base` for what a method owns.
+`cpo` and `orpo` (preference losses without a reference model), `kto` (unpaired completions),
+`grpo` and `mwer` (both on the policy's own samples). See `audiorl.methods.base` for what a method owns.
 
 `METHODS` is the registry. The run schema's `objective` section is `ObjectiveConfig`: one of the
 methods' config classes, picked by `objective.name` (default `dpo`), so a key of another method
@@ -13,10 +14,11 @@ from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Tag
 
-from audiorl.methods import dpo, grpo, sft
+from audiorl.methods import cpo, dpo, grpo, kto, mwer, orpo, sft
 from audiorl.methods.base import BuildContext, Method, MethodConfig, Step
 
-METHODS: dict[str, Method] = {m.name: m for m in (dpo.METHOD, grpo.METHOD, sft.METHOD)}
+METHODS: dict[str, Method] = {m.name: m for m in (dpo.METHOD, grpo.METHOD, sft.METHOD, cpo.METHOD, orpo.METHOD, kto.METHOD,
+                                                       mwer.METHOD)}
 
 DEFAULT_METHOD = "dpo"
 

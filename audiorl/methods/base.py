@@ -77,8 +77,9 @@ class BuildContext:
 class Method:
     name: ClassVar[str]
     config: ClassVar[type[MethodConfig]]
-    #: the records it trains on: transcripts ({audio, text}) or preference pairs ({audio, chosen, rejected})
-    data_kind: ClassVar[Literal["transcript", "preference"]] = "transcript"
+    #: the records it trains on: transcripts ({audio, text}), preference pairs ({audio, chosen,
+    #: rejected}) or unpaired completions ({audio, completion, label})
+    data_kind: ClassVar[Literal["transcript", "preference", "unpaired"]] = "transcript"
 
     def needs_reference(self, objective: Any) -> bool:
         return False

@@ -8,6 +8,7 @@ against the reference (precomputed, the LoRA-disabled network, or a frozen copy)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -87,6 +88,28 @@ def custom_losses(names: list[str]) -> dict:
     return found
 
 
+@dataclass
+class ScoredPairs:
+    """A batch of pairs scored by the policy: its log-probs, and what a reference needs to score the same."""
+
+    policy: Any  # objectives.PreferenceLogps
+    context: Any  # the encoder states, one row per clip
+    targets: list  # chosen then rejected token ids
+    index: Any  # (2B,) the clip of each target
+
+
+def score_pairs(adapter: ModelAdapter, batch: dict[str, Any]) -> ScoredPairs:
+    """Encode each clip once and score its chosen and rejected transcripts in one decoder pass."""
+    n = len(batch["chosen_ids"])
+    targets = batch["chosen_ids"] + batch["rejected_ids"]
+    index = torch.arange(n).repeat(2)
+    context = adapter.encode(batch["features"])
+    scored = adapter.sequence_logps(context, targets, index)
+    sums, counts = scored.sum, scored.num_tokens
+    policy = objectives.PreferenceLogps(chosen=sums[:n], rejected=sums[n:], chosen_tokens=counts[:n], rejected_tokens=counts[n:])
+    return ScoredPairs(policy, context, targets, index)
+
+
 class PreferenceStep(Step):
     """Encode each clip once, score chosen and rejected against it in one decoder pass."""
 
@@ -104,15 +127,10 @@ class PreferenceStep(Step):
         )
 
     def __call__(self, batch: dict[str, Any]) -> LossOutput:
+        scored = score_pairs(self.adapter, batch)
         n = len(batch["chosen_ids"])
-        targets = batch["chosen_ids"] + batch["rejected_ids"]
-        index = torch.arange(n).repeat(2)
-        context = self.adapter.encode(batch["features"])
-        scored = self.adapter.sequence_logps(context, targets, index)
-        sums, counts = scored.sum, scored.num_tokens
-        policy = objectives.PreferenceLogps(chosen=sums[:n], rejected=sums[n:], chosen_tokens=counts[:n], rejected_tokens=counts[n:])
-        ref = self.reference.logps(batch, context, targets, index).to(sums.device, sums.dtype)
-        return self.loss(policy, ref[:n], ref[n:])
+        ref = self.reference.logps(batch, scored.context, scored.targets, scored.index).to(scored.policy.chosen.device, scored.policy.chosen.dtype)
+        return self.loss(scored.policy, ref[:n], ref[n:])
 
     def state_dict(self) -> dict:
         return self.loss.state_dict()

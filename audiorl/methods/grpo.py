@@ -100,16 +100,6 @@ class GRPOStep(Step):
         self.seed = seed
         self.rollouts = 0  # checkpointed: sampling seeds depend on it
 
-    def _row_seeds(self, indices) -> list[int]:
-        """One seed per completion from (seed, rollout number, the clip's dataset index, sample
-        number): a clip's samples are the same whatever batch or rank it lands in."""
-        g = self.settings.num_generations
-        return [
-            (((self.seed * 1_000_003 + self.rollouts) * 1_000_033 + int(i)) * 1_009 + k) % (2**63 - 1)
-            for i in indices.tolist()
-            for k in range(g)
-        ]
-
     def _rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
         # the cache holds the batch itself, so its identity cannot be reused by a later batch
         if self._cached is not None and self._cached[0] is batch:
@@ -118,7 +108,7 @@ class GRPOStep(Step):
         with torch.no_grad():
             context = self.adapter.encode(batch["features"])
             rollout = rollouts.sample(
-                self.adapter, context, self.settings, row_seeds=self._row_seeds(batch["index"]),
+                self.adapter, context, self.settings, row_seeds=rollouts.row_seeds(self.seed, self.rollouts, batch["index"].tolist(), g),
                 with_logps=self.objective.num_iterations > 1, early_stop=not self.lockstep,
             )
             self.rollouts += 1
