@@ -68,7 +68,7 @@ def test_sigmoid_by_hand():
 
 
 def test_bco_running_mean_shift_by_hand():
-    """δ is the mean of all rewards seen so far (including this batch), subtracted from both."""
+    """δ is the mean of the batches' mean rewards so far (this batch's included), subtracted from both."""
     fn = PreferenceLoss(["bco_pair"], beta=1.0, bco_running_mean=True)
     ones = torch.ones(2)
     # batch 1: chosen rewards [1, 3], rejected [-1, 1] -> δ = mean(1, 3, -1, 1) = 1
@@ -77,12 +77,21 @@ def test_bco_running_mean_shift_by_hand():
     by_hand = sum(-math.log(sig(c - 1)) - math.log(sig(-(r - 1))) for c, r in [(1, -1), (3, 1)]) / 2
     assert float(out.loss) == pytest.approx(by_hand)
     assert float(out.metrics["bco/delta"]) == pytest.approx(1.0)
-    # batch 2: rewards [5, 5] and [5, 5] -> δ = (1*4 + 20) / 8 = 3
+    # batch 2: rewards [5, 5] and [5, 5] -> δ = mean(1, 5) = 3
     fn(PreferenceLogps(5 * ones, 5 * ones, ones, ones), torch.zeros(2), torch.zeros(2))
     assert fn.running.mean == pytest.approx(3.0)
     restored = PreferenceLoss(["bco_pair"], beta=1.0, bco_running_mean=True)
     restored.load_state_dict(fn.state_dict())
-    assert restored.running.mean == pytest.approx(3.0) and restored.running.count == 8
+    assert restored.running.mean == pytest.approx(3.0) and restored.running.count == 2
+    # a short last batch (one pair, rewards 9 and 9) counts as one batch mean: δ = mean(1, 5, 9) = 5,
+    # where the mean of all 10 rewards would be 4.6; a resumed loss continues the same way
+    for loss in (fn, restored):
+        loss(PreferenceLogps(torch.tensor([9.0]), torch.tensor([9.0]), ones[:1], ones[:1]), torch.zeros(1), torch.zeros(1))
+        assert loss.running.mean == pytest.approx(5.0)
+    # a batch whose rewards are not finite leaves δ as it was
+    nan = torch.tensor([float("nan"), 1.0])
+    out = fn(PreferenceLogps(nan, ones, ones, ones), torch.zeros(2), torch.zeros(2))
+    assert fn.running.mean == pytest.approx(5.0) and fn.running.count == 3 and float(out.metrics["bco/delta"]) == pytest.approx(5.0)
     # without the option, bco_pair is TRL's unshifted form
     plain = PreferenceLoss(["bco_pair"], beta=1.0)
     out = plain(PreferenceLogps(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 1.0]), ones, ones), torch.zeros(2), torch.zeros(2))
@@ -93,3 +102,35 @@ def test_sft_loss_is_per_token():
     token_logps = torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert float(sft_loss(token_logps, mask).loss) == pytest.approx(2.0)
+
+
+def _bco_rank(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from audiorl.distributed import mean_tensor_across_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    fn = PreferenceLoss(["bco_pair"], beta=1.0, bco_running_mean=True, reduce=mean_tensor_across_ranks)
+    # rank 0's rewards have mean 1 then 10 (a short batch), rank 1's mean 3 then 0
+    batches = {0: [([1.0, 1.0], [1.0, 1.0]), ([10.0], [10.0])], 1: [([3.0, 3.0], [3.0, 3.0]), ([0.0, 0.0], [0.0, 0.0])]}[rank]
+    deltas = []
+    for chosen, rejected in batches:
+        n = len(chosen)
+        fn(PreferenceLogps(torch.tensor(chosen), torch.tensor(rejected), torch.ones(n), torch.ones(n)), torch.zeros(n), torch.zeros(n))
+        deltas.append(fn.running.mean)
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(deltas))
+    dist.destroy_process_group()
+
+
+def test_bco_running_mean_is_the_same_on_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_bco_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    deltas = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # step 1: the ranks' means 1 and 3 -> 2; step 2: 10 and 0 -> 5, δ = mean(2, 5) = 3.5 on both
+    assert deltas[0] == deltas[1] == pytest.approx([2.0, 3.5])

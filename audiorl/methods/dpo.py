@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 torch: Any = on_first_use("torch")
 objectives: Any = on_first_use("audiorl.objectives")
 collators: Any = on_first_use("audiorl.data.collate")
+distributed: Any = on_first_use("audiorl.distributed")
 
 
 class DPOConfig(MethodConfig):
@@ -124,6 +125,7 @@ class PreferenceStep(Step):
             discopop_tau=objective.discopop_tau,
             bco_running_mean=objective.bco_running_mean,
             custom=custom_losses(objective.loss_type),
+            reduce=distributed.mean_tensor_across_ranks,  # one δ on every rank
         )
 
     def __call__(self, batch: dict[str, Any]) -> LossOutput:

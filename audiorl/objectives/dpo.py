@@ -45,18 +45,26 @@ class LossOutput:
 
 
 class RunningMean:
-    """Mean of every reward seen so far (the δ of BCO). Kept in checkpoints via `state_dict`."""
+    """BCO's reward shift δ as the MPO paper's code (InternVL, on TRL 0.10's `RunningMoments`)
+    keeps it: each batch adds the mean of its rewards as one value, so δ is the mean of the
+    per-batch means (a short last batch counts as much as a full one, not by its size). With
+    `reduce` (the method sets it to the mean over ranks under DDP/FSDP) each batch's mean is first
+    averaged over the ranks' batches, so every rank holds the same δ. A batch whose mean is not
+    finite is left out. Kept in checkpoints via `state_dict`, so a resumed run continues it."""
 
-    def __init__(self) -> None:
+    def __init__(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.mean = 0.0
         self.count = 0
+        self.reduce = reduce
 
     def update(self, values: torch.Tensor) -> float:
-        n = values.numel()
-        if n:
-            total = self.mean * self.count + float(values.detach().double().sum())
-            self.count += n
-            self.mean = total / self.count
+        if values.numel():
+            batch_mean = values.detach().double().mean()
+            if self.reduce is not None:
+                batch_mean = self.reduce(batch_mean)
+            if torch.isfinite(batch_mean):
+                self.count += 1
+                self.mean += (float(batch_mean) - self.mean) / self.count
         return self.mean
 
     def state_dict(self) -> dict[str, float]:
@@ -159,7 +167,8 @@ def robust(p: Pairs) -> torch.Tensor:
 @register_loss("bco_pair")
 def bco_pair(p: Pairs) -> torch.Tensor:
     """BCO, Jung et al. 2024 (arXiv 2404.04656): −log σ(r_c − δ) − log σ(−(r_r − δ)); δ is 0, or with
-    `bco_running_mean` the running mean of past rewards, as the MPO paper's code does."""
+    `bco_running_mean` the running mean of the batches' mean rewards, this batch's included, as
+    the MPO paper's code does (`RunningMean`)."""
     rc, rr = p.beta * p.chosen_ratio, p.beta * p.rejected_ratio
     shift = p.running.update(torch.cat([rc, rr])) if p.running is not None else 0.0
     return -F.logsigmoid(rc - shift) - F.logsigmoid(-(rr - shift))
@@ -240,6 +249,7 @@ class PreferenceLoss:
         discopop_tau: float = 0.05,
         bco_running_mean: bool = False,
         custom: dict[str, Loss] | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.loss_type = list(loss_type)
         self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * len(self.loss_type)
@@ -248,7 +258,7 @@ class PreferenceLoss:
         self.beta = beta
         self.label_smoothing = label_smoothing
         self.discopop_tau = discopop_tau
-        self.running = RunningMean() if bco_running_mean else None
+        self.running = RunningMean(reduce) if bco_running_mean else None
         # user losses come from the config's names (audiorl.methods.dpo resolves them) and have the
         # built-ins' signature
         losses = {**LOSSES, **(custom or {})}
