@@ -116,8 +116,11 @@ def precompute_reference(
     cache_dir: str | Path,
     key: str,
     num_workers: int = 0,
+    summarize=None,
 ) -> PrecomputedReference:
-    """Score every pair once with the starting weights (adapter off under LoRA) and cache it."""
+    """Score every pair once with the starting weights (adapter off under LoRA) and cache it.
+    `summarize(scored, n)` turns the batch's scores (chosen rows then rejected) into one
+    log-prob per completion (default: the sum; LD-DPO's weighted sum goes in the key too)."""
     path = Path(cache_dir) / f"reference-logps-{key}.pt"
     if path.exists():
         cached = torch.load(path, map_location="cpu")
@@ -137,7 +140,8 @@ def precompute_reference(
                 n = len(batch["chosen_ids"])
                 context = adapter.encode(batch["features"])
                 index = torch.arange(n).repeat(2)
-                sums = adapter.sequence_logps(context, batch["chosen_ids"] + batch["rejected_ids"], index).sum.float().cpu()
+                scored = adapter.sequence_logps(context, batch["chosen_ids"] + batch["rejected_ids"], index)
+                sums = (summarize(scored, n) if summarize is not None else scored.sum).float().cpu()
                 chosen[batch["index"]] = sums[:n]
                 rejected[batch["index"]] = sums[n:]
                 advance(n)

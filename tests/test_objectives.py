@@ -134,3 +134,71 @@ def test_bco_running_mean_is_the_same_on_every_rank(tmp_path):
     deltas = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # step 1: the ranks' means 1 and 3 -> 2; step 2: 10 and 0 -> 5, δ = mean(2, 5) = 3.5 on both
     assert deltas[0] == deltas[1] == pytest.approx([2.0, 3.5])
+
+
+OPTIONS = json.loads((Path(__file__).parent / "data" / "trl_dpo_options.json").read_text())
+
+
+def _options_id(case):
+    return "+".join(case["loss_type"]) + "-" + "-".join(f"{k}={v}" for k, v in case["options"].items()) + f"-seed{case['seed']}"
+
+
+@pytest.mark.parametrize("case", OPTIONS["cases"], ids=_options_id)
+def test_f_divergence_ld_alpha_and_wpo_match_what_trl_computed(case):
+    """The options that change what a loss receives, on per-token inputs, through the step's own
+    summing (`methods.dpo.summed`) and the loss."""
+    from audiorl.methods.dpo import summed
+    from audiorl.models.base import SequenceLogps
+
+    dtype = getattr(torch, case["dtype"])
+    options = case["options"]
+    lengths = torch.tensor(case["lengths"], dtype=dtype)
+    width = len(case["policy_tokens"][0])
+    mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).to(dtype)
+    policy_tokens, ref_tokens = torch.tensor(case["policy_tokens"], dtype=dtype), torch.tensor(case["ref_tokens"], dtype=dtype)
+    squares = torch.tensor(case["log_sum_sq_probs"], dtype=dtype)
+    n = len(lengths) // 2
+    ld = options.get("ld_alpha")
+    sums = summed(SequenceLogps(policy_tokens, mask), n, ld)
+    refs = summed(SequenceLogps(ref_tokens, mask), n, ld)
+    policy = PreferenceLogps(sums[:n], sums[n:], lengths[:n], lengths[n:], policy_tokens[:n], policy_tokens[n:], mask[:n], mask[n:],
+                             squares[:n], squares[n:])
+    fn = PreferenceLoss(case["loss_type"], case["loss_weights"], beta=case["beta"], label_smoothing=case["label_smoothing"],
+                        f_divergence_type=options.get("f_divergence_type", "reverse_kl"),
+                        f_alpha_divergence_coef=options.get("f_alpha_divergence_coef", 0.5), use_weighting=options.get("use_weighting", False))
+    out = fn(policy, refs[:n], refs[n:])
+    # float32 inputs (TRL's alpha-divergence takes no float64), and exo_pair's ε, a float32 tensor in TRL
+    rel = 1e-5 if dtype == torch.float32 else 1e-6 if "exo_pair" in case["loss_type"] else 1e-9
+    assert float(out.loss) == pytest.approx(case["loss"], rel=rel, abs=1e-9), OPTIONS["trl_version"]
+    for name, value in case["metrics"].items():
+        assert float(out.metrics[name]) == pytest.approx(value, rel=rel, abs=1e-9), name
+
+
+def test_every_option_was_recorded_and_the_schema_checks_its_losses():
+    recorded = [case["options"] for case in OPTIONS["cases"]]
+    assert {o.get("f_divergence_type") for o in recorded} >= {"forward_kl", "js_divergence", "alpha_divergence"}
+    assert any("ld_alpha" in o for o in recorded) and any(o.get("use_weighting") for o in recorded)
+    with pytest.raises(Exception, match=r"f_divergence_type=js_divergence works with the losses .* not \['bco_pair'\]"):
+        validate_config({"model": {"name_or_path": "m"}, "objective": {"loss_type": ["sigmoid", "bco_pair"], "f_divergence_type": "js_divergence"}})
+    with pytest.raises(Exception, match="use_weighting does not go with aot"):
+        validate_config({"model": {"name_or_path": "m"}, "objective": {"loss_type": ["aot"], "use_weighting": True}})
+
+
+def test_ld_alpha_by_hand():
+    from audiorl.objectives.dpo import ld_weighted
+
+    tokens = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    # the pair shares 2 tokens: the chosen's third weighs 0.5, the rejected has no tail
+    out = ld_weighted(tokens, mask, torch.tensor([2.0, 2.0]), 0.5)
+    assert out.tolist() == [-1.0 - 2.0 - 0.5 * 3.0, -2.0]
+
+
+def test_wpo_weighs_the_sft_term_too():
+    # TRL 1.16 raises on sft with use_weighting; here each pair's copy of the batch NLL is weighted
+    ones = torch.ones(2, 1)
+    logps = PreferenceLogps(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), torch.ones(2), torch.ones(2),
+                            torch.tensor([[-1.0], [-3.0]]), torch.tensor([[-2.0], [-2.0]]), ones, ones, torch.zeros(2, 1), torch.zeros(2, 1))
+    out = PreferenceLoss(["sft"], use_weighting=True)(logps, torch.zeros(2), torch.zeros(2))
+    weights = [math.exp(-1) * math.exp(-2), math.exp(-3) * math.exp(-2)]
+    assert float(out.loss) == pytest.approx(2.0 * sum(weights) / 2)

@@ -319,3 +319,19 @@ def test_nan_steps_are_skipped_counted_and_bounded(tmp_path, tiny_whisper, speec
     cfg.train.output_dir = str(tmp_path / "again")
     with pytest.raises(TrainingError, match=r"2 steps had a NaN/inf loss or gradient \(train.max_bad_steps=1\)"):
         audiorl.train(cfg)
+
+
+def test_ld_dpo_and_wpo_weigh_the_same_with_a_precomputed_reference(tmp_path, tiny_whisper, speech_dir):
+    """LD-DPO weighs the reference's tail tokens too: scored once before training (the weighted
+    sums cached under their own key) or by a frozen copy at every step, the run ends the same."""
+    options = {"ld_alpha": 0.5, "use_weighting": True}
+    frozen = make_config(tmp_path / "f", tiny_whisper, speech_dir, objective=options, train={"max_steps": 3, "save_steps": None})
+    pre = make_config(tmp_path / "p", tiny_whisper, speech_dir, objective={**options, "precompute_reference": True},
+                      train={"max_steps": 3, "save_steps": None})
+    a, out = final_weights(audiorl.train(frozen)), audiorl.train(pre)
+    b = final_weights(out)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [p.name for p in (out.output_dir / "cache").glob("reference-logps-*-ld0.5.pt")]
+    plain = final_weights(audiorl.train(make_config(tmp_path / "d", tiny_whisper, speech_dir, train={"max_steps": 3, "save_steps": None})))
+    assert any(not torch.allclose(a[name], plain[name]) for name in a)  # the options change what is learned

@@ -182,3 +182,22 @@ def test_targets_that_share_a_clip_score_as_if_each_had_its_own_copy(adapter, sp
     assert ours_grads.keys() == naive_grads.keys()
     for name, grad in naive_grads.items():
         assert torch.allclose(ours_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_token_entropy_and_sum_of_squared_probabilities_follow_the_scored_rows(adapter, speech_dir):
+    """What token-weighing losses read (GRPO's entropy mask, WPO's weights) belongs to the row it
+    is reported for, also when the rows were scored in another order (shared cross-attention)."""
+    batch = _batch(adapter, speech_dir)
+    context = adapter.encode(batch["features"])
+    targets = batch["chosen_ids"] + batch["rejected_ids"]
+    index = torch.arange(4).repeat(2)
+    together = adapter.sequence_logps(context, targets, index)
+    for row in (0, 5):
+        alone = adapter.sequence_logps(context.select(index[row : row + 1]), targets[row : row + 1])
+        n = int(alone.mask.sum())
+        logits_logps = alone.vocab_logps[0, :n]
+        by_hand_entropy = -(logits_logps.exp() * logits_logps).sum(-1)
+        by_hand_sq = torch.log((logits_logps.exp() ** 2).sum(-1))
+        assert torch.allclose(together.entropy()[row, :n], by_hand_entropy, atol=1e-4)
+        assert torch.allclose(together.log_sum_sq_probs()[row, :n], by_hand_sq, atol=1e-4)
+        assert float(together.entropy()[row, n:].abs().sum()) == 0.0

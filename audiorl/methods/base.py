@@ -97,9 +97,10 @@ class Method:
         raise NotImplementedError
 
 
-def build_reference(ctx: BuildContext, collate: Any, *, precompute: bool = False) -> Reference:
+def build_reference(ctx: BuildContext, collate: Any, *, precompute: bool = False, summarize: Any = None, summary_key: str = "") -> Reference:
     """The frozen model the loss compares against: scored once before training and cached
-    (`precompute`), the same network with its LoRA adapter disabled, or a frozen copy."""
+    (`precompute`; `summarize` and `summary_key` as in `precompute_reference`), the same network
+    with its LoRA adapter disabled, or a frozen copy."""
     run = ctx.run
     if precompute:
         return references.precompute_reference(
@@ -108,8 +109,9 @@ def build_reference(ctx: BuildContext, collate: Any, *, precompute: bool = False
             collate,
             batch_size=run.train.per_device_eval_batch_size,
             cache_dir=Path(run.train.output_dir) / "cache",
-            key=references.reference_cache_key(ctx.adapter, ctx.data_fingerprint),
+            key=references.reference_cache_key(ctx.adapter, ctx.data_fingerprint) + summary_key,
             num_workers=run.data.num_workers,
+            summarize=summarize,
         )
     if ctx.adapter.uses_lora:
         return references.AdapterDisabledReference(ctx.adapter)

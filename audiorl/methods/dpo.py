@@ -17,7 +17,7 @@ from audiorl import plugins
 from audiorl.errors import ConfigError
 from audiorl.lazy import on_first_use
 from audiorl.methods.base import BuildContext, Method, MethodConfig, Step, build_reference, disable_dropout
-from audiorl.objectives.dpo import LOSSES, loss_names
+from audiorl.objectives.dpo import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, loss_names
 
 if TYPE_CHECKING:
     from audiorl.models.base import ModelAdapter
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 torch: Any = on_first_use("torch")
 objectives: Any = on_first_use("audiorl.objectives")
 collators: Any = on_first_use("audiorl.data.collate")
+dpo_math: Any = on_first_use("audiorl.objectives.dpo")
+references: Any = on_first_use("audiorl.reference")
 distributed: Any = on_first_use("audiorl.distributed")
 
 
@@ -42,6 +44,14 @@ class DPOConfig(MethodConfig):
         False,
         description="shift bco_pair rewards by a running mean of past rewards, as in the MPO paper's code",
     )
+    f_divergence_type: Literal[F_DIVERGENCES] = Field(  # type: ignore[valid-type]
+        "reverse_kl", description="f-DPO: the divergence to the reference whose f' replaces the log-ratio"
+    )
+    f_alpha_divergence_coef: float = Field(0.5, description="α of alpha_divergence")
+    ld_alpha: float | None = Field(
+        None, ge=0, le=1, description="LD-DPO: weight of the tokens past the length chosen and rejected share (None: off)"
+    )
+    use_weighting: bool = Field(False, description="WPO: weigh each pair's loss by how likely the policy finds both sides")
     precompute_reference: bool = False
     disable_dropout: bool = True
 
@@ -69,6 +79,13 @@ class DPOConfig(MethodConfig):
             )
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper suggests 1e-3)")
+        if self.f_divergence_type != "reverse_kl":
+            others = [name for name in self.loss_type if name not in F_DIVERGENCE_LOSSES]
+            if others:
+                raise ValueError(f"f_divergence_type={self.f_divergence_type} works with the losses {list(F_DIVERGENCE_LOSSES)}, "
+                                 f"not {others} (they read the log-ratios themselves)")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_type):
+            raise ValueError("use_weighting does not go with aot or aot_unpaired (they sort pairs across the batch)")
         return self
 
     @property
@@ -99,16 +116,35 @@ class ScoredPairs:
     index: Any  # (2B,) the clip of each target
 
 
-def score_pairs(adapter: ModelAdapter, batch: dict[str, Any]) -> ScoredPairs:
-    """Encode each clip once and score its chosen and rejected transcripts in one decoder pass."""
+def score_pairs(adapter: ModelAdapter, batch: dict[str, Any], *, ld_alpha: float | None = None,
+                weighting: bool = False) -> ScoredPairs:
+    """Encode each clip once and score its chosen and rejected transcripts in one decoder pass.
+    The policy's log-probs come with their token-level fields (log Σ p² only for `weighting`); with
+    `ld_alpha`, the sums are LD-DPO's weighted sums."""
     n = len(batch["chosen_ids"])
     targets = batch["chosen_ids"] + batch["rejected_ids"]
     index = torch.arange(n).repeat(2)
     context = adapter.encode(batch["features"])
     scored = adapter.sequence_logps(context, targets, index)
-    sums, counts = scored.sum, scored.num_tokens
-    policy = objectives.PreferenceLogps(chosen=sums[:n], rejected=sums[n:], chosen_tokens=counts[:n], rejected_tokens=counts[n:])
+    sums, counts = summed(scored, n, ld_alpha), scored.num_tokens
+    tokens, mask = scored.token_logps, scored.mask
+    squares = scored.log_sum_sq_probs() if weighting else None
+    policy = objectives.PreferenceLogps(
+        chosen=sums[:n], rejected=sums[n:], chosen_tokens=counts[:n], rejected_tokens=counts[n:],
+        chosen_token_logps=tokens[:n], rejected_token_logps=tokens[n:], chosen_mask=mask[:n], rejected_mask=mask[n:],
+        chosen_log_sum_sq_probs=squares[:n] if squares is not None else None, rejected_log_sum_sq_probs=squares[n:] if squares is not None else None,
+    )
     return ScoredPairs(policy, context, targets, index)
+
+
+def summed(scored: Any, n: int, ld_alpha: float | None) -> Any:
+    """Each completion's log-prob from a pair batch's scores (chosen rows, then rejected): the sum,
+    or with `ld_alpha` LD-DPO's, whose shared part is as long as the pair's shorter side."""
+    if ld_alpha is None:
+        return scored.sum
+    counts = scored.num_tokens
+    shared = torch.minimum(counts[:n], counts[n:]).repeat(2)
+    return dpo_math.ld_weighted(scored.token_logps, scored.mask, shared, ld_alpha)
 
 
 class PreferenceStep(Step):
@@ -117,6 +153,8 @@ class PreferenceStep(Step):
     def __init__(self, adapter: ModelAdapter, objective: DPOConfig, reference: Reference):
         self.adapter = adapter
         self.reference = reference
+        self.ld_alpha = objective.ld_alpha
+        self.weighting = objective.use_weighting
         self.loss = objectives.PreferenceLoss(
             objective.loss_type,
             objective.weights,
@@ -126,12 +164,19 @@ class PreferenceStep(Step):
             bco_running_mean=objective.bco_running_mean,
             custom=custom_losses(objective.loss_type),
             reduce=distributed.mean_tensor_across_ranks,  # one δ on every rank
+            f_divergence_type=objective.f_divergence_type,
+            f_alpha_divergence_coef=objective.f_alpha_divergence_coef,
+            use_weighting=objective.use_weighting,
         )
 
     def __call__(self, batch: dict[str, Any]) -> LossOutput:
-        scored = score_pairs(self.adapter, batch)
+        scored = score_pairs(self.adapter, batch, ld_alpha=self.ld_alpha, weighting=self.weighting)
         n = len(batch["chosen_ids"])
-        ref = self.reference.logps(batch, scored.context, scored.targets, scored.index).to(scored.policy.chosen.device, scored.policy.chosen.dtype)
+        if self.ld_alpha is None or isinstance(self.reference, references.PrecomputedReference):
+            ref = self.reference.logps(batch, scored.context, scored.targets, scored.index)
+        else:
+            ref = summed(self.reference.score(batch, scored.context, scored.targets, scored.index), n, self.ld_alpha)
+        ref = ref.to(scored.policy.chosen.device, scored.policy.chosen.dtype)
         return self.loss(scored.policy, ref[:n], ref[n:])
 
     def state_dict(self) -> dict:
@@ -157,7 +202,10 @@ class DPO(Method):
         if objective.disable_dropout:
             disable_dropout(ctx.adapter.model)
         collate = collators.PreferenceCollator(ctx.adapter)
-        reference = build_reference(ctx, collate, precompute=objective.precompute_reference)
+        ld_alpha = objective.ld_alpha
+        reference = build_reference(ctx, collate, precompute=objective.precompute_reference,
+                                    summarize=None if ld_alpha is None else lambda scored, n: summed(scored, n, ld_alpha),
+                                    summary_key="" if ld_alpha is None else f"-ld{ld_alpha}")
         return PreferenceStep(ctx.adapter, objective, reference), collate
 
 

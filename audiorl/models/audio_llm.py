@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from audiorl.config import ModelConfig
-from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps
+from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps, score_tokens
 from audiorl.models.sampling import next_tokens
 
 
@@ -190,9 +190,7 @@ class AudioLLMAdapter(ModelAdapter):
         positions = torch.tensor(prompt_lens, device=device).unsqueeze(1) - 1 + torch.arange(longest, device=device)
         positions = positions.clamp(max=hidden.shape[1] - 1)
         picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        logps = torch.log_softmax(self.lm_head(core)(picked).float(), dim=-1)
-        token_logps = logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask
-        return SequenceLogps(token_logps=token_logps, mask=mask)
+        return score_tokens(self.lm_head(core)(picked), labels, mask)
 
     def _with_prefix(self, context: PromptContext, prefix: list[int], core: nn.Module) -> PromptContext:
         ids = torch.tensor(prefix, device=context.embeds.device)

@@ -59,10 +59,15 @@ class SequenceLogps:
 
     token_logps: (N, L) log-prob of each completion token, 0 where `mask` is 0.
     mask:        (N, L) 1 for completion tokens (including the final end-of-text), 0 for padding.
+    vocab_logps: (N, L, V) the whole next-token distribution at each position, without gradient,
+                 for losses that weigh tokens by it (`entropy`, `log_sum_sq_probs`); None where
+                 an adapter does not keep it.
     """
 
     token_logps: torch.Tensor
     mask: torch.Tensor
+    vocab_logps: torch.Tensor | None = None
+    vocab_rows: torch.Tensor | None = None  # row i's distributions are vocab_logps[vocab_rows[i]] (no copy until asked)
 
     @property
     def sum(self) -> torch.Tensor:
@@ -71,6 +76,27 @@ class SequenceLogps:
     @property
     def num_tokens(self) -> torch.Tensor:
         return self.mask.sum(dim=-1)
+
+    def _vocab(self, what: str) -> torch.Tensor:
+        if self.vocab_logps is None:
+            raise ValueError(f"{what} needs the next-token distributions, which this adapter's sequence_logps did not keep")
+        return self.vocab_logps if self.vocab_rows is None else self.vocab_logps.index_select(0, self.vocab_rows)
+
+    def entropy(self) -> torch.Tensor:
+        """(N, L) entropy of the next-token distribution at each completion position (0 on padding)."""
+        logps = self._vocab("entropy")
+        return -(logps.exp() * logps).sum(-1) * self.mask
+
+    def log_sum_sq_probs(self) -> torch.Tensor:
+        """(N, L) log Σ_v p(v)² at each completion position (0 on padding): WPO's alignment term."""
+        return torch.logsumexp(2 * self._vocab("log_sum_sq_probs"), dim=-1) * self.mask
+
+
+def score_tokens(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> SequenceLogps:
+    """Token log-probs of `labels` (N, L) under `logits` (N, L, V), computed in float32 at least."""
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    token_logps = logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask
+    return SequenceLogps(token_logps=token_logps, mask=mask, vocab_logps=logps.detach())
 
 
 @dataclass

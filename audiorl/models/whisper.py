@@ -24,7 +24,16 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from audiorl.config import ModelConfig
 from audiorl.errors import ModelError
-from audiorl.models.base import AudioContext, Generation, ModelAdapter, SequenceLogps, apply_trainable_settings, load_pretrained, model_source
+from audiorl.models.base import (
+    AudioContext,
+    Generation,
+    ModelAdapter,
+    SequenceLogps,
+    apply_trainable_settings,
+    load_pretrained,
+    model_source,
+    score_tokens,
+)
 from audiorl.models.encoder_cache import EncoderCache
 from audiorl.models.sampling import next_tokens
 from audiorl.models.tiny import train_byte_bpe
@@ -308,13 +317,11 @@ class WhisperAdapter(ModelAdapter):
                                             use_cache=True).last_hidden_state
             finally:
                 core.config._attn_implementation = _INNER_ATTENTION.pop()
-        logits = core.proj_out(hidden[:, n_prefix - 1 :])
-        logps = torch.log_softmax(logits.float(), dim=-1)
-        token_logps = logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask
+        scored = score_tokens(core.proj_out(hidden[:, n_prefix - 1 :]), labels, mask)
         if groups is not None:
-            back = torch.argsort(groups[0]).to(token_logps.device)
-            token_logps, mask = token_logps.index_select(0, back), mask.index_select(0, back)
-        return SequenceLogps(token_logps=token_logps, mask=mask)
+            back = torch.argsort(groups[0]).to(mask.device)
+            scored = SequenceLogps(scored.token_logps.index_select(0, back), scored.mask.index_select(0, back), scored.vocab_logps, back)
+        return scored
 
     def add_ctc_head(self) -> None:
         """A linear layer from the encoder's output to the vocabulary plus a blank. Trained with

@@ -17,6 +17,7 @@ MPO (Wang et al. 2024, arXiv 2411.10442) is `loss_type=[sigmoid, bco_pair, sft]`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +31,71 @@ F: Any = on_first_use("torch.nn.functional")
 
 @dataclass
 class PreferenceLogps:
-    """Summed completion log-probs and token counts for B preference pairs, each of shape (B,)."""
+    """Completion log-probs and token counts for B preference pairs, each of shape (B,); the sums
+    are LD-DPO's weighted sums when `ld_alpha` is set. The token-level fields, (B, L) each, carry
+    what losses that weigh tokens read (WPO's weights, a plug-in's own): the policy's log-prob of
+    each token (0 past the end), the completion mask, and log Σ_v p(v)² at each position."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+    chosen_token_logps: torch.Tensor | None = None
+    rejected_token_logps: torch.Tensor | None = None
+    chosen_mask: torch.Tensor | None = None
+    rejected_mask: torch.Tensor | None = None
+    chosen_log_sum_sq_probs: torch.Tensor | None = None
+    rejected_log_sum_sq_probs: torch.Tensor | None = None
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# the losses that read the f-divergence's scores in place of the log-ratios (as TRL allows)
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def f_divergence_score(log_ratio: torch.Tensor, f_divergence_type: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
+    """f'(t) at t = π/π_ref, the score f-DPO (Wang et al. 2023, arXiv 2309.16240, Table 1) puts in
+    place of DPO's log-ratio: reverse KL log t; forward KL 1 − 1/t; Jensen-Shannon log(2t/(1 + t));
+    α-divergence (t^(α−1) − 1)/(α − 1), which is reverse KL at α = 1 (its exponent clamped at 80, as
+    TRL does, so that exp stays finite)."""
+    if f_divergence_type == "reverse_kl":
+        return log_ratio
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-log_ratio)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(log_ratio)
+    if f_divergence_type == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return log_ratio
+        t = torch.clamp(((alpha - 1.0) * log_ratio).float(), max=11.0 if log_ratio.dtype == torch.float16 else 80.0)
+        return (torch.exp(t) - 1.0).to(log_ratio.dtype) / (alpha - 1.0)
+    raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCES)}, not {f_divergence_type!r}")
+
+
+def ld_weighted(token_logps: torch.Tensor, mask: torch.Tensor, shared: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO (Liu et al. 2024, arXiv 2409.06411): a completion's log-prob with the tokens past the
+    length it shares with the other side of its pair weighed by α: Σ_{t ≤ shared} log p_t + α Σ_{t > shared} log p_t.
+    token_logps, mask (N, L); shared (N,) token counts (min of the pair's two lengths)."""
+    position = mask.cumsum(dim=1)
+    in_shared = (position > 0) & (position <= shared.unsqueeze(1))
+    in_tail = position > shared.unsqueeze(1)
+    return (token_logps * in_shared).sum(1) + ld_alpha * (token_logps * in_tail * mask).sum(1)
+
+
+def wpo_weights(policy: PreferenceLogps) -> torch.Tensor:
+    """WPO (Zhou et al. 2024, arXiv 2406.11827), Eq. 2 as TRL computes it: per pair, the product of
+    the chosen and the rejected completion's exp(mean over tokens of log p_t − log Σ_v p(v)²),
+    without gradient. (B,)"""
+    if policy.chosen_log_sum_sq_probs is None or policy.chosen_token_logps is None:
+        raise ValueError("use_weighting needs the token log-probs and log Σ p² of both completions")
+
+    def weight(token_logps, log_sum_sq, mask):
+        aligned = ((token_logps - log_sum_sq) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return torch.exp(aligned)
+
+    with torch.no_grad():
+        return (weight(policy.chosen_token_logps, policy.chosen_log_sum_sq_probs, policy.chosen_mask)
+                * weight(policy.rejected_token_logps, policy.rejected_log_sum_sq_probs, policy.rejected_mask))
 
 
 @dataclass
@@ -85,16 +145,22 @@ class Pairs:
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
     running: RunningMean | None = None  # BCO's running reward mean δ, when asked for
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
     def __post_init__(self) -> None:
         self.chosen_ratio = self.policy.chosen - self.ref_chosen  # log π(y_c|x)/π_ref(y_c|x)
         self.rejected_ratio = self.policy.rejected - self.ref_rejected
         self.delta = self.chosen_ratio - self.rejected_ratio  # Δ
+        # what the f-divergence puts in place of each log-ratio (the log-ratio itself for reverse KL)
+        self.chosen_score = f_divergence_score(self.chosen_ratio, self.f_divergence_type, self.f_alpha_divergence_coef)
+        self.rejected_score = f_divergence_score(self.rejected_ratio, self.f_divergence_type, self.f_alpha_divergence_coef)
+        self.delta_score = self.chosen_score - self.rejected_score
 
     def per_token(self) -> torch.Tensor:
-        """Δ with each log-ratio averaged over its completion's tokens."""
-        return (self.chosen_ratio / self.policy.chosen_tokens.clamp(min=1)
-                - self.rejected_ratio / self.policy.rejected_tokens.clamp(min=1))
+        """Δ (of the f-divergence's scores) with each side averaged over its completion's tokens."""
+        return (self.chosen_score / self.policy.chosen_tokens.clamp(min=1)
+                - self.rejected_score / self.policy.rejected_tokens.clamp(min=1))
 
 
 Loss = Callable[[Pairs], "torch.Tensor"]
@@ -119,14 +185,14 @@ def loss_names() -> list[str]:
 
 @register_loss("sigmoid")
 def sigmoid(p: Pairs) -> torch.Tensor:
-    """DPO, Rafailov et al. 2023 (arXiv 2305.18290): −log σ(βΔ)."""
-    return -F.logsigmoid(p.beta * p.delta)
+    """DPO, Rafailov et al. 2023 (arXiv 2305.18290): −log σ(βΔ) (Δ of the f-divergence's scores)."""
+    return -F.logsigmoid(p.beta * p.delta_score)
 
 
 @register_loss("hinge")
 def hinge(p: Pairs) -> torch.Tensor:
     """SLiC, Zhao et al. 2023 (arXiv 2305.10425): max(0, 1 − βΔ)."""
-    return torch.relu(1 - p.beta * p.delta)
+    return torch.relu(1 - p.beta * p.delta_score)
 
 
 @register_loss("ipo")
@@ -142,7 +208,7 @@ def exo_pair(p: Pairs) -> torch.Tensor:
     """EXO, Ji et al. 2024 (arXiv 2402.00856), Eq. 16 with K = 2: KL(p_θ || p_target) over
     {chosen, rejected} with the target [1 − ε, ε] (ε > 0)."""
     eps = torch.tensor(p.label_smoothing, dtype=p.delta.dtype, device=p.delta.device)
-    logit = p.beta * p.delta
+    logit = p.beta * p.delta_score
     return torch.sigmoid(logit) * (F.logsigmoid(logit) - torch.log1p(-eps)) + torch.sigmoid(-logit) * (
         F.logsigmoid(-logit) - torch.log(eps)
     )
@@ -159,8 +225,8 @@ def nca_pair(p: Pairs) -> torch.Tensor:
 def robust(p: Pairs) -> torch.Tensor:
     """Robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409): unbiased under a label-flip rate ε."""
     eps = p.label_smoothing
-    clean = -(1 - eps) * F.logsigmoid(p.beta * p.delta)
-    flipped = -eps * F.logsigmoid(-p.beta * p.delta)
+    clean = -(1 - eps) * F.logsigmoid(p.beta * p.delta_score)
+    flipped = -eps * F.logsigmoid(-p.beta * p.delta_score)
     return (clean - flipped) / (1 - 2 * eps)
 
 
@@ -217,7 +283,7 @@ def apo_down(p: Pairs) -> torch.Tensor:
 def discopop(p: Pairs) -> torch.Tensor:
     """DiscoPOP, Chris Lu et al. 2024 (arXiv 2406.08414), Eq. 5: logistic and exponential losses
     mixed by σ(βΔ/τ)."""
-    logit = p.beta * p.delta
+    logit = p.beta * p.delta_score
     mix = torch.sigmoid(logit / p.discopop_tau)
     return -F.logsigmoid(logit) * (1 - mix) + torch.exp(-logit) * mix
 
@@ -225,8 +291,11 @@ def discopop(p: Pairs) -> torch.Tensor:
 @register_loss("sft")
 def sft(p: Pairs) -> torch.Tensor:
     """Negative log-likelihood of the chosen completions, averaged over every chosen token in the
-    batch (one value, repeated per pair)."""
-    nll = -p.policy.chosen.sum() / p.policy.chosen_tokens.sum().clamp(min=1)
+    batch (one value, repeated per pair); from the token log-probs when the pairs carry them, so
+    LD-DPO's weighting of the sums does not reach it (as in TRL)."""
+    tokens = p.policy.chosen_token_logps
+    total = tokens.sum() if tokens is not None else p.policy.chosen.sum()
+    nll = -total / p.policy.chosen_tokens.sum().clamp(min=1)
     return nll.expand(p.policy.chosen.shape[0])
 
 
@@ -250,6 +319,9 @@ class PreferenceLoss:
         bco_running_mean: bool = False,
         custom: dict[str, Loss] | None = None,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        use_weighting: bool = False,
     ):
         self.loss_type = list(loss_type)
         self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * len(self.loss_type)
@@ -259,6 +331,11 @@ class PreferenceLoss:
         self.label_smoothing = label_smoothing
         self.discopop_tau = discopop_tau
         self.running = RunningMean(reduce) if bco_running_mean else None
+        if f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCES)}, not {f_divergence_type!r}")
+        self.f_divergence_type = f_divergence_type
+        self.f_alpha_divergence_coef = f_alpha_divergence_coef
+        self.use_weighting = use_weighting
         # user losses come from the config's names (audiorl.methods.dpo resolves them) and have the
         # built-ins' signature
         losses = {**LOSSES, **(custom or {})}
@@ -269,11 +346,14 @@ class PreferenceLoss:
 
     def __call__(self, policy: PreferenceLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> LossOutput:
         pairs = Pairs(policy, ref_chosen, ref_rejected, beta=self.beta, label_smoothing=self.label_smoothing,
-                      discopop_tau=self.discopop_tau, running=self.running)
+                      discopop_tau=self.discopop_tau, running=self.running, f_divergence_type=self.f_divergence_type,
+                      f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+        weights = wpo_weights(policy) if self.use_weighting else None
         total = policy.chosen.new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
         for name, fn, weight in zip(self.loss_type, self.losses, self.loss_weights):
-            term = fn(pairs).mean()
+            per_pair = fn(pairs)
+            term = (per_pair * weights if weights is not None else per_pair).mean()
             metrics[f"loss/{name}"] = term.detach()
             total = total + weight * term
 

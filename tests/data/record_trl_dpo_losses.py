@@ -1,4 +1,6 @@
-"""Record TRL's DPO-family losses on fixed inputs, for tests/test_objectives.py to compare with.
+"""Record TRL's DPO-family losses on fixed inputs, for tests/test_objectives.py to compare with:
+each loss type (trl_dpo_losses.json), and the options that change what a loss receives,
+f_divergence_type, ld_alpha and use_weighting, with per-token inputs (trl_dpo_options.json).
 
 TRL computes its DPO losses inside `DPOTrainer._compute_loss`, a private method that takes a
 whole trainer; this script drives it once, on per-token log-probs it makes up, through a
@@ -31,26 +33,28 @@ METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 class _Outputs(torch.nn.Module):
     """Stands in for a causal LM: returns fixed per-token log-probs, as TRL's fused head would."""
 
-    def __init__(self, log_probs):
+    def __init__(self, log_probs, log_sum_sq_probs=None):
         super().__init__()
         self.log_probs = log_probs
+        self.log_sum_sq_probs = torch.zeros_like(log_probs) if log_sum_sq_probs is None else log_sum_sq_probs
         self.is_gradient_checkpointing = False
 
     def forward(self, **kwargs):
         lp = self.log_probs
         return SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp), mean_logits=torch.zeros_like(lp),
-                               is_top1=torch.zeros_like(lp, dtype=torch.bool), log_sum_sq_probs=torch.zeros_like(lp))
+                               is_top1=torch.zeros_like(lp, dtype=torch.bool), log_sum_sq_probs=self.log_sum_sq_probs)
 
 
-def _trl(loss_type, weights, beta, label_smoothing, policy_tok, ref_tok, completion_mask):
+def _trl(loss_type, weights, beta, label_smoothing, policy_tok, ref_tok, completion_mask, *, ld_alpha=None, f_divergence_type="reverse_kl",
+         f_alpha_divergence_coef=0.5, use_weighting=False, log_sum_sq=None):
     identity = lambda x: x  # noqa: E731
     fake = SimpleNamespace(
-        model=_Outputs(policy_tok), ref_model=_Outputs(ref_tok),
+        model=_Outputs(policy_tok, log_sum_sq), ref_model=_Outputs(ref_tok),
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity, unwrap_model=identity),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=False, f_divergence_type="reverse_kl",
-        loss_types=loss_type, loss_weights=weights, beta=beta, label_smoothing=label_smoothing,
-        args=SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None), use_weighting=False,
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        aux_loss_enabled=False, ld_alpha=ld_alpha, precompute_ref_logps=False, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=loss_type, loss_weights=weights, beta=beta,
+        label_smoothing=label_smoothing, args=SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None),
+        use_weighting=use_weighting, _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
     )
     inputs = {"input_ids": torch.zeros_like(completion_mask, dtype=torch.long), "attention_mask": torch.ones_like(completion_mask),
               "completion_mask": completion_mask}
@@ -89,6 +93,51 @@ def main() -> None:
             "loss": loss, "metrics": metrics,
         })
     out = Path(__file__).with_name("trl_dpo_losses.json")
+    out.write_text(json.dumps({"trl_version": trl.__version__, "torch_version": torch.__version__, "cases": cases}, indent=1) + "\n")
+    print(f"{len(cases)} cases from TRL {trl.__version__} -> {out}")
+    record_options()
+
+
+def _left_aligned(per_token, shift):
+    """Each row's completion values, in order from its first token, padded with 0: AudioRL's layout."""
+    rows = [per_token[r][shift[r].bool()].tolist() for r in range(per_token.shape[0])]
+    width = max(len(r) for r in rows)
+    return [r + [0.0] * (width - len(r)) for r in rows]
+
+
+# the options that change what a loss receives: f-divergences, LD-DPO's length weighting, WPO's weights
+OPTIONS = [
+    *[(["sigmoid"], {"f_divergence_type": f}) for f in ("forward_kl", "js_divergence", "alpha_divergence")],
+    (["sigmoid"], {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0}),
+    (["sigmoid"], {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}),
+    *[([name], {"f_divergence_type": "js_divergence"}) for name in ("hinge", "ipo", "robust", "exo_pair", "discopop", "sigmoid_norm")],
+    (["sigmoid", "sft"], {"f_divergence_type": "forward_kl"}),
+    *[([name], {"ld_alpha": 0.5}) for name in ("sigmoid", "ipo", "bco_pair", "apo_zero", "sft")],
+    (["sigmoid"], {"ld_alpha": 0.0}),
+    # TRL 1.16 cannot weigh its sft term (an in-place multiply of an expanded tensor raises), so
+    # sft is recorded with ld_alpha and f-divergences but not with use_weighting
+    *[([name], {"use_weighting": True}) for name in ("sigmoid", "ipo", "bco_pair")],
+    (["sigmoid", "bco_pair"], {"use_weighting": True, "ld_alpha": 0.3, "f_divergence_type": "js_divergence"}),
+]
+
+
+def record_options() -> None:
+    cases = []
+    for number, (loss_type, options) in enumerate(OPTIONS):
+        for seed in (0, 1):
+            policy, ref, mask, shift = _batch(100 + 2 * number + seed)
+            g = torch.Generator().manual_seed(seed)
+            log_sum_sq = -torch.rand(policy.shape, generator=g, dtype=torch.float64) * 2 * shift
+            if options.get("f_divergence_type") == "alpha_divergence":  # TRL's clamp table has no float64 entry
+                policy, ref, log_sum_sq = policy.float(), ref.float(), log_sum_sq.float()
+            weights = [0.8, 0.2] if loss_type == ["sigmoid", "bco_pair"] else [1.0] * len(loss_type)
+            smoothing = 0.1 if set(loss_type) & SMOOTHED else 0.0
+            loss, metrics = _trl(loss_type, weights, 0.3, smoothing, policy, ref, mask, log_sum_sq=log_sum_sq, **options)
+            cases.append({"loss_type": loss_type, "loss_weights": weights, "beta": 0.3, "label_smoothing": smoothing, "seed": seed,
+                          "options": options, "policy_tokens": _left_aligned(policy, shift), "ref_tokens": _left_aligned(ref, shift),
+                          "log_sum_sq_probs": _left_aligned(log_sum_sq, shift), "lengths": shift.sum(1).tolist(), "loss": loss,
+                          "dtype": str(policy.dtype).removeprefix("torch."), "metrics": metrics})
+    out = Path(__file__).with_name("trl_dpo_options.json")
     out.write_text(json.dumps({"trl_version": trl.__version__, "torch_version": torch.__version__, "cases": cases}, indent=1) + "\n")
     print(f"{len(cases)} cases from TRL {trl.__version__} -> {out}")
 
