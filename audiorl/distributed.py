@@ -119,6 +119,20 @@ def mean_tensor_across_ranks(value: torch.Tensor) -> torch.Tensor:
     return total / dist.get_world_size()
 
 
+def gather_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D `values` joined (ranks may hold different counts); itself outside a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    counts = [torch.zeros((), dtype=torch.long, device=values.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor(values.numel(), device=values.device))
+    longest = int(max(c.item() for c in counts))
+    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    parts = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)])
+
+
 def broadcast_from_main(value):
     """Rank 0's value on every rank (any picklable object)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -91,3 +91,72 @@ def test_group_advantages():
     # a group whose completions all scored the same teaches nothing
     same = group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.7]), group_size=4)
     assert torch.all(same == 0)
+
+
+def test_cispo_keeps_every_tokens_gradient_through_a_capped_weight():
+    token_logps, old = _inputs()
+    out = grpo_loss(token_logps, old, ADV, MASK, loss_type="cispo", epsilon_high=1.2)
+    # −sg(min(r, 1.2)) · A · log p per token, summed / 5 tokens: the clipped tokens still count
+    weights = torch.tensor([[1.2, 1.0, 1.0], [0.5, 1.1, 1.0]])
+    expected = float((-(weights * ADV.unsqueeze(1) * token_logps.detach()) * MASK).sum() / 5)
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(token_logps.grad, -weights * ADV.unsqueeze(1) * MASK / 5)
+    assert float(out.metrics["cispo_clip_ratio"]) == pytest.approx(1 / 5)  # r = 1.5 > 1.2 with A > 0
+
+
+def test_sapo_gates_softly():
+    token_logps, old = _inputs()
+    out = grpo_loss(token_logps, old, ADV, MASK, loss_type="sapo", sapo_temperature_pos=1.0, sapo_temperature_neg=2.0)
+    tau = torch.tensor([[1.0], [2.0]])
+    r = torch.tensor(RATIOS)
+    per_token = -torch.sigmoid(tau * (r - 1)) * 4 / tau * ADV.unsqueeze(1)
+    expected = ((per_token * MASK).sum(1) / MASK.sum(1)).mean()
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    out.loss.backward()
+    # d/dlog p = −4 σ(x)(1 − σ(x)) · r · A, x = τ (r − 1): at r = 1 the plain surrogate's −A
+    sig = torch.sigmoid(tau * (r - 1))
+    grads = -4 * sig * (1 - sig) * r * ADV.unsqueeze(1) * MASK / MASK.sum(1, keepdim=True) / 2
+    torch.testing.assert_close(token_logps.grad, grads, rtol=1e-5, atol=1e-7)
+    assert float(grads[0, 1]) == pytest.approx(-1.0 / 2 / 2)  # r = 1, A = +1, 2 tokens, 2 sequences
+
+
+def test_top_entropy_quantile_trains_only_the_uncertain_tokens():
+    from audiorl.objectives.grpo import high_entropy_mask
+
+    entropies = torch.tensor([[0.1, 2.0, 9.0], [1.5, 0.2, 3.0]])  # 9.0 is padding
+    keep = high_entropy_mask(entropies, MASK, top_quantile=0.4)
+    # the 5 real tokens' entropies 0.1, 2.0, 1.5, 0.2, 3.0: the 0.6 quantile is 1.8 -> 2.0 and 3.0
+    assert keep.tolist() == [[False, True, False], [False, False, True]]
+    token_logps, old = _inputs()
+    out = grpo_loss(token_logps, old, ADV, MASK, loss_type="bnpo", entropy_mask=keep)
+    out.loss.backward()
+    # only the kept tokens carry gradient; the loss still averages over all 5 tokens, as TRL does
+    torch.testing.assert_close(token_logps.grad, TOKEN_GRADS * keep / 5)
+    assert float(out.metrics["entropy_mask/kept"]) == pytest.approx(2 / 5)
+
+
+def test_rloo_baseline_leaves_the_completion_out():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    adv = group_advantages(rewards, group_size=4, scale_rewards="none", estimator="rloo")
+    # 1.0 against the mean of (0, 0.5, 0.5) = 1/3; 0.0 against 2/3; 0.5 against 0.5
+    torch.testing.assert_close(adv, torch.tensor([2 / 3, -2 / 3, 0.0, 0.0]))
+    # G/(G − 1) times the group-mean advantage
+    torch.testing.assert_close(adv, group_advantages(rewards, group_size=4, scale_rewards="none") * 4 / 3)
+
+
+def test_normalize_then_sum_normalises_each_reward_in_its_group():
+    from audiorl.objectives.grpo import normalize_then_sum
+
+    nan = float("nan")
+    # two rewards, one group of 3; the second reward does not apply to the third completion, and
+    # no reward applies to a fourth completion in a second group
+    per_reward = torch.tensor([[1.0, 10.0], [0.0, 20.0], [2.0, nan], [nan, nan], [1.0, 1.0], [1.0, 1.0]])
+    adv = normalize_then_sum(per_reward, torch.tensor([1.0, 0.5]), group_size=3)
+    z1 = [(v - 1.0) / (1.0 + 1e-4) for v in (1.0, 0.0, 2.0)]  # mean 1, std 1
+    z2 = [(10 - 15) / (50**0.5 + 1e-4), (20 - 15) / (50**0.5 + 1e-4)]  # two values: mean 15, std sqrt(50)
+    sums = [z1[0] + 0.5 * z2[0], z1[1] + 0.5 * z2[1], z1[2], 0.0, 0.0]  # completions 4 (none applies) out
+    mean = sum(sums) / 5
+    std = (sum((x - mean) ** 2 for x in sums) / 4) ** 0.5
+    expected = [(x - mean) / (std + 1e-4) for x in sums[:3]] + [0.0] + [(x - mean) / (std + 1e-4) for x in sums[3:]]
+    torch.testing.assert_close(adv, torch.tensor(expected), rtol=1e-5, atol=1e-6)

@@ -143,3 +143,20 @@ def test_sft_weight_belongs_to_grpo():
 
     with pytest.raises(ConfigError, match=r"objective.sft_weight: not a knob of objective.name=dpo \(it belongs to objective.name=grpo\)"):
         validate_config({"model": {"name_or_path": "m"}, "objective": {"name": "dpo", "sft_weight": 0.5}})
+
+
+@pytest.mark.parametrize("objective", [
+    {"loss_type": "cispo", "epsilon_high": 5.0, "advantage_estimator": "rloo", "top_entropy_quantile": 0.5},
+    {"loss_type": "sapo", "multi_objective_aggregation": "normalize_then_sum"},
+], ids=["cispo-rloo-entropy", "sapo-gdpo"])
+def test_the_newer_losses_learn_what_the_reward_prefers(tmp_path, tiny_whisper, speech_dir, short_reward, objective):
+    rewards = [{"name": short_reward}, {"name": "wer", "weight": 0.5}]
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, rewards=rewards, **objective)
+    cfg.train.max_steps = 20
+    cfg.train.learning_rate = 1e-2
+    outcome = audiorl.train(cfg)
+    short = _history(outcome.run_id, f"rewards/{short_reward}/mean")
+    assert len(short) == 20 and sum(short[-5:]) / 5 > sum(short[:5]) / 5  # transcripts got shorter
+    if "top_entropy_quantile" in objective:
+        kept = _history(outcome.run_id, "entropy_mask/kept")
+        assert all(0.3 <= k <= 0.7 for k in kept)  # about half the tokens carry the policy loss

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from audiorl.lazy import on_first_use
 from audiorl.methods.base import BuildContext, Method, MethodConfig, Step, build_reference
-from audiorl.objectives.grpo import GRPO_LOSS_TYPES
+from audiorl.objectives.grpo import ADVANTAGE_ESTIMATORS, AGGREGATIONS, GRPO_LOSS_TYPES
 from audiorl.sections import Section
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ grpo_math: Any = on_first_use("audiorl.objectives.grpo")
 rollouts: Any = on_first_use("audiorl.rollout")
 collators: Any = on_first_use("audiorl.data.collate")
 reward_composer: Any = on_first_use("audiorl.rewards")
+distributed: Any = on_first_use("audiorl.distributed")
 
 
 class RewardConfig(Section):
@@ -58,6 +59,17 @@ class GRPOConfig(MethodConfig):
     importance_sampling_level: Literal["token", "sequence"] = "token"
     num_iterations: int = Field(1, ge=1)
     mask_truncated_completions: bool = False
+    sapo_temperature_pos: float = Field(1.0, gt=0, description="SAPO's gate temperature for tokens with a positive advantage")
+    sapo_temperature_neg: float = Field(1.05, gt=0, description="SAPO's gate temperature for the other tokens")
+    top_entropy_quantile: float = Field(
+        1.0, gt=0, le=1, description="train only on this share of completion tokens, those of highest next-token entropy (1: all)"
+    )
+    advantage_estimator: Literal[ADVANTAGE_ESTIMATORS] = Field(  # type: ignore[valid-type]
+        "grpo", description="the baseline: the group's mean (grpo), or the mean of the group's other completions (rloo)"
+    )
+    multi_objective_aggregation: Literal[AGGREGATIONS] = Field(  # type: ignore[valid-type]
+        "sum_then_normalize", description="weigh and sum the rewards, then normalise (TRL's default); or normalise each first (GDPO)"
+    )
     sft_weight: float = Field(
         0.0, ge=0, description="add this weight times the token NLL of each clip's reference transcript (an SFT term beside the reward)"
     )
@@ -77,6 +89,8 @@ class GRPOConfig(MethodConfig):
     def _check(self) -> GRPOConfig:
         if not self.rewards:
             raise ValueError("GRPO needs at least one reward in rewards")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.advantage_estimator != "grpo":
+            raise ValueError("advantage_estimator=rloo works on the summed reward; normalize_then_sum normalises each reward itself")
         return self
 
 
@@ -115,7 +129,12 @@ class GRPOStep(Step):
             columns = {k: [v for v in values for _ in range(g)] for k, values in batch["columns"].items()}
             total, parts = self.reward(rollout.texts, **columns)
             rewards = torch.tensor(total, dtype=torch.float32)
-            advantages = grpo_math.group_advantages(rewards, g, self.objective.scale_rewards)
+            if self.objective.multi_objective_aggregation == "normalize_then_sum":
+                per_reward = torch.tensor([[float("nan") if v is None else float(v) for v in values] for values in parts.values()]).T
+                weights = torch.tensor([spec.weight for spec in self.reward.specs])
+                advantages = grpo_math.normalize_then_sum(per_reward, weights, g)
+            else:
+                advantages = grpo_math.group_advantages(rewards, g, self.objective.scale_rewards, estimator=self.objective.advantage_estimator)
         data = {"rollout": rollout, "rewards": rewards, "parts": parts, "advantages": advantages}
         if not self.adapter.encoder_trainable:
             # no gradient goes into the encoder: the loss scores the completions against the
@@ -137,6 +156,10 @@ class GRPOStep(Step):
         ref = None
         if self.reference is not None:
             ref = self.reference.score(batch, context, rollout.token_ids, rollout.clip_index).token_logps
+        entropy_mask = None
+        if self.objective.top_entropy_quantile < 1.0:
+            entropy_mask = grpo_math.high_entropy_mask(scored.entropy(), scored.mask, self.objective.top_entropy_quantile,
+                                                       gather=distributed.gather_across_ranks)
         out = grpo_math.grpo_loss(
             scored.token_logps,
             old,
@@ -149,6 +172,9 @@ class GRPOStep(Step):
             loss_type=self.objective.loss_type,
             importance_sampling_level=self.objective.importance_sampling_level,
             max_completion_length=self.objective.max_completion_length,
+            sapo_temperature_pos=self.objective.sapo_temperature_pos,
+            sapo_temperature_neg=self.objective.sapo_temperature_neg,
+            entropy_mask=entropy_mask,
         )
         if self.objective.sft_weight:
             # the reference transcripts against the same encoder states: what SFT learns, beside
