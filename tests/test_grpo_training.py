@@ -160,3 +160,36 @@ def test_the_newer_losses_learn_what_the_reward_prefers(tmp_path, tiny_whisper, 
     if "top_entropy_quantile" in objective:
         kept = _history(outcome.run_id, "entropy_mask/kept")
         assert all(0.3 <= k <= 0.7 for k in kept)  # about half the tokens carry the policy loss
+
+
+def test_one_rollout_feeds_steps_per_generation_slices(tmp_path, tiny_whisper, speech_dir):
+    from audiorl.errors import ConfigError
+    from audiorl.run import build_step
+
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, steps_per_generation=2, sft_weight=1.0)
+    cfg.train.per_device_train_batch_size = 4
+    adapter = load_adapter(cfg.model)
+    step, collate = build_step(cfg, adapter, None, "fp")
+    assert step.batch_repeats == 2
+    records = read_records(speech_dir / "transcripts.jsonl", "transcript")
+    dataset = RecordDataset(records, AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=5))
+    batch = collate([dataset[i] for i in range(4)])
+    first, second = step(batch), step(batch)
+    assert step.rollouts == 1  # both slices from one rollout
+    # the slices are different clips (their references' NLL differs), 2 clips x 4 samples each
+    assert float(first.metrics["loss/sft"]) != pytest.approx(float(second.metrics["loss/sft"]))
+    one_slice = collate([dataset[i] for i in range(2, 4)])
+    from audiorl.objectives import sft_loss
+
+    scored = adapter.sequence_logps(adapter.encode(one_slice["features"]), one_slice["target_ids"])
+    assert float(second.metrics["loss/sft"]) == pytest.approx(float(sft_loss(scored.token_logps, scored.mask).loss), rel=1e-5)
+    step(collate([dataset[i] for i in range(4, 8)]))
+    assert step.rollouts == 2
+    # through the trainer: 4 optimizer steps from 2 rollouts, kept in the checkpoint
+    cfg.train.max_steps, cfg.train.save_steps = 4, 4
+    outcome = audiorl.train(cfg)
+    state = torch.load(outcome.output_dir / "checkpoints" / "checkpoint-4" / "state.pt", weights_only=False)
+    assert state["step"]["rollouts"] == 2
+    cfg.train.per_device_train_batch_size = 3
+    with pytest.raises(ConfigError, match="steps_per_generation=2 must divide train.per_device_train_batch_size=3"):
+        build_step(cfg, adapter, None, "fp")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from audiorl.errors import ConfigError
 from audiorl.lazy import on_first_use
 from audiorl.methods.base import BuildContext, Method, MethodConfig, Step, build_reference
 from audiorl.objectives.grpo import ADVANTAGE_ESTIMATORS, AGGREGATIONS, GRPO_LOSS_TYPES
@@ -58,6 +59,9 @@ class GRPOConfig(MethodConfig):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     importance_sampling_level: Literal["token", "sequence"] = "token"
     num_iterations: int = Field(1, ge=1)
+    steps_per_generation: int = Field(
+        1, ge=1, description="micro-batches one rollout feeds: the batch's clips are sampled at once, then trained on in this many slices"
+    )
     mask_truncated_completions: bool = False
     sapo_temperature_pos: float = Field(1.0, gt=0, description="SAPO's gate temperature for tokens with a positive advantage")
     sapo_temperature_neg: float = Field(1.05, gt=0, description="SAPO's gate temperature for the other tokens")
@@ -102,7 +106,10 @@ class GRPOStep(Step):
         self.reference = reference
         self.reward = reward
         self.lockstep = lockstep
-        self.batch_repeats = objective.num_iterations
+        # each batch serves steps_per_generation slices, each num_iterations times (TRL's order:
+        # the slices in turn, then again for the next iteration)
+        self.batch_repeats = objective.num_iterations * objective.steps_per_generation
+        self._calls = 0  # calls served by the current rollout (checkpointed: which slice comes next)
         self.settings = rollouts.SamplingSettings(
             num_generations=objective.num_generations,
             temperature=objective.temperature,
@@ -118,12 +125,14 @@ class GRPOStep(Step):
         # the cache holds the batch itself, so its identity cannot be reused by a later batch
         if self._cached is not None and self._cached[0] is batch:
             return self._cached[1]
+        if self._cached is not None:
+            self._calls = 0  # a new batch (after a resume, the checkpoint's count stands for the batch served again)
         g = self.settings.num_generations
         with torch.no_grad():
             context = self.adapter.encode(batch["features"])
             rollout = rollouts.sample(
                 self.adapter, context, self.settings, row_seeds=rollouts.row_seeds(self.seed, self.rollouts, batch["index"].tolist(), g),
-                with_logps=self.objective.num_iterations > 1, early_stop=not self.lockstep,
+                with_logps=self.batch_repeats > 1, early_stop=not self.lockstep,
             )
             self.rollouts += 1
             columns = {k: [v for v in values for _ in range(g)] for k, values in batch["columns"].items()}
@@ -143,10 +152,30 @@ class GRPOStep(Step):
         self._cached = (batch, data)
         return data
 
-    def __call__(self, batch: dict[str, Any]) -> LossOutput:
-        data = self._rollout(batch)
+    def _slice(self, batch: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any], Any, list | None, Any]:
+        """This call's share of the rollout: (data, rollout, the references' token ids, their clips);
+        with one step per generation, all of it."""
+        k = self.objective.steps_per_generation
+        part = self._calls % k
+        self._calls += 1
         rollout = data["rollout"]
-        context = data["context"] if "context" in data else self.adapter.encode(batch["features"])
+        if k == 1:
+            return data, rollout, batch["target_ids"], None
+        g = self.settings.num_generations
+        per_slice = len(batch["target_ids"]) // k
+        clips = list(range(part * per_slice, (part + 1) * per_slice))
+        rows = torch.tensor([c * g + j for c in clips for j in range(g)])
+        token_logps = rollout.token_logps[rows] if rollout.token_logps is not None else None
+        sliced = rollouts.Rollout([rollout.token_ids[r] for r in rows.tolist()], [rollout.texts[r] for r in rows.tolist()],
+                                  [rollout.truncated[r] for r in rows.tolist()], rollout.clip_index[rows], g, token_logps)
+        part_data = {"rewards": data["rewards"][rows], "advantages": data["advantages"][rows],
+                     "parts": {name: [values[r] for r in rows.tolist()] for name, values in data["parts"].items()}}
+        return part_data, sliced, [batch["target_ids"][c] for c in clips], torch.tensor(clips)
+
+    def __call__(self, batch: dict[str, Any]) -> LossOutput:
+        full = self._rollout(batch)
+        context = full["context"] if "context" in full else self.adapter.encode(batch["features"])
+        data, rollout, targets, target_clips = self._slice(batch, full)
         scored = self.adapter.sequence_logps(context, rollout.token_ids, rollout.clip_index)
         mask = scored.mask
         if self.objective.mask_truncated_completions:
@@ -179,17 +208,20 @@ class GRPOStep(Step):
         if self.objective.sft_weight:
             # the reference transcripts against the same encoder states: what SFT learns, beside
             # what the reward teaches (the rollouts cannot teach a word no sample spelled)
-            reference = self.adapter.sequence_logps(context, batch["target_ids"])
+            reference = self.adapter.sequence_logps(context, targets, target_clips)
             sft = objectives.sft_loss(reference.token_logps, reference.mask).loss
             out = objectives.LossOutput(loss=out.loss + self.objective.sft_weight * sft, metrics={**out.metrics, "loss/sft": sft.detach()})
         out.metrics.update(self._reward_metrics(data, scored.mask, rollout))
         return out
 
     def state_dict(self) -> dict:
-        return {"rollouts": self.rollouts}
+        return {"rollouts": self.rollouts, "calls": self._calls}
 
     def load_state_dict(self, state: dict) -> None:
+        # a run resumed in the middle of a rollout's slices samples that batch again, from the
+        # resumed weights, and goes on with the slice that comes next
         self.rollouts = int(state.get("rollouts", 0))
+        self._calls = int(state.get("calls", 0))
 
     def _reward_metrics(self, data, mask, rollout) -> dict[str, Any]:
         g = self.settings.num_generations
@@ -223,6 +255,10 @@ class GRPO(Method):
 
     def build(self, ctx: BuildContext) -> tuple[Step, Any]:
         objective: GRPOConfig = ctx.run.objective  # type: ignore[assignment]
+        if ctx.run.train.per_device_train_batch_size % objective.steps_per_generation:
+            raise ConfigError(f"objective.steps_per_generation={objective.steps_per_generation} must divide "
+                              f"train.per_device_train_batch_size={ctx.run.train.per_device_train_batch_size}: the clips sampled "
+                              "together are trained on in that many equal slices")
         collate = collators.TranscriptCollator(ctx.adapter)
         reference = build_reference(ctx, collate) if self.needs_reference(objective) else None
         reward = reward_composer.build_reward([r.model_dump() for r in objective.rewards], ctx.run.data.normalize)
