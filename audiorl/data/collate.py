@@ -29,6 +29,14 @@ class RecordDataset(Dataset):
         return {"index": index, "record": record, "waveform": record.load(self.limits)}
 
 
+def _clips(adapter: ModelAdapter, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """What every batch holds: the records' dataset indices and one set of audio features per clip."""
+    return {
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "features": adapter.features([item["waveform"] for item in items]),
+    }
+
+
 class PreferenceCollator:
     """-> {index, features, chosen_ids, rejected_ids}: one set of audio features per pair."""
 
@@ -38,8 +46,7 @@ class PreferenceCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         records = [item["record"] for item in items]
         return {
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
-            "features": self.adapter.features([item["waveform"] for item in items]),
+            **_clips(self.adapter, items),
             "chosen_ids": self.adapter.target_ids([r.chosen for r in records]),
             "rejected_ids": self.adapter.target_ids([r.rejected for r in records]),
         }
@@ -54,8 +61,7 @@ class UnpairedCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         records = [item["record"] for item in items]
         return {
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
-            "features": self.adapter.features([item["waveform"] for item in items]),
+            **_clips(self.adapter, items),
             "completion_ids": self.adapter.target_ids([r.completion for r in records]),
             "desirable": torch.tensor([bool(r.label) for r in records]),
         }
@@ -75,8 +81,7 @@ class TranscriptCollator:
         for key in sorted({k for r in records for k in r.extra}):
             columns[key] = [r.extra.get(key) for r in records]
         return {
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
-            "features": self.adapter.features([item["waveform"] for item in items]),
+            **_clips(self.adapter, items),
             "target_ids": self.adapter.target_ids(references),
             "references": references,
             "columns": columns,

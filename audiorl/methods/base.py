@@ -39,6 +39,16 @@ class MethodConfig(Section):
     name: str
 
 
+def one_loss_type(value: Any, choices: tuple[str, ...], method: str) -> Any:
+    """For the methods that take one `loss_type` string (as TRL's trainers do), where configs
+    written for the DPO family's list form are common: a one-item list is that item."""
+    if isinstance(value, list) and len(value) == 1:
+        return value[0]
+    if isinstance(value, list):
+        raise ValueError(f"{method} takes one loss_type from {list(choices)}, got {value}")
+    return value
+
+
 class Step:
     """batch -> loss: what the trainer calls, once per micro-batch. It holds the adapter (the
     trainer trains `adapter.model`) and, in `state_dict`, whatever must survive a resume."""

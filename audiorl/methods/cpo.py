@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from audiorl.lazy import on_first_use
-from audiorl.methods.base import BuildContext, Method, MethodConfig, Step, disable_dropout
+from audiorl.methods.base import BuildContext, Method, MethodConfig, Step, disable_dropout, one_loss_type
 from audiorl.objectives.reference_free import CPO_LOSS_TYPES
 
 if TYPE_CHECKING:
@@ -38,11 +38,7 @@ class CPOConfig(MethodConfig):
     @field_validator("loss_type", mode="before")
     @classmethod
     def _one_loss(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) == 1:
-            return value[0]
-        if isinstance(value, list):
-            raise ValueError(f"CPO takes one loss_type from {list(CPO_LOSS_TYPES)}, got {value}")
-        return value
+        return one_loss_type(value, CPO_LOSS_TYPES, "CPO")
 
 
 class CPOStep(Step):

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from audiorl.errors import ConfigError
 from audiorl.lazy import on_first_use
-from audiorl.methods.base import BuildContext, Method, MethodConfig, Step, build_reference
+from audiorl.methods.base import BuildContext, Method, MethodConfig, Step, build_reference, one_loss_type
 from audiorl.objectives.grpo import ADVANTAGE_ESTIMATORS, AGGREGATIONS, GRPO_LOSS_TYPES
 from audiorl.sections import Section
 
@@ -82,12 +82,7 @@ class GRPOConfig(MethodConfig):
     @field_validator("loss_type", mode="before")
     @classmethod
     def _one_loss(cls, value: Any) -> Any:
-        # configs written for the DPO family's list form: a one-item list is that item
-        if isinstance(value, list) and len(value) == 1:
-            return value[0]
-        if isinstance(value, list):
-            raise ValueError(f"GRPO takes one loss_type from {list(GRPO_LOSS_TYPES)}, got {value}")
-        return value
+        return one_loss_type(value, GRPO_LOSS_TYPES, "GRPO")
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
