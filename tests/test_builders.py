@@ -164,6 +164,16 @@ def test_pairs_command_line(tmp_path, tiny_whisper, speech_dir):
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "--policy 'best-of-all'" in bad.stderr
+    unpaired = tmp_path / "unpaired.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "audiorl_cli.main", "data", "pairs", "-m", str(tiny_whisper), "-d", str(speech_dir / "transcripts.jsonl"),
+         "-o", str(unpaired), "--num-samples", "3", "--policy", "reference-worst", "--max-new-tokens", "5", "--format", "unpaired",
+         "--good-wer", "0", "--bad-wer", "0.5"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in unpaired.read_text().splitlines()]
+    assert {"audio", "completion", "label", "wer"} <= set(rows[0]) and sum(r["label"] for r in rows) == 12
 
 
 def test_a_clip_without_speech_gives_no_pair(tmp_path, tiny_whisper, speech_dir):
