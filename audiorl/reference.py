@@ -34,9 +34,12 @@ from audiorl.progress import console, progress_bar
 
 
 class Reference(ABC):
-    def logps(self, batch: dict[str, Any], policy_context: AudioContext, targets: list[list[int]], index: torch.Tensor) -> torch.Tensor:
-        """Summed reference log-probs of `targets` (N,), without gradients."""
-        return self.score(batch, policy_context, targets, index).sum
+    def logps(self, batch: dict[str, Any], policy_context: AudioContext, targets: list[list[int]], index: torch.Tensor,
+              summarize=None) -> torch.Tensor:
+        """Reference log-probs of `targets` (N,), without gradients: summed, or `summarize(scored)`
+        (LD-DPO's weighted sums)."""
+        scored = self.score(batch, policy_context, targets, index)
+        return summarize(scored) if summarize is not None else scored.sum
 
     @abstractmethod
     def score(self, batch: dict[str, Any], policy_context: AudioContext, targets: list[list[int]], index: torch.Tensor) -> SequenceLogps:
@@ -85,7 +88,8 @@ class PrecomputedReference(Reference):
         self.chosen = chosen
         self.rejected = rejected
 
-    def logps(self, batch, policy_context, targets, index):
+    def logps(self, batch, policy_context, targets, index, summarize=None):
+        # summarized before training, by the same function (precompute_reference's `summarize`)
         rows = batch["index"]
         return torch.cat([self.chosen[rows], self.rejected[rows]])
 

@@ -29,7 +29,6 @@ torch: Any = on_first_use("torch")
 objectives: Any = on_first_use("audiorl.objectives")
 collators: Any = on_first_use("audiorl.data.collate")
 dpo_math: Any = on_first_use("audiorl.objectives.dpo")
-references: Any = on_first_use("audiorl.reference")
 distributed: Any = on_first_use("audiorl.distributed")
 
 
@@ -172,10 +171,8 @@ class PreferenceStep(Step):
     def __call__(self, batch: dict[str, Any]) -> LossOutput:
         scored = score_pairs(self.adapter, batch, ld_alpha=self.ld_alpha, weighting=self.weighting)
         n = len(batch["chosen_ids"])
-        if self.ld_alpha is None or isinstance(self.reference, references.PrecomputedReference):
-            ref = self.reference.logps(batch, scored.context, scored.targets, scored.index)
-        else:
-            ref = summed(self.reference.score(batch, scored.context, scored.targets, scored.index), n, self.ld_alpha)
+        summarize = None if self.ld_alpha is None else lambda ref_scored: summed(ref_scored, n, self.ld_alpha)
+        ref = self.reference.logps(batch, scored.context, scored.targets, scored.index, summarize)
         ref = ref.to(scored.policy.chosen.device, scored.policy.chosen.dtype)
         return self.loss(scored.policy, ref[:n], ref[n:])
 
