@@ -295,6 +295,13 @@ _SECRET_VALUE_HINT = "put it in a Kubernetes Secret and reference it under job.s
 
 
 class JobConfig(Section):
+    api: Literal["pytorchjob", "trainjob"] = Field(
+        "pytorchjob", description="the workload: a Kubeflow Training Operator v1 PyTorchJob, or a Kubeflow Trainer v2 TrainJob"
+    )
+    runtime: str = Field("torch-distributed", description="with api trainjob: the training runtime the TrainJob runs on")
+    runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = Field(
+        "ClusterTrainingRuntime", description="with api trainjob: a cluster-wide runtime, or one in the job's namespace"
+    )
     name: str | None = Field(None, description="job name (DNS-1035 label); default: the config file's name")
     namespace: str = "default"
     image: str = "ghcr.io/audiorl/audiorl:0.1.0"

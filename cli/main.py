@@ -510,27 +510,36 @@ def tracking_sync(
 KubeconfigOption = Annotated[str | None, typer.Option("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).")]
 ContextOption = Annotated[str | None, typer.Option("--context", help="kubeconfig context (default: the current one).")]
 NamespaceOption = Annotated[str, typer.Option("--namespace", "-n", help="Namespace of the job.")]
-ApiOption = Annotated[str, typer.Option("--api", help="pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2).")]
+ApiOption = Annotated[str | None, typer.Option(
+    "--api", help="pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2); default: the config's job.api.")]
+FindApiOption = Annotated[str | None, typer.Option(
+    "--api", help="pytorchjob or trainjob; default: whichever kind holds the job (both, for list).")]
 RunIdOption = Annotated[str | None, typer.Option("--run-id", help="Run id for the labels (default: a new random one).")]
-RuntimeOption = Annotated[str, typer.Option("--runtime", help="With --api trainjob: the ClusterTrainingRuntime to use.")]
+RuntimeOption = Annotated[str | None, typer.Option("--runtime", help="With a TrainJob: the training runtime (default: job.runtime).")]
 
 
 def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _cluster(namespace: str, kubeconfig: str | None, context: str | None, api: str = "pytorchjob"):
-    from audiorl.k8s.client import Cluster
+def _cluster(namespace: str, kubeconfig: str | None, context: str | None, api: str):
+    from audiorl.k8s.client import Cluster, kind_of
 
-    return Cluster(namespace, kubeconfig=kubeconfig, context=context, kind="TrainJob" if api == "trainjob" else "PyTorchJob")
+    return Cluster(namespace, kubeconfig=kubeconfig, context=context, kind=kind_of(api))
+
+
+def _job_cluster(job: str, namespace: str, kubeconfig: str | None, context: str | None, api: str | None):
+    from audiorl.k8s.client import find_job
+
+    return find_job(namespace, job, kubeconfig=kubeconfig, context=context, api=api)
 
 
 @app.command()
 def render(
     config: Annotated[Path, typer.Argument(help="YAML run file.")],
     set_: SetOption = None,
-    api: ApiOption = "pytorchjob",
-    runtime: RuntimeOption = "torch-distributed",
+    api: ApiOption = None,
+    runtime: RuntimeOption = None,
     run_id: RunIdOption = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the YAML here instead of printing it.")] = None,
 ) -> None:
@@ -558,8 +567,8 @@ def _print_state(state) -> None:
 def submit(
     config: Annotated[Path, typer.Argument(help="YAML run file.")],
     set_: SetOption = None,
-    api: ApiOption = "pytorchjob",
-    runtime: RuntimeOption = "torch-distributed",
+    api: ApiOption = None,
+    runtime: RuntimeOption = None,
     run_id: RunIdOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the objects; create nothing.")] = False,
     server_dry_run: Annotated[
@@ -567,7 +576,7 @@ def submit(
     ] = False,
     replace: Annotated[bool, typer.Option("--replace", help="Delete a job of the same name that is still running, then submit.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Report status changes until the job succeeds or fails.")] = False,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the master's log, then wait for the outcome.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the lead pod's log (master, or node 0), then wait for the outcome.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait/--follow: give up after this many seconds.")] = None,
     local: Annotated[
         bool, typer.Option("--local", help="Run the job's pods here as local torchrun processes, with the operator's environment.")
@@ -576,11 +585,8 @@ def submit(
     context: ContextOption = None,
 ) -> None:
     """Create the job on the cluster (or run it here with --local)."""
-    from audiorl.errors import ConfigError
     from audiorl.k8s.render import render_file
 
-    if follow and api == "trainjob":
-        raise ConfigError("--follow reads a PyTorchJob's master pod; for a TrainJob use --wait and kubectl logs")
     if dry_run:
         rendered = render_file(config, set_ or [], run_id=run_id, api=api, runtime=runtime)
         for note in rendered.warnings:
@@ -593,7 +599,7 @@ def submit(
                           create_run=not server_dry_run, log=_err)
     for note in rendered.warnings:
         _err(f"warning: {note}")
-    backend = _backend(local, rendered.namespace, kubeconfig, context, api, timeout)
+    backend = _backend(local, rendered.namespace, kubeconfig, context, rendered.api, timeout)
     try:
         backend.submit(rendered, replace=replace, server_dry_run=server_dry_run, log=typer.echo)
         if server_dry_run:
@@ -633,14 +639,14 @@ def status(
     wait: Annotated[bool, typer.Option("--wait", help="Report changes until the job succeeds or fails.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False,
-    api: ApiOption = "pytorchjob",
+    api: FindApiOption = None,
     kubeconfig: KubeconfigOption = None,
     context: ContextOption = None,
 ) -> None:
     """Where a job stands: its phase, conditions and replicas (failed ones named)."""
     from dataclasses import asdict
 
-    cluster = _cluster(namespace, kubeconfig, context, api)
+    cluster = _job_cluster(job, namespace, kubeconfig, context, api)
     if wait:
         _finish(cluster, job, timeout)
         return
@@ -660,39 +666,42 @@ def logs(
     job: Annotated[str, typer.Argument(help="Job name.")],
     namespace: NamespaceOption = "default",
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the container ends.")] = False,
+    api: FindApiOption = None,
     kubeconfig: KubeconfigOption = None,
     context: ContextOption = None,
 ) -> None:
-    """The master pod's log."""
-    for line in _cluster(namespace, kubeconfig, context).logs(job, follow=follow):
+    """The lead pod's log: a PyTorchJob's master, a TrainJob's node 0."""
+    for line in _job_cluster(job, namespace, kubeconfig, context, api).logs(job, follow=follow):
         typer.echo(line)
 
 
 @app.command("list")
 def list_jobs(
     namespace: NamespaceOption = "default",
-    api: ApiOption = "pytorchjob",
+    api: FindApiOption = None,
     kubeconfig: KubeconfigOption = None,
     context: ContextOption = None,
 ) -> None:
-    """The AudioRL jobs in a namespace and their phases."""
-    states = _cluster(namespace, kubeconfig, context, api).list()
+    """The AudioRL jobs (PyTorchJobs and TrainJobs) in a namespace and their phases."""
+    from audiorl.k8s.client import list_jobs
+
+    states = list_jobs(namespace, kubeconfig=kubeconfig, context=context, api=api)
     if not states:
         typer.echo(f"no AudioRL jobs in namespace {namespace}")
     for state in states:
-        typer.echo(state.summary())
+        typer.echo(f"{state.summary()}  ({state.kind})")
 
 
 @app.command()
 def delete(
     job: Annotated[str, typer.Argument(help="Job name.")],
     namespace: NamespaceOption = "default",
-    api: ApiOption = "pytorchjob",
+    api: FindApiOption = None,
     kubeconfig: KubeconfigOption = None,
     context: ContextOption = None,
 ) -> None:
     """Delete a job, its pods and its ConfigMap."""
-    _cluster(namespace, kubeconfig, context, api).delete(job)
+    _job_cluster(job, namespace, kubeconfig, context, api).delete(job)
     typer.echo(f"deleted {job} in namespace {namespace}")
 
 

@@ -526,3 +526,81 @@ class SimulatedOperator:
                      replicas, completionTime=_now())
         except BaseException as exc:  # surfaced by join()
             self.error = exc
+
+
+TRAINJOBS = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+
+
+class SimulatedTrainer(SimulatedOperator):
+    """Plays Kubeflow Trainer v2 (and Kueue, and JobSet) for one TrainJob: while `spec.suspend`
+    is true it reports `Suspended` and then admits the job as Kueue would (suspend -> false,
+    `Suspended` false with reason `Resumed`); it makes one pod per node with the labels JobSet
+    puts on them, owned by the TrainJob, counts the `node` child Job under `jobsStatus`, and ends
+    with `Complete` or `Failed`."""
+
+    def _condition(self, conditions: list[dict[str, Any]], kind: str, reason: str, message: str) -> list[dict[str, Any]]:
+        # conditions are a map keyed by type: a new one replaces the old
+        out = [c for c in conditions if c["type"] != kind]
+        status = "False" if reason == "Resumed" else "True"
+        out.append({"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": _now()})
+        return out
+
+    def _run(self) -> None:
+        try:
+            store = self.api.store
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    job = store.get(TRAINJOBS, self.namespace, self.name)
+                    break
+                except ApiError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no TrainJob {self.name} appeared") from None
+                    time.sleep(0.05)
+            conditions: list[dict[str, Any]] = []
+
+            def post(kind: str | None, reason: str = "", message: str = "", active: int = 0, succeeded: int = 0, failed: int = 0) -> None:
+                nonlocal conditions
+                if kind:
+                    conditions = self._condition(conditions, kind, reason, message)
+                status = {"conditions": conditions,
+                          "jobsStatus": [{"name": "node", "active": active, "ready": active, "succeeded": succeeded, "failed": failed,
+                                          "suspended": 0}]}
+                store.update(TRAINJOBS, self.namespace, self.name, {"status": status}, subresource="status", dry_run=False)
+                time.sleep(self.step_s)
+
+            if job["spec"].get("suspend"):
+                post("Suspended", "Suspended", "TrainJob is suspended")
+                store.patch(TRAINJOBS, self.namespace, self.name, {"spec": {"suspend": False}}, subresource=None, dry_run=False)
+                post("Suspended", "Resumed", "TrainJob is resumed")
+            nodes = int(job["spec"]["trainer"].get("numNodes", 1))
+            patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+            template = patch["template"]["spec"]["template"]
+            for i in range(nodes):
+                pod = {
+                    "metadata": {
+                        "name": f"{self.name}-node-0-{i}-{uuid.uuid4().hex[:5]}",
+                        "labels": {
+                            **(template.get("metadata", {}).get("labels") or {}),
+                            "jobset.sigs.k8s.io/jobset-name": self.name,
+                            "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                            "jobset.sigs.k8s.io/job-index": "0",
+                            "batch.kubernetes.io/job-completion-index": str(i),
+                        },
+                        "ownerReferences": [{"apiVersion": job["apiVersion"], "kind": "TrainJob", "name": self.name,
+                                             "uid": job["metadata"]["uid"], "controller": True}],
+                    },
+                    "spec": template["spec"],
+                }
+                created = store.create(PODS, self.namespace, pod, dry_run=False)
+                if i == 0:
+                    store.logs[(self.namespace, created["metadata"]["name"])] = self.log
+            post(None, active=1)
+            if self.restart:
+                post(None, active=1)
+            if self.outcome == "Succeeded":
+                post("Complete", "AllJobsCompleted", "jobset completed successfully", succeeded=1)
+            else:
+                post("Failed", "FailedJobs", "jobset failed due to one or more job failures", failed=1)
+        except BaseException as exc:  # surfaced by join()
+            self.error = exc

@@ -1,5 +1,6 @@
-"""The local backend runs a rendered PyTorchJob here: its pods as local torchrun processes with the
-environment the Training Operator would inject, training for real."""
+"""The local backend runs a rendered PyTorchJob or TrainJob here: its pods as local torchrun
+processes with the environment the Training Operator (or Trainer v2's torch runtime) would inject,
+training for real."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 import audiorl
@@ -36,14 +38,19 @@ def _submit_local(config, *extra, timeout=600):
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_a_two_node_job_trains_here_as_two_torchrun_processes(tmp_path, tiny_whisper, speech_dir):
-    config = _job_config(tmp_path, tiny_whisper, speech_dir, nodes=2,
+# the pods each kind's controller makes, by the names it gives them
+_PODS = {"pytorchjob": ("local-ddp-master-0", "local-ddp-worker-0"), "trainjob": ("local-ddp-node-0-0", "local-ddp-node-0-1")}
+
+
+@pytest.mark.parametrize("api", sorted(_PODS))
+def test_a_two_node_job_trains_here_as_two_torchrun_processes(tmp_path, tiny_whisper, speech_dir, api):
+    config = _job_config(tmp_path, tiny_whisper, speech_dir, nodes=2, api=api,
                          secret_env=[{"name": "HF_TOKEN", "secret": "hub", "key": "token"},
                                      {"name": "AWS_SECRET_ACCESS_KEY", "secret": "s3", "key": "key", "optional": True}])
     result = _submit_local(config)
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
-    assert "2 pod(s)" in out and "[local-ddp-master-0]" in out and "[local-ddp-worker-0]" in out
+    assert "2 pod(s)" in out and all(f"[{pod}]" in out for pod in _PODS[api])
     # a Secret reference missing here is reported by name, one present is used, and no value is printed
     assert "AWS_SECRET_ACCESS_KEY (Secret s3/key) is not set here" in out
     assert "HF_TOKEN (Secret" not in out and "local-only-value" not in out

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -16,10 +18,11 @@ from hypothesis import strategies as st
 
 from audiorl.config import load_config, validate_config
 from audiorl.errors import ConfigError
-from audiorl.k8s.local import expand, operator_env
-from audiorl.k8s.render import ENTRYPOINT, LABEL_CONFIG_HASH, LABEL_RUN_ID, default_job_name, render, render_file
+from audiorl.k8s.local import expand, operator_env, pod_commands, trainer_env
+from audiorl.k8s.render import ENTRYPOINT, LABEL_CONFIG_HASH, LABEL_RUN_ID, RUN_AS, WORKDIR, default_job_name, render, render_file
 
 K8S_VERSION = "1.32.0"
+REPO = Path(__file__).resolve().parents[1]
 
 BASE = {"model": {"name_or_path": "/models/whisper-small"}, "data": {"train": "/data/pairs.jsonl"}}
 VOLUMES = [
@@ -120,6 +123,17 @@ def test_the_kubeflow_check_catches_a_misspelled_key():
     bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
     with pytest.raises(kubernetes_validate.ValidationError):
         _validate_pod_templates(bad)
+    # the same for a TrainJob, through the kubeflow-trainer-api models: a key Trainer v2.3 does
+    # not have (numProcPerNode is spelt so), and a pod field a runtime patch may not set
+    _, v2 = _render(api="trainjob")
+    job = copy.deepcopy(v2.job)
+    job["spec"]["trainer"]["numProcsPerNode"] = 2
+    (patch,) = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    patch["template"]["spec"]["template"]["spec"]["priorityClassName"] = "high"
+    assert _dropped_keys(job, _through_trainer_models(job)) == [
+        ".spec.trainer.numProcsPerNode",
+        ".spec.runtimePatches[0].trainingRuntimeSpec.template.spec.replicatedJobs[0].template.spec.template.spec.priorityClassName",
+    ]
 
 
 def test_replicas_rendezvous_and_gang_scheduling():
@@ -250,20 +264,166 @@ def test_the_configmap_holds_the_same_config(tmp_path):
     assert list(yaml.safe_load_all(text)) == rendered.objects
 
 
-def test_trainjob_for_kubeflow_trainer_v2():
-    _, rendered = _render(VARIANTS["volumes-and-secrets"], api="trainjob")
+# --- Kubeflow Trainer v2.3: TrainJob ------------------------------------------------------------
+
+RUNTIME = yaml.safe_load((REPO / "k8s" / "trainer" / "runtime.yaml").read_text())
+# a runtime with nothing but the trainer container (the kind a cluster may already have): the
+# patch alone must give the pod everything AudioRL needs
+BARE_RUNTIME = {"spec": {"template": {"spec": {"replicatedJobs": [{"name": "node", "template": {"spec": {"template": {"spec": {
+    "containers": [{"name": "node", "image": "pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime"}]}}}}}]}}}}
+# what a TrainJob refuses, and the variant key that sets it
+V1_ONLY = {"elastic": "job.elastic", "volcano": "job.volcano"}
+
+
+def _trainjob_variant(variant):
+    extra = copy.deepcopy(VARIANTS[variant])
+    extra.get("job", {}).pop("priority_class", None)  # a runtime patch cannot set it (refused below)
+    return extra
+
+
+def _through_trainer_models(obj, model="TrainerV1alpha1TrainJob"):
+    """The object as the kubeflow-trainer-api models read it back (they drop keys they don't know)."""
+    from kubeflow_trainer_api import models
+
+    return getattr(models, model).from_dict(obj).to_dict()
+
+
+def _merge_by(base, patch, key):
+    """Strategic merge of two lists of objects keyed by `key` (containers, volumes, env)."""
+    out = [copy.deepcopy(item) for item in base]
+    for item in patch:
+        same = next((o for o in out if o[key] == item[key]), None)
+        if same is None:
+            out.append(copy.deepcopy(item))
+        else:
+            same.update(_strategic(same, item))
+    return out
+
+
+_LIST_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name", "env": "name", "volumeMounts": "mountPath",
+              "imagePullSecrets": "name", "tolerations": "key"}
+
+
+def _strategic(base, patch):
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if key in _LIST_KEYS and isinstance(value, list):
+            out[key] = _merge_by(out.get(key, []), value, _LIST_KEYS[key])
+        elif isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("resources",):
+            out[key] = _strategic(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _node_pod(job, runtime):
+    """The `node` pod template the Trainer controller builds: the runtime's, with the runtime patch
+    merged in (strategic merge, as v2.3 does), the trainer's fields on the `node` container and the
+    torch plugin's PET_* variables."""
+    (base,) = [j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == "node"]
+    pod = copy.deepcopy(base["template"]["spec"]["template"])
+    (patch,) = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert patch["name"] == "node"
+    pod = _strategic(pod, patch["template"]["spec"]["template"])
+    trainer = job["spec"]["trainer"]
+    (node,) = [c for c in pod["spec"]["containers"] if c["name"] == "node"]
+    node.update({k: trainer[k] for k in ("image", "command", "args") if k in trainer})
+    if "resourcesPerNode" in trainer:
+        node["resources"] = trainer["resourcesPerNode"]
+    pet = [{"name": "PET_NNODES", "value": str(trainer["numNodes"])}, {"name": "PET_NPROC_PER_NODE", "value": str(trainer["numProcPerNode"])},
+           {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+           {"name": "PET_MASTER_ADDR", "value": "whisper-dpo-node-0-0.whisper-dpo"}, {"name": "PET_MASTER_PORT", "value": "29500"}]
+    node["env"] = _merge_by(_merge_by(node.get("env", []), trainer.get("env", []), "name"), pet, "name")
+    node.setdefault("ports", []).append({"containerPort": 29500})
+    return pod
+
+
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - set(V1_ONLY)))
+def test_every_trainjob_variant_validates_strictly(variant):
+    _, rendered = _render(_trainjob_variant(variant), api="trainjob")
     job = rendered.job
     assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    assert _dropped_keys(job, _through_trainer_models(job)) == []
+    patch = job["spec"]["runtimePatches"]
+    assert [p["manager"] for p in patch] == ["audiorl.dev/render"]
+    for runtime in (RUNTIME, BARE_RUNTIME):
+        pod = _node_pod(job, runtime)
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "node"}, "template": pod},
+                                     K8S_VERSION, strict=True)
+        # the patch alone carries what AudioRL needs, whatever the runtime holds
+        (node,) = pod["spec"]["containers"]
+        assert {"/etc/audiorl", "/dev/shm"} <= {m["mountPath"] for m in node["volumeMounts"]}
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True and node["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert pod["metadata"]["labels"]["audiorl.dev/run-id"] == "run42"
     trainer = job["spec"]["trainer"]
-    assert trainer["numNodes"] == 1 and trainer["command"] == ENTRYPOINT
-    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
-    pod = patch["template"]["spec"]["template"]["spec"]
-    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "node"},
-                                  "template": {"spec": {**pod, "containers": [{**pod["containers"][0], "image": trainer["image"]}]}}},
-                                 K8S_VERSION, strict=True)
+    assert trainer["command"] == ENTRYPOINT and trainer["args"] == ["train", "$(AUDIORL_CONFIG)"]
     assert all("value" not in e for e in trainer["env"] if e["name"] in {s["name"] for s in SECRETS})
-    with pytest.raises(ConfigError, match="no elastic"):
-        _render(VARIANTS["elastic"], api="trainjob")
+
+
+def test_the_trainjob_carries_nodes_processes_resources_queue_and_runtime():
+    _, multi = _render(VARIANTS["multi-node"], api="trainjob")
+    trainer = multi.job["spec"]["trainer"]
+    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8" == trainer["resourcesPerNode"]["requests"]["nvidia.com/gpu"]
+    assert multi.job["spec"]["runtimeRef"] == {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime"}
+    assert "suspend" not in multi.job["spec"]
+    # job.api and job.runtime in the config choose the same thing as the flags
+    _, chosen = _render({"job": {"api": "trainjob", "runtime": "audiorl-torch", "runtime_kind": "TrainingRuntime"}})
+    assert chosen.job["kind"] == "TrainJob" and chosen.api == "trainjob"
+    assert chosen.job["spec"]["runtimeRef"]["name"] == "audiorl-torch" and chosen.job["spec"]["runtimeRef"]["kind"] == "TrainingRuntime"
+    _, flag = _render({"job": {"api": "trainjob"}}, api="pytorchjob")
+    assert flag.job["kind"] == "PyTorchJob"
+    # Kueue holds the TrainJob suspended until it admits it
+    _, queued = _render(_trainjob_variant("kueue"), api="trainjob")
+    assert queued.job["spec"]["suspend"] is True and queued.job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-speech"
+    with pytest.raises(ConfigError, match="job.runtime"):
+        _render({"job": {"runtime": "Not A Name"}}, api="trainjob")
+
+
+@pytest.mark.parametrize("extra, key", [
+    (VARIANTS["elastic"], "job.elastic"),
+    (VARIANTS["volcano"], "job.volcano"),
+    ({"job": {"priority_class": "high"}}, "job.priority_class"),
+    ({"job": {"restart_policy": "Never"}}, "job.restart_policy"),
+    ({"job": {"clean_pod_policy": "All"}}, "job.clean_pod_policy"),
+    ({"job": {"backoff_limit": 0}}, "job.backoff_limit"),
+    ({"job": {"ttl_seconds_after_finished": 60}}, "job.ttl_seconds_after_finished"),
+])
+def test_a_trainjob_refuses_what_only_a_pytorchjob_can_carry(extra, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        _render(extra, api="trainjob")
+    _render(extra)  # the PyTorchJob takes it
+
+
+def test_a_written_out_config_renders_a_trainjob_with_a_warning(tmp_path):
+    # `audiorl config show` writes every key, v1 defaults included: those are harmless, and said
+    cfg = validate_config(BASE)
+    path = tmp_path / "full.yaml"
+    path.write_text(cfg.to_yaml())
+    rendered = render_file(path, api="trainjob", run_id="r1")
+    assert rendered.job["kind"] == "TrainJob"
+    assert any("job.backoff_limit has no effect on a TrainJob" in w for w in rendered.warnings)
+
+
+def test_the_shipped_runtime_validates_and_runs_what_render_renders():
+    out = subprocess.run(["kubectl", "kustomize", str(REPO / "k8s" / "trainer")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (runtime,) = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    assert runtime["kind"] == "ClusterTrainingRuntime" and "namespace" not in runtime["metadata"]  # cluster-wide
+    assert _dropped_keys(runtime, _through_trainer_models(runtime, "TrainerV1alpha1ClusterTrainingRuntime")) == []
+    (node_job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert node_job["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    template = node_job["template"]["spec"]["template"]
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "node"}, "template": template},
+                                 K8S_VERSION, strict=True)
+    (node,) = template["spec"]["containers"]
+    cfg = validate_config(BASE)
+    assert node["name"] == "node" and node["command"] == ENTRYPOINT and node["image"] == cfg.job.image
+    assert node["workingDir"] == WORKDIR and template["spec"]["securityContext"]["runAsUser"] == RUN_AS
+    assert template["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert node["securityContext"]["capabilities"]["drop"] == ["ALL"] and node["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {e["name"]: e["value"] for e in node["env"]}["OMP_NUM_THREADS"] == "1"
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in template["spec"]["volumes"])
 
 
 def test_operator_environment_and_expansion():
@@ -279,6 +439,21 @@ def test_operator_environment_and_expansion():
     assert env["PET_NNODES"] == "1:4" and env["PET_RDZV_BACKEND"] == "c10d" and env["PET_RDZV_ENDPOINT"] == "w0:29400"
     assert env["PET_NODE_RANK"] == "0" and env["PET_MAX_RESTARTS"] == "5"
     assert expand("$(A)/x/$(B)/$$(A)", {"A": "1"}) == "1/x/$(B)/$(A)"
+
+
+def test_the_trainer_runtime_environment_for_local_runs():
+    # Trainer v2's torch runtime sets torchrun's PET_* only: the node rank is the pod's Job
+    # completion index, and RANK/WORLD_SIZE are left to torchrun (unlike the v1 operator)
+    _, rendered = _render(VARIANTS["multi-node"], api="trainjob")
+    node2 = trainer_env(rendered.job, 2, master_addr="m", master_port=29500)
+    assert node2["PET_NODE_RANK"] == node2["JOB_COMPLETION_INDEX"] == "2"
+    assert node2["PET_NNODES"] == "4" and node2["PET_NPROC_PER_NODE"] == "8" and node2["PET_MASTER_ADDR"] == "m"
+    assert "RANK" not in node2 and "WORLD_SIZE" not in node2
+    pods, _ = pod_commands(rendered, Path("/tmp/config.yaml"), master_port=29500, base_env={})
+    assert [name for name, _, _ in pods] == [f"whisper-dpo-node-0-{i}" for i in range(4)]
+    argv, env = pods[3][1], pods[3][2]
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"] and argv[-2:] == ["train", "/tmp/config.yaml"]
+    assert env["PET_NODE_RANK"] == "3" and env["AUDIORL_RUN_ID"] == "run42"
 
 
 settings_ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -386,3 +561,27 @@ def test_job_state_reads_the_operators_conditions():
     assert job_state(obj(("Succeeded", "True"), ("Running", "True"))).phase == "Succeeded"
     # Kubeflow Trainer v2 says Complete
     assert job_state(obj(("Complete", "True"))).phase == "Succeeded"
+
+
+def test_job_state_reads_a_trainjobs_conditions_and_child_jobs():
+    from audiorl.k8s.status import job_state
+
+    def trainjob(*conditions, active=0, succeeded=0, failed=0):
+        status = {"conditions": [{"type": t, "status": s, "reason": r, "message": f"{t} {r}", "lastTransitionTime": "2026-12-03T10:00:00Z"}
+                                 for t, s, r in conditions]}
+        if active or succeeded or failed:
+            status["jobsStatus"] = [{"name": "node", "active": active, "ready": active, "succeeded": succeeded, "failed": failed,
+                                     "suspended": 0}]
+        return {"kind": "TrainJob", "metadata": {"name": "t"}, "status": status}
+
+    assert job_state({"kind": "TrainJob", "metadata": {"name": "t"}}).phase == "Pending"
+    held = job_state(trainjob(("Suspended", "True", "Suspended")))
+    assert held.phase == "Suspended" and not held.finished and held.kind == "TrainJob"
+    # admitted: Suspended turns false (Resumed); Running once the node Job is active
+    assert job_state(trainjob(("Suspended", "False", "Resumed"))).phase == "Created"
+    running = job_state(trainjob(("Suspended", "False", "Resumed"), active=1))
+    assert running.phase == "Running" and running.replicas == {"node": {"active": 1, "succeeded": 0, "failed": 0}}
+    done = job_state(trainjob(("Complete", "True", "AllJobsCompleted"), succeeded=1))
+    assert done.phase == "Succeeded" and done.finished and done.completion_time == "2026-12-03T10:00:00Z"
+    failed = job_state(trainjob(("Failed", "True", "DeadlineExceeded"), failed=1))
+    assert failed.phase == "Failed" and failed.reason == "DeadlineExceeded" and failed.failed_replicas == {"node": 1}

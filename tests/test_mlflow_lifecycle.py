@@ -290,3 +290,33 @@ def test_a_resumed_run_sends_what_its_earlier_attempt_kept_and_a_new_run_will_no
     history = MlflowClient(uri).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(7, 1.5), (8, 1.0)]
     assert len(Outbox(out)) == 0 and not (out / "mlflow-unsent.jsonl").exists()
+
+
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_submit_precreates_the_run_and_passes_it_to_every_pod_of_either_kind(tmp_path, server, api):
+    """`audiorl submit` makes the MLflow run before the job exists and hands it to the pods, the
+    same for a PyTorchJob as for a TrainJob; the job's run-id label is the run's id."""
+    from audiorl.k8s.client import Cluster
+    from audiorl.k8s.submission import prepare
+    from tests.k8s_emulator import Emulator
+
+    config = write_config(tmp_path / "cluster-run.yaml", {
+        "model": {"name_or_path": "/models/whisper-small"}, "data": {"train": "/data/pairs.jsonl"},
+        "tracking": {"tracking_uri": server.url, "experiment_name": f"submit-{api}"},
+        "job": {"api": api, "nodes": 2, "namespace": "speech"},
+    })
+    rendered, run_id = prepare(config, log=lambda m: None)
+    assert run_id and rendered.job["metadata"]["labels"]["audiorl.dev/run-id"] == run_id
+    with Emulator(tmp_path, namespace="speech") as k8s:
+        Cluster("speech", kubeconfig=str(k8s.kubeconfig), kind=rendered.job["kind"]).submit(rendered, log=lambda m: None)
+        (stored,) = k8s.objects(f"{api}s").values()
+    if api == "trainjob":
+        containers = [stored["spec"]["trainer"]]  # one trainer container, on every node
+    else:
+        containers = [spec["template"]["spec"]["containers"][0] for spec in stored["spec"]["pytorchReplicaSpecs"].values()]
+    for container in containers:
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["MLFLOW_RUN_ID"] == run_id and env["MLFLOW_TRACKING_URI"] == server.url
+        assert env["MLFLOW_EXPERIMENT_NAME"] == f"submit-{api}"
+    run = MlflowClient(server.url).get_run(run_id)
+    assert run.data.tags["audiorl.job_name"] == "cluster-run" and run.info.status == "RUNNING"

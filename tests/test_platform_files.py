@@ -111,9 +111,13 @@ def test_the_mlflow_stack_runs_locked_down_with_secrets_by_reference(bases):
 def test_the_submitter_role_is_least_privilege(bases):
     (role,) = [o for o in bases if o["kind"] == "Role"]
     granted = {(group, res): set(rule["verbs"]) for rule in role["rules"] for group in rule["apiGroups"] for res in rule["resources"]}
-    assert set(granted) == {("kubeflow.org", "pytorchjobs"), ("kubeflow.org", "pytorchjobs/status"), ("", "configmaps"), ("", "pods"),
-                            ("", "pods/log")}
+    assert set(granted) == {("kubeflow.org", "pytorchjobs"), ("kubeflow.org", "pytorchjobs/status"), ("trainer.kubeflow.org", "trainjobs"),
+                            ("trainer.kubeflow.org", "trainjobs/status"), ("", "configmaps"), ("", "pods"), ("", "pods/log")}
     assert all("*" not in verbs for verbs in granted.values())
+    # both kinds of job get exactly what submit, status, logs, list, delete and kubectl apply use
+    assert granted[("kubeflow.org", "pytorchjobs")] == granted[("trainer.kubeflow.org", "trainjobs")] == {
+        "create", "get", "list", "watch", "patch", "delete"}
+    assert granted[("kubeflow.org", "pytorchjobs/status")] == granted[("trainer.kubeflow.org", "trainjobs/status")] == {"get"}
     assert granted[("", "pods")] == {"get", "list", "watch"} and granted[("", "pods/log")] == {"get"}
     (binding,) = [o for o in bases if o["kind"] == "RoleBinding"]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
@@ -134,3 +138,21 @@ def test_the_example_job_is_current_and_uses_what_the_bases_provide(bases):
         assert {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v} <= claims
         assert pod["serviceAccountName"] in accounts
     assert rendered.namespace == next(o for o in bases if o["kind"] == "Namespace")["metadata"]["name"]
+
+
+def test_the_example_trainjob_is_current_and_runs_on_the_shipped_runtime(bases):
+    example = REPO / "k8s" / "examples" / "whisper-small-mpo-trainjob.yaml"
+    rendered = render_file(REPO / "examples" / "cluster-whisper-dpo.yaml", run_id="example", api="trainjob", runtime="audiorl-torch")
+    regenerate = ("regenerate: audiorl render examples/cluster-whisper-dpo.yaml --run-id example --api trainjob --runtime audiorl-torch -o "
+                  + str(example.relative_to(REPO)))
+    assert example.read_text() == rendered.to_yaml(), regenerate
+    assert rendered.warnings == []
+    runtime = yaml.safe_load((REPO / "k8s" / "trainer" / "runtime.yaml").read_text())
+    assert rendered.job["spec"]["runtimeRef"] == {"name": runtime["metadata"]["name"], "apiGroup": "trainer.kubeflow.org",
+                                                  "kind": runtime["kind"]}
+    (patch,) = rendered.job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = patch["template"]["spec"]["template"]["spec"]
+    claims = {o["metadata"]["name"] for o in bases if o["kind"] == "PersistentVolumeClaim"}
+    accounts = {o["metadata"]["name"] for o in bases if o["kind"] == "ServiceAccount"}
+    assert {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v} <= claims
+    assert pod["serviceAccountName"] in accounts

@@ -7,24 +7,42 @@ The client is imported when a `Cluster` is made, never at module import: `audior
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from audiorl.errors import ClusterError
-from audiorl.k8s.render import CONTAINER_NAME, LABEL_MANAGED, Rendered
+from audiorl.k8s.render import APIS, CONTAINER_NAME, LABEL_MANAGED, TRAINJOB_CONTAINER_NAME, TRAINJOB_NODE_JOB, Rendered
 from audiorl.k8s.status import JobState, job_state
 
-# kind -> (group, version, plural)
+
+@dataclass(frozen=True)
+class Workload:
+    """A job kind as the cluster serves it, and how to find the pod whose log tells its story."""
+
+    group: str
+    version: str
+    plural: str
+    container: str
+    #: what the lead pod is called, and label selectors for it, tried in turn (`{name}` is the job's name)
+    lead: str
+    lead_selectors: tuple[str, ...]
+
+
 WORKLOADS = {
-    "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
-    "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+    # the Training Operator labels each pod with its job, replica type and index
+    "PyTorchJob": Workload("kubeflow.org", "v1", "pytorchjobs", CONTAINER_NAME, "master", tuple(
+        f"training.kubeflow.org/job-name={{name}},training.kubeflow.org/replica-type={kind},training.kubeflow.org/replica-index=0"
+        for kind in ("master", "worker"))),
+    # Trainer v2 runs a JobSet named after the TrainJob; node 0 is completion index 0 of its `node` job
+    "TrainJob": Workload("trainer.kubeflow.org", "v1alpha1", "trainjobs", TRAINJOB_CONTAINER_NAME, "node-0", (
+        f"jobset.sigs.k8s.io/jobset-name={{name}},jobset.sigs.k8s.io/replicatedjob-name={TRAINJOB_NODE_JOB},"
+        "batch.kubernetes.io/job-completion-index=0",)),
 }
-_OPERATOR_JOB_LABEL = "training.kubeflow.org/job-name"
-_OPERATOR_TYPE_LABEL = "training.kubeflow.org/replica-type"
-_OPERATOR_INDEX_LABEL = "training.kubeflow.org/replica-index"
 
 
 def _api_client(kubeconfig: str | None, context: str | None):
@@ -61,8 +79,18 @@ class Cluster:
         self.api = _api_client(kubeconfig, context)
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        if kind not in WORKLOADS:
+            raise ClusterError(f"unknown job kind {kind!r}: use one of {sorted(WORKLOADS)}")
         self.kind = kind
-        self.group, self.version, self.plural = WORKLOADS[kind]
+        self.workload = WORKLOADS[kind]
+        self.group, self.version, self.plural = self.workload.group, self.workload.version, self.workload.plural
+
+    def for_kind(self, kind: str) -> Cluster:
+        """A client for another job kind on the same connection."""
+        other = copy.copy(self)
+        other.kind, other.workload = kind, WORKLOADS[kind]
+        other.group, other.version, other.plural = other.workload.group, other.workload.version, other.workload.plural
+        return other
 
     def close(self) -> None:
         """Nothing to stop: the jobs belong to the cluster."""
@@ -252,24 +280,25 @@ class Cluster:
                 state = seen(obj)
         return state
 
-    def master_pod(self, name: str) -> str | None:
-        """The pod whose logs tell the story: Master 0, or Worker 0 of an elastic job."""
-        for replica_type in ("master", "worker"):
-            selector = f"{_OPERATOR_JOB_LABEL}={name},{_OPERATOR_TYPE_LABEL}={replica_type},{_OPERATOR_INDEX_LABEL}=0"
-            pods = self._call(f"list pods of {name}", self.core.list_namespaced_pod, self.namespace, label_selector=selector)
+    def lead_pod(self, name: str) -> str | None:
+        """The pod whose logs tell the story: Master 0 (Worker 0 of an elastic job) of a
+        PyTorchJob, node 0 of a TrainJob."""
+        for selector in self.workload.lead_selectors:
+            pods = self._call(f"list pods of {name}", self.core.list_namespaced_pod, self.namespace,
+                              label_selector=selector.format(name=name))
             if pods.items:
                 return pods.items[0].metadata.name
         return None
 
     def logs(self, name: str, *, follow: bool = False, wait_s: float = 300) -> Iterator[str]:
-        """The master's log lines; with follow, until the container ends."""
+        """The lead pod's log lines; with follow, until the container ends."""
         deadline = time.monotonic() + wait_s
-        pod = self.master_pod(name)
+        pod = self.lead_pod(name)
         while pod is None:
             if not follow or time.monotonic() > deadline:
-                raise ClusterError(f"{self.kind} {name!r} has no master pod yet (audiorl status {name} says why)")
+                raise ClusterError(f"{self.kind} {name!r} has no {self.workload.lead} pod yet (audiorl status {name} says why)")
             time.sleep(1)
-            pod = self.master_pod(name)
+            pod = self.lead_pod(name)
         while True:
             try:
                 response = self._call(
@@ -277,7 +306,7 @@ class Cluster:
                     self.core.read_namespaced_pod_log,
                     pod,
                     self.namespace,
-                    container=CONTAINER_NAME,
+                    container=self.workload.container,
                     follow=follow,
                     _preload_content=False,
                 )
@@ -295,6 +324,49 @@ class Cluster:
                 yield line.decode("utf-8", "replace")
         if buffer:
             yield buffer.decode("utf-8", "replace")
+
+
+def kind_of(api: str) -> str:
+    """`pytorchjob` / `trainjob` -> the kind the cluster serves."""
+    if api not in APIS:
+        raise ClusterError(f"api {api!r}: use one of {sorted(APIS)}")
+    return APIS[api]
+
+
+def clusters(namespace: str, *, kubeconfig: str | None = None, context: str | None = None, api: str | None = None) -> list[Cluster]:
+    """One client per job kind asked for: the one `api` names, or both (PyTorchJob first)."""
+    kinds = [kind_of(api)] if api else list(WORKLOADS)
+    first = Cluster(namespace, kubeconfig=kubeconfig, context=context, kind=kinds[0])
+    return [first] + [first.for_kind(kind) for kind in kinds[1:]]
+
+
+def find_job(namespace: str, name: str, *, kubeconfig: str | None = None, context: str | None = None,
+             api: str | None = None) -> Cluster:
+    """The client for the kind that holds job `name` (with `api`, that kind, job or not)."""
+    found = clusters(namespace, kubeconfig=kubeconfig, context=context, api=api)
+    if api:
+        return found[0]
+    for cluster in found:
+        if cluster.get(name) is not None:
+            return cluster
+    raise ClusterError(f"no PyTorchJob or TrainJob {name!r} in namespace {namespace!r} (audiorl list shows the jobs there)")
+
+
+def list_jobs(namespace: str, *, kubeconfig: str | None = None, context: str | None = None, api: str | None = None) -> list[JobState]:
+    """The AudioRL jobs of the kinds asked for; without `api`, a kind whose CRD the cluster does
+    not serve is left out (a cluster with only one of the two operators)."""
+    states: list[JobState] = []
+    served = 0
+    for cluster in clusters(namespace, kubeconfig=kubeconfig, context=context, api=api):
+        try:
+            states += cluster.list()
+            served += 1
+        except _NotFound:
+            if api:
+                raise
+    if not served:
+        raise ClusterError(f"the cluster serves neither PyTorchJobs nor TrainJobs in namespace {namespace!r} (is a Kubeflow operator installed?)")
+    return states
 
 
 class _NotFound(ClusterError):

@@ -1,6 +1,7 @@
-"""Run a rendered PyTorchJob on this machine: one local `torchrun` per pod (Master, then
-Workers), each with the environment its container declares plus what the Training Operator
-would inject, and the run config from the ConfigMap. A way to try a job before a cluster sees it.
+"""Run a rendered PyTorchJob or TrainJob on this machine: one local `torchrun` per pod (a
+PyTorchJob's Master, then Workers; a TrainJob's nodes 0..n-1), each with the environment its
+container declares plus what the Training Operator (v1) or Trainer v2's torch runtime would
+inject, and the run config from the ConfigMap. A way to try a job before a cluster sees it.
 
 What differs from a cluster, and is said when it runs: no image (this Python environment runs
 the command), the working directory is the current one instead of the pod's, Secret references
@@ -63,6 +64,54 @@ def operator_env(job: dict[str, Any], replica_type: str, index: int, *, master_a
     return env
 
 
+def trainer_env(job: dict[str, Any], index: int, *, master_addr: str, master_port: int) -> dict[str, str]:
+    """The variables Kubeflow Trainer v2's torch runtime sets in node `index` of a TrainJob: only
+    torchrun's `PET_*` (no RANK or WORLD_SIZE, which torchrun sets per process). On a cluster
+    `PET_NODE_RANK` is the pod's Job completion index, the master is node 0's pod
+    (`NAME-node-0-0.NAME`) on port 29500, and these win over the trainer's own `env`."""
+    trainer = job["spec"].get("trainer") or {}
+    env = {
+        "PET_NNODES": str(trainer.get("numNodes", 1)),
+        "PET_NPROC_PER_NODE": str(trainer.get("numProcPerNode", "auto")),
+        "PET_NODE_RANK": str(index),
+        "PET_MASTER_ADDR": master_addr,
+        "PET_MASTER_PORT": str(master_port),
+        "JOB_COMPLETION_INDEX": str(index),
+    }
+    return env
+
+
+def _pods(job: dict[str, Any]) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(replica type, index, container) for every pod of a PyTorchJob or TrainJob; a TrainJob's
+    container is its trainer (image, command, args, env)."""
+    if job.get("kind") == "PyTorchJob":
+        replicas = job["spec"]["pytorchReplicaSpecs"]
+        for replica_type in ("Master", "Worker"):
+            if replica_type in replicas:
+                container = replicas[replica_type]["template"]["spec"]["containers"][0]
+                for index in range(int(replicas[replica_type].get("replicas", 1))):
+                    yield replica_type, index, container
+    elif job.get("kind") == "TrainJob":
+        trainer = job["spec"].get("trainer") or {}
+        if not trainer.get("command"):
+            raise ClusterError("the TrainJob has no trainer command: the local backend runs the trainer AudioRL renders")
+        for index in range(int(trainer.get("numNodes", 1))):
+            yield "Node", index, trainer
+    else:
+        raise ClusterError(f"the local backend runs PyTorchJobs and TrainJobs, not {job.get('kind')!r}")
+
+
+def _injected_env(job: dict[str, Any], replica_type: str, index: int, *, master_port: int) -> dict[str, str]:
+    if job["kind"] == "TrainJob":
+        return trainer_env(job, index, master_addr="127.0.0.1", master_port=master_port)
+    return operator_env(job, replica_type, index, master_addr="127.0.0.1", master_port=master_port)
+
+
+def _processes_per_pod(job: dict[str, Any]) -> int:
+    nproc = job["spec"].get("nprocPerNode") if job["kind"] == "PyTorchJob" else (job["spec"].get("trainer") or {}).get("numProcPerNode")
+    return int(nproc) if str(nproc).isdigit() else 1
+
+
 _REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
@@ -83,38 +132,33 @@ def pod_commands(
 ) -> tuple[list[tuple[str, list[str], dict[str, str]]], list[str]]:
     """(pod name, argv, env) for every pod of the job, and notes on what differs from a cluster."""
     job = rendered.job
-    if job.get("kind") != "PyTorchJob":
-        raise ClusterError("the local backend runs PyTorchJobs; render without --api trainjob")
+    pods_of_job = list(_pods(job))
     base = dict(os.environ if base_env is None else base_env)
     notes: list[str] = []
     pods = []
-    replicas = job["spec"]["pytorchReplicaSpecs"]
-    total_procs = sum(int(r.get("replicas", 1)) for r in replicas.values()) * int(job["spec"].get("nprocPerNode") or 1)
+    total_procs = len(pods_of_job) * _processes_per_pod(job)
     threads = max(1, (os.cpu_count() or 1) // total_procs)
-    for replica_type in ("Master", "Worker"):
-        if replica_type not in replicas:
-            continue
-        spec = replicas[replica_type]
-        container = spec["template"]["spec"]["containers"][0]
-        for index in range(int(spec.get("replicas", 1))):
-            env = dict(base)
-            for item in container.get("env", []):
-                if "value" in item:
-                    env[item["name"]] = expand(item["value"], env)
-                    continue
-                ref = item.get("valueFrom", {}).get("secretKeyRef")
-                if ref and item["name"] not in base:
-                    note = f"{item['name']} (Secret {ref['name']}/{ref['key']}) is not set here; the pods run without it"
-                    if note not in notes:
-                        notes.append(note)
-            env["AUDIORL_CONFIG"] = str(config_path)
-            if int(env.get("OMP_NUM_THREADS", "1")) > threads:
-                env["OMP_NUM_THREADS"] = str(threads)
-            env.update(operator_env(job, replica_type, index, master_addr="127.0.0.1", master_port=master_port))
-            argv = [expand(part, env) for part in container["command"] + container.get("args", [])]
-            if argv[0] == "torchrun":  # the same program, from this Python environment
-                argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-            pods.append((f"{rendered.name}-{replica_type.lower()}-{index}", argv, env))
+    for replica_type, index, container in pods_of_job:
+        env = dict(base)
+        for item in container.get("env", []):
+            if "value" in item:
+                env[item["name"]] = expand(item["value"], env)
+                continue
+            ref = item.get("valueFrom", {}).get("secretKeyRef")
+            if ref and item["name"] not in base:
+                note = f"{item['name']} (Secret {ref['name']}/{ref['key']}) is not set here; the pods run without it"
+                if note not in notes:
+                    notes.append(note)
+        env["AUDIORL_CONFIG"] = str(config_path)
+        if int(env.get("OMP_NUM_THREADS", "1")) > threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        env.update(_injected_env(job, replica_type, index, master_port=master_port))
+        argv = [expand(part, env) for part in container["command"] + container.get("args", [])]
+        if argv[0] == "torchrun":  # the same program, from this Python environment
+            argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+        # pod names as the operators make them: NAME-master-0, NAME-worker-0; NAME-node-0-0 (JobSet)
+        suffix = f"node-0-{index}" if replica_type == "Node" else f"{replica_type.lower()}-{index}"
+        pods.append((f"{rendered.name}-{suffix}", argv, env))
     notes.append(f"OMP_NUM_THREADS capped at {threads} for {total_procs} processes on {os.cpu_count()} cores")
     return pods, notes
 

@@ -1,9 +1,10 @@
 """A run config -> the Kubernetes objects that run it: a ConfigMap holding the config and a
-Kubeflow PyTorchJob (`kubeflow.org/v1`) whose pods run `torchrun` on it, or a Kubeflow Trainer v2
-TrainJob. Pure functions from config to plain dicts: no cluster, no torch, nothing written.
+Kubeflow PyTorchJob (`kubeflow.org/v1`) whose pods run `torchrun` on it, or a Kubeflow Trainer
+v2.3 TrainJob (`trainer.kubeflow.org/v1alpha1`). Pure functions from config to plain dicts: no
+cluster, no torch, nothing written.
 
-The Training Operator injects `PET_NNODES`, `PET_NODE_RANK`, `PET_MASTER_ADDR`,
-`PET_MASTER_PORT` and `PET_NPROC_PER_NODE` into every pod, and torchrun reads them, so the
+The Training Operator (and Trainer v2's torch runtime alike) injects `PET_NNODES`, `PET_NODE_RANK`,
+`PET_MASTER_ADDR`, `PET_MASTER_PORT` and `PET_NPROC_PER_NODE` into every pod, and torchrun reads them, so the
 container's command carries no rendezvous flags at all. The config is mounted from the ConfigMap
 and named by `$(AUDIORL_CONFIG)`, which Kubernetes expands from the container's environment.
 """
@@ -27,7 +28,13 @@ from audiorl.errors import ConfigError
 PYTORCHJOB_API = "kubeflow.org/v1"
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
 CONTAINER_NAME = "pytorch"  # the operator's default container name; it looks for this one
-TRAINJOB_CONTAINER_NAME = "node"  # the container of the torch-distributed runtime
+TRAINJOB_CONTAINER_NAME = "node"  # the trainer container of a torch runtime
+TRAINJOB_NODE_JOB = "node"  # the runtime's replicated job that runs the trainer
+RUNTIME_PATCH_MANAGER = "audiorl.dev/render"
+# the pod fields Trainer v2.3 lets a runtime patch set
+RUNTIME_PATCH_POD_FIELDS = ("affinity", "imagePullSecrets", "initContainers", "nodeSelector", "schedulingGates", "securityContext",
+                            "serviceAccountName", "terminationGracePeriodSeconds", "tolerations", "volumes")
+APIS = {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}
 MASTER_PORT = 23456  # the operator's default `pytorchjob-port`
 CONFIG_DIR = "/etc/audiorl"
 CONFIG_FILE = "config.yaml"
@@ -89,6 +96,11 @@ class Rendered:
     @property
     def config_map(self) -> dict[str, Any]:
         return self.objects[0]
+
+    @property
+    def api(self) -> str:
+        """`pytorchjob` or `trainjob`: the workload rendered."""
+        return next(api for api, kind in APIS.items() if kind == self.job["kind"])
 
 
 def default_job_name(stem: str) -> str:
@@ -307,44 +319,71 @@ def _pytorch_job(cfg: RunConfig, name: str, namespace: str, labels: dict[str, st
     return {"apiVersion": PYTORCHJOB_API, "kind": "PyTorchJob", "metadata": _metadata(cfg, name, namespace, labels), "spec": spec}
 
 
+# What a TrainJob cannot carry: Training Operator v1 settings with no Trainer v2 field. Each is
+# refused when the config sets it, naming the key and where the setting lives instead.
+_V1_ONLY = {
+    "elastic": "Kubeflow Trainer v2 has no elastic policy; render a PyTorchJob (job.api: pytorchjob)",
+    "volcano": "gang scheduling belongs to the training runtime (its podGroupPolicy); drop job.volcano or use job.api: pytorchjob",
+    "priority_class": "a runtime patch cannot set priorityClassName: set it in the training runtime, or with Kueue label the job "
+                      "kueue.x-k8s.io/priority-class (job.labels)",
+    "restart_policy": "restarts belong to the training runtime (the JobSet's failurePolicy)",
+    "clean_pod_policy": "Trainer v2 has no cleanPodPolicy: the JobSet's pods go when the TrainJob finishes",
+    "backoff_limit": "restarts belong to the training runtime (the JobSet's failurePolicy.maxRestarts)",
+    "ttl_seconds_after_finished": "Trainer v2 has no TTL field on the TrainJob: set it in the training runtime's JobSet template",
+}
+
+
+def _v1_only_settings(cfg: RunConfig, *, differing: bool) -> list[str]:
+    """The v1-only job keys the config sets: to other values than their defaults (`differing`),
+    or to their defaults (a written-out config, such as `audiorl config show` prints)."""
+    job, fields = cfg.job, type(cfg.job).model_fields
+    out = []
+    for key in _V1_ONLY:
+        value = getattr(job, key)
+        if key in job.model_fields_set and value is not None and (value != fields[key].get_default(call_default_factory=True)) == differing:
+            out.append(key)
+    return out
+
+
 def _train_job(cfg: RunConfig, name: str, namespace: str, labels: dict[str, str], run_id: str, runtime: str,
                extra_env: dict[str, str]) -> dict[str, Any]:
-    """Kubeflow Trainer v2. The runtime owns the launcher and the rendezvous; the pod-level settings
-    that have no TrainJob field (volumes, security, scheduling) go in as a runtime patch."""
+    """Kubeflow Trainer v2.3. The trainer (image, command, args, env, nodes, processes, resources)
+    goes in its own fields; everything else a pod needs (volumes, mounts, security, service
+    account, scheduling) in one runtime patch under AudioRL's manager name, merged by the
+    controller onto the runtime's `node` pods."""
     job = cfg.job
-    if job.elastic is not None:
-        raise ConfigError("job.elastic: Kubeflow Trainer v2 has no elastic policy; render a PyTorchJob (--api pytorchjob)")
+    for key in _v1_only_settings(cfg, differing=True):
+        raise ConfigError(f"job.{key} is a PyTorchJob setting that a TrainJob cannot carry: {_V1_ONLY[key]}")
     pod = pod_spec(cfg, name, run_id, container_name=TRAINJOB_CONTAINER_NAME, extra_env=extra_env)
     container = pod.pop("containers")[0]
-    resources = container.pop("resources")
     trainer: dict[str, Any] = {
         "image": container["image"],
         "command": container["command"],
         "args": container["args"],
         "env": container["env"],
         "numNodes": job.nodes,
-        "resourcesPerNode": resources,
         "numProcPerNode": job.processes_per_node,
     }
+    if container["resources"]:
+        trainer["resourcesPerNode"] = container["resources"]
     patch_container = {
         "name": TRAINJOB_CONTAINER_NAME,
         "volumeMounts": container["volumeMounts"],
         "securityContext": container["securityContext"],
     }
-    pod_patch = {**pod, "containers": [patch_container]}
-    pod_patch.pop("schedulerName", None)
+    pod_patch = {key: value for key, value in pod.items() if key in RUNTIME_PATCH_POD_FIELDS}
+    pod_patch["containers"] = [patch_container]
+    pod_template = {"metadata": {"labels": dict(labels)}, "spec": pod_patch}
+    replicated = {"name": TRAINJOB_NODE_JOB, "template": {"spec": {"template": pod_template}}}
     spec: dict[str, Any] = {
-        "runtimeRef": {"name": runtime, "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime"},
+        "runtimeRef": {"name": runtime, "apiGroup": "trainer.kubeflow.org", "kind": job.runtime_kind},
         "trainer": trainer,
         "runtimePatches": [
-            {
-                "manager": "audiorl.dev/render",
-                "trainingRuntimeSpec": {
-                    "template": {"spec": {"replicatedJobs": [{"name": "node", "template": {"spec": {"template": {"spec": pod_patch}}}}]}}
-                },
-            }
+            {"manager": RUNTIME_PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [replicated]}}}}
         ],
     }
+    if job.kueue_queue:
+        spec["suspend"] = True  # Kueue resumes it once admitted
     if job.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = job.active_deadline_seconds
     return {"apiVersion": TRAINJOB_API, "kind": "TrainJob", "metadata": _metadata(cfg, name, namespace, labels), "spec": spec}
@@ -365,8 +404,10 @@ def _local_store(uri: str | None) -> str | None:
     return None if "://" in uri or uri.startswith("databricks") else uri
 
 
-def _warnings(cfg: RunConfig) -> list[str]:
+def _warnings(cfg: RunConfig, api: str) -> list[str]:
     notes = []
+    if api == "trainjob":
+        notes += [f"job.{key} has no effect on a TrainJob: {_V1_ONLY[key]}" for key in _v1_only_settings(cfg, differing=False)]
     mounts = [v.mount_path for v in cfg.job.volumes if not v.read_only]
     if not _under(cfg.train.output_dir, mounts):
         notes.append(
@@ -383,11 +424,14 @@ def _warnings(cfg: RunConfig) -> list[str]:
     return notes
 
 
-def render(cfg: RunConfig, *, name: str | None = None, run_id: str, api: str = "pytorchjob", runtime: str = "torch-distributed",
+def render(cfg: RunConfig, *, name: str | None = None, run_id: str, api: str | None = None, runtime: str | None = None,
            extra_env: dict[str, str] | None = None) -> Rendered:
     """The objects that run `cfg` on a cluster. `name` is the job name when the config sets none;
-    `extra_env` adds plain variables to the container (`audiorl submit` passes the MLflow run)."""
+    `api` and `runtime` override `job.api` and `job.runtime`; `extra_env` adds plain variables to
+    the container (`audiorl submit` passes the MLflow run)."""
     job = cfg.job
+    api = api or job.api
+    runtime = runtime or job.runtime
     if not (job.name or name):
         raise ConfigError("the job has no name: set job.name")
     name = check_name(job.name or name or "", "job.name" if job.name else "job name")
@@ -407,18 +451,19 @@ def render(cfg: RunConfig, *, name: str | None = None, run_id: str, api: str = "
     if api == "pytorchjob":
         workload = _pytorch_job(cfg, name, namespace, labels, run_id, extra_env or {})
     elif api == "trainjob":
+        check_name(runtime, "job.runtime", pattern=_DNS1123, max_len=253)
         workload = _train_job(cfg, name, namespace, labels, run_id, runtime, extra_env or {})
     else:
-        raise ConfigError(f"--api {api!r}: use pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2)")
-    return Rendered(name, namespace, [_config_map(cfg, name, namespace, labels), workload], _warnings(cfg))
+        raise ConfigError(f"api {api!r}: use pytorchjob (Kubeflow Training Operator v1) or trainjob (Kubeflow Trainer v2)")
+    return Rendered(name, namespace, [_config_map(cfg, name, namespace, labels), workload], _warnings(cfg, api))
 
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def render_file(path: str | Any, overrides: list[str] | None = None, *, run_id: str | None = None, api: str = "pytorchjob",
-                runtime: str = "torch-distributed") -> Rendered:
+def render_file(path: str | Any, overrides: list[str] | None = None, *, run_id: str | None = None, api: str | None = None,
+                runtime: str | None = None) -> Rendered:
     """Load a run file (with `--set` overrides) and render it; the job is named after the file
     unless `job.name` says otherwise."""
 

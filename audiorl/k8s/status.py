@@ -3,7 +3,11 @@
 The Training Operator records conditions `Created`, `Running`, `Restarting`, `Succeeded`,
 `Suspended` and `Failed`, and per-replica counts under `replicaStatuses`. A job is finished once
 `Succeeded` or `Failed` is true; otherwise its phase is the latest condition that is true.
-Kubeflow Trainer v2 says `Complete` where v1 says `Succeeded`.
+
+Kubeflow Trainer v2 records only `Suspended` (true while Kueue or the user holds the job, false
+with reason `Resumed` after), `Complete` (AudioRL's `Succeeded`) and `Failed`, and the counts of
+its child Jobs under `jobsStatus`; a TrainJob in neither state is `Running` once a child Job is
+active and `Created` before.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class JobState:
     start_time: str | None = None
     completion_time: str | None = None
     conditions: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = ""
 
     @property
     def finished(self) -> bool:
@@ -48,6 +53,10 @@ class JobState:
         return " ".join(parts)
 
 
+def _counts(counts: dict[str, Any]) -> dict[str, int]:
+    return {key: int(counts.get(key) or 0) for key in ("active", "succeeded", "failed")}
+
+
 def job_state(obj: dict[str, Any]) -> JobState:
     status = obj.get("status") or {}
     conditions = list(status.get("conditions") or [])
@@ -55,10 +64,15 @@ def job_state(obj: dict[str, Any]) -> JobState:
     terminal = [c for c in true if _ALIASES.get(c.get("type"), c.get("type")) in TERMINAL]
     current = (terminal or true or [None])[-1]
     phase = _ALIASES.get(current["type"], current["type"]) if current else "Pending"
-    replicas = {
-        kind: {key: int(counts.get(key) or 0) for key in ("active", "succeeded", "failed")}
-        for kind, counts in (status.get("replicaStatuses") or {}).items()
-    }
+    completion = status.get("completionTime")
+    if obj.get("kind") == "TrainJob":
+        replicas = {job.get("name", "?"): _counts(job) for job in status.get("jobsStatus") or []}
+        if current is None:
+            phase = "Running" if any(c["active"] for c in replicas.values()) else "Created" if conditions or replicas else "Pending"
+        elif terminal:
+            completion = completion or current.get("lastTransitionTime")
+    else:
+        replicas = {kind: _counts(counts) for kind, counts in (status.get("replicaStatuses") or {}).items()}
     return JobState(
         name=obj.get("metadata", {}).get("name", ""),
         phase=phase,
@@ -66,6 +80,7 @@ def job_state(obj: dict[str, Any]) -> JobState:
         message=(current or {}).get("message", "") or "",
         replicas=replicas,
         start_time=status.get("startTime"),
-        completion_time=status.get("completionTime"),
+        completion_time=completion,
         conditions=conditions,
+        kind=obj.get("kind", ""),
     )

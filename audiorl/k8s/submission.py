@@ -14,7 +14,7 @@ from audiorl.k8s.render import Rendered, default_job_name, new_run_id, render
 from audiorl.tracking import create_job_run, is_connection_error, is_server, resolve_tracking_uri
 
 
-def prepare(path: str | Path, overrides: list[str] | None = None, *, api: str = "pytorchjob", runtime: str = "torch-distributed",
+def prepare(path: str | Path, overrides: list[str] | None = None, *, api: str | None = None, runtime: str | None = None,
             run_id: str | None = None, local: bool = False, create_run: bool = True,
             log: Callable[[str], None] = print) -> tuple[Rendered, str | None]:
     """The rendered objects and the MLflow run id created for them (None when no run was made:
