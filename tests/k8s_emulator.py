@@ -1,7 +1,8 @@
 """A small Kubernetes API server for tests: enough of the real API for the official Python client
-and a real `kubectl` to create, read, patch, list, watch and delete ConfigMaps, Pods and
-PyTorchJobs on 127.0.0.1, plus a simulated Training Operator that moves a job through its
-conditions and serves its master's log.
+and a real `kubectl` to create, read, patch, list, watch and delete ConfigMaps, Pods,
+PyTorchJobs and TrainJobs on 127.0.0.1, plus a simulated Training Operator (PyTorchJob) and a
+simulated Kubeflow Trainer v2 with Kueue and JobSet (TrainJob) that move a job through its
+conditions, make its pods and serve its lead pod's log.
 
 It keeps what the clients rely on: 201 on create and 409 on a name taken, `dryRun=All` stores
 nothing, uids, resourceVersions and creation timestamps, label and field selectors, JSON merge

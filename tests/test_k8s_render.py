@@ -373,6 +373,11 @@ def test_the_trainjob_carries_nodes_processes_resources_queue_and_runtime():
     assert chosen.job["spec"]["runtimeRef"]["name"] == "audiorl-torch" and chosen.job["spec"]["runtimeRef"]["kind"] == "TrainingRuntime"
     _, flag = _render({"job": {"api": "trainjob"}}, api="pytorchjob")
     assert flag.job["kind"] == "PyTorchJob"
+    shown = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "config", "show", str(REPO / "examples" / "cluster-whisper-dpo.yaml"),
+                            "--set", "job.api=trainjob", "--json"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert {k: json.loads(shown.stdout)["job"][k] for k in ("api", "runtime", "runtime_kind")} == {
+        "api": "trainjob", "runtime": "torch-distributed", "runtime_kind": "ClusterTrainingRuntime"}
     # Kueue holds the TrainJob suspended until it admits it
     _, queued = _render(_trainjob_variant("kueue"), api="trainjob")
     assert queued.job["spec"]["suspend"] is True and queued.job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-speech"
