@@ -55,17 +55,34 @@ def check_waveform(samples: np.ndarray, sampling_rate: int, limits: AudioLimits,
     return samples.astype(np.float32, copy=False)
 
 
-def decode(source: str | Path | bytes, where: str | None = None) -> tuple[np.ndarray, int]:
-    """Decode WAV/FLAC/OGG (anything libsndfile reads) to float32 mono and its sampling rate."""
+# a segment may end this far past the recording's end (rounded durations in manifests) and is read to the end
+SEGMENT_END_SLACK_S = 0.05
+
+
+def decode(source: str | Path | bytes, where: str | None = None, *, offset: float = 0.0,
+           seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode WAV/FLAC/OGG/MP3 (anything libsndfile reads) to float32 mono and its sampling rate;
+    with `offset`/`seconds`, only that segment (the file is seeked, not decoded whole)."""
     label = where or (str(source) if not isinstance(source, bytes) else "<audio bytes>")
     if not isinstance(source, bytes) and not Path(source).is_file():
-        raise DataError(f"{label}: audio file not found ({source})")
+        what = "a directory, not an audio file" if Path(source).is_dir() else "audio file not found"
+        raise DataError(f"{label}: {what} ({source})")
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
-        samples, rate = sf.read(handle, dtype="float32", always_2d=True)
+        with sf.SoundFile(handle) as f:
+            rate, total = int(f.samplerate), f.frames
+            start = round(offset * rate)
+            frames = total - start if seconds is None else round(seconds * rate)
+            if offset or seconds is not None:
+                end = start + frames
+                if start >= total or end > total + SEGMENT_END_SLACK_S * rate:
+                    raise DataError(f"{label}: the segment {offset:g}-{end / rate:g} s lies past the end of the {total / rate:.2f} s "
+                                    "recording; fix its offset/duration")
+                f.seek(start)
+            samples = f.read(min(frames, total - start), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise DataError(f"{label}: cannot decode audio ({exc}); supported: WAV, FLAC, OGG/Vorbis, MP3") from None
-    return to_mono(samples), int(rate)
+    return to_mono(samples), rate
 
 
 def duration_seconds(source: str | Path | bytes | np.ndarray, source_rate: int | None = None) -> float:
@@ -84,14 +101,20 @@ def load_audio(
     *,
     source_rate: int | None = None,
     where: str | None = None,
+    offset: float = 0.0,
+    seconds: float | None = None,
 ) -> np.ndarray:
-    """Decode (or take) a clip, check it, down-mix to mono and resample to `limits.sampling_rate`."""
+    """Decode (or take) a clip, or the segment `offset`..`offset + seconds` of a longer recording,
+    check it, down-mix to mono and resample to `limits.sampling_rate`."""
     label = where or (str(source) if isinstance(source, (str, Path)) else "<audio>")
     if isinstance(source, np.ndarray):
         if source_rate is None:
             raise DataError(f"{label}: an in-memory waveform needs its sampling rate")
         samples, rate = to_mono(np.asarray(source, dtype=np.float32)), int(source_rate)
+        if offset or seconds is not None:
+            start = round(offset * rate)
+            samples = samples[start : None if seconds is None else start + round(seconds * rate)]
     else:
-        samples, rate = decode(source, where=label)
+        samples, rate = decode(source, where=label, offset=offset, seconds=seconds)
     samples = check_waveform(samples, rate, limits, label)
     return resample(samples, rate, limits.sampling_rate).astype(np.float32, copy=False)

@@ -98,6 +98,9 @@ class DataConfig(Section):
     eval: str | dict[str, str] | None = Field(
         None, description="a transcript manifest, or several as {test set name: manifest}; WER/CER per set"
     )
+    format: Literal["auto", "audiorl", "nemo", "lhotse", "hf"] = Field(
+        "auto", description="how train and eval sources are read; auto: told by each one's content"
+    )
     max_audio_seconds: float = Field(30.0, gt=0)
     max_target_tokens: int | None = Field(None, gt=0, description="default: the model's own limit")
     on_bad_record: Literal["error", "skip"] = "error"

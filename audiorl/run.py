@@ -127,7 +127,7 @@ def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
         adapter.encoder_cache = None
     limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=cfg.data.max_audio_seconds)
     kind = method_for(cfg.objective).data_kind
-    checks = dict(on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens)
+    checks = dict(on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens, format=cfg.data.format)
     records: list[Record] = []
     skipped: list[Rejected] = []
     sources = cfg.data.train_sources()

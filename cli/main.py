@@ -344,7 +344,7 @@ def data_synth(
 
 @data_app.command("check")
 def data_check(
-    manifest: Annotated[Path, typer.Argument(help="JSONL manifest to check.")],
+    manifest: Annotated[Path, typer.Argument(help="Manifest (AudioRL, NeMo or Lhotse JSONL) or saved dataset to check.")],
     kind: Annotated[str, typer.Option(help="transcript, preference or unpaired.")] = "transcript",
     max_audio_seconds: Annotated[float, typer.Option(help="Longest clip allowed.")] = 30.0,
     sampling_rate: Annotated[int, typer.Option(help="The model's sampling rate (clips are resampled to it).")] = 16000,

@@ -25,7 +25,7 @@ import torch
 
 from audiorl.audio import AudioLimits
 from audiorl.config import TextNormalization
-from audiorl.data.records import Kind, Record, record_from_row
+from audiorl.data.records import Format, Kind, Record, detect_format, iter_manifest, read_records
 from audiorl.errors import DataError
 from audiorl.models.base import ModelAdapter
 from audiorl.progress import progress_bar
@@ -48,14 +48,16 @@ class BuildSummary:
         return out
 
 
-def _audio_ref(record: Record, out_dir: Path) -> str:
-    """The clip's path as the new manifest should hold it: relative to the new manifest when possible."""
+def _audio_fields(record: Record, out_dir: Path) -> dict[str, Any]:
+    """Where the clip is, as the new manifest should hold it: its path relative to the new
+    manifest when possible, and the segment (`offset`, `duration`) of a longer recording."""
     if not isinstance(record.audio, str):
         raise DataError(f"{record.source}: builders need audio stored as files (got in-memory audio)")
     try:
-        return str(Path(record.audio).resolve().relative_to(out_dir.resolve()))
+        path = str(Path(record.audio).resolve().relative_to(out_dir.resolve()))
     except ValueError:
-        return str(Path(record.audio).resolve())
+        path = str(Path(record.audio).resolve())
+    return {"audio": path, **record.audio_fields()}
 
 
 def _batches(records: list[Record], size: int):
@@ -133,7 +135,7 @@ def build_pairs(
                 elif output_format == "unpaired":
                     summary.kept += 1
                     for completion, label, wer in made:
-                        rows.append({"audio": _audio_ref(record, out_dir), "completion": completion, "label": label, "wer": round(wer, 4),
+                        rows.append({**_audio_fields(record, out_dir), "completion": completion, "label": label, "wer": round(wer, 4),
                                      **({"language": record.language} if record.language else {}), "source": record.source})
                         summary.reasons["desirable rows" if label else "undesirable rows"] += 1
                 else:
@@ -141,7 +143,7 @@ def build_pairs(
                     for chosen, rejected, c_wer, r_wer in made:
                         rows.append(
                             {
-                                "audio": _audio_ref(record, out_dir),
+                                **_audio_fields(record, out_dir),
                                 "chosen": chosen,
                                 "rejected": rejected,
                                 "chosen_wer": round(c_wer, 4),
@@ -283,7 +285,7 @@ def find_hard_cases(
                 if hallucination([greedy[i]], reference=[reference], no_speech=[record.extra.get("no_speech", False)])[0] < 0:
                     reasons.append("hallucination")
                 row = {
-                    "audio": _audio_ref(record, out_dir),
+                    **_audio_fields(record, out_dir),
                     "text": reference,
                     **({"language": record.language} if record.language else {}),
                     **{k: v for k, v in record.extra.items() if k in ("hotwords", "no_speech")},
@@ -315,37 +317,34 @@ class CheckReport:
     seconds: float = 0.0
 
 
-def check_manifest(path: str | Path, kind: Kind, limits: AudioLimits) -> CheckReport:
+def check_manifest(path: str | Path, kind: Kind, limits: AudioLimits, format: Format = "auto") -> CheckReport:
     """Every problem of every record, by line: JSON, keys, types, empty text, hotwords, audio
-    (readable, not empty, finite, not too long). Also counts native sampling rates."""
+    (readable, not empty, finite, not too long). Also counts native sampling rates. Any format
+    `read_records` takes; a saved dataset's rows are named by index."""
     path = Path(path)
     report = CheckReport()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read manifest ({exc.strerror})") from None
-    with progress_bar("checking records", total=len(lines)) as advance:
-        for number, line in enumerate(lines, start=1):
+    if not path.exists():
+        raise DataError(f"{path}: manifest or dataset not found")
+    format = detect_format(path) if format == "auto" else format
+    if format == "hf":
+        rows = [(record.source, [record]) for record in read_records(path, kind, "hf")]
+    else:
+        rows = list(iter_manifest(path, kind, format))
+    with progress_bar("checking records", total=len(rows)) as advance:
+        for _, got in rows:
             advance()
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
             report.records += 1
-            try:
-                record = record_from_row(json.loads(line), where, kind, path.parent)
-            except json.JSONDecodeError as exc:
-                report.problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+            if isinstance(got, DataError):
+                report.problems.append(str(got))
                 continue
-            except DataError as exc:
-                report.problems.append(str(exc))
-                continue
-            try:
-                wave = record.load(limits)
-                report.seconds += len(wave) / limits.sampling_rate
-                if isinstance(record.audio, str):
-                    report.rates[sf.info(record.audio).samplerate] += 1
-            except DataError as exc:
-                report.problems.append(str(exc))
+            for record in got:
+                try:
+                    wave = record.load(limits)
+                    report.seconds += len(wave) / limits.sampling_rate
+                    if isinstance(record.audio, str):
+                        report.rates[sf.info(record.audio).samplerate] += 1
+                except DataError as exc:
+                    report.problems.append(str(exc))
     if report.records == 0:
         report.problems.append(f"{path}: manifest has no records")
     return report

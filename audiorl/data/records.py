@@ -7,15 +7,25 @@ Three record kinds share one type:
 - transcript records `{audio, text, language?}` for SFT, GRPO, MWER and evaluation (a preference
   manifest can be evaluated too: its `chosen` transcript is the reference).
 
-Sources: JSONL manifests (audio paths relative to the manifest's folder) and Hugging Face
-datasets saved with `save_to_disk`. Each record remembers where it came from (`file:line` or
-`dataset[row]`), so every later error can point at it.
+Sources, told apart by their content or named by `format`:
+- `audiorl`: JSONL manifests as above (audio paths relative to the manifest's folder; optional
+  `offset` and `duration`, in seconds, take a segment of a longer recording);
+- `nemo`: NeMo ASR manifests, JSONL with `audio_filepath`, `duration`, `text` and optionally
+  `offset`, `lang`, `speaker_id` (and Canary's `taskname`, `source_lang`, `target_lang`, `pnc`,
+  kept for rewards); only the segment is decoded;
+- `lhotse`: Lhotse cut manifests (`.jsonl` or `.jsonl.gz`, read through `lhotse`, an optional
+  extra), one record per supervision of each cut;
+- `hf`: Hugging Face datasets saved with `save_to_disk`, their `Audio` column decoded or not.
+Any of them may be gzipped JSONL (`.gz`). Each record remembers where it came from (`file:line`,
+`file:line (cut ID)` or `dataset[row]`), so every later error can point at it.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,6 +40,8 @@ if TYPE_CHECKING:
     from audiorl.models.base import ModelAdapter
 
 Kind = Literal["preference", "transcript", "unpaired"]
+Format = Literal["auto", "audiorl", "nemo", "lhotse", "hf"]
+FORMATS = ("audiorl", "nemo", "lhotse", "hf")
 
 
 @dataclass
@@ -45,6 +57,8 @@ class Record:
     language: str | None = None
     sampling_rate: int | None = None  # only for in-memory arrays
     extra: dict[str, Any] = field(default_factory=dict)  # other columns (hotwords, no_speech, ...) for rewards
+    offset: float = 0.0  # seconds into the recording where the clip starts
+    seconds: float | None = None  # the clip's length, when it is a segment of a longer recording
 
     @property
     def reference(self) -> str:
@@ -54,15 +68,41 @@ class Record:
             raise DataError(f"{self.source}: record has neither 'text' nor 'chosen' to score against")
         return ref
 
+    @property
+    def segment(self) -> bool:
+        return bool(self.offset) or self.seconds is not None
+
     def duration(self) -> float:
-        return duration_seconds(self.audio, self.sampling_rate)
+        if self.seconds is not None:
+            return self.seconds
+        return max(0.0, duration_seconds(self.audio, self.sampling_rate) - self.offset)
 
     def load(self, limits: AudioLimits) -> np.ndarray:
-        return load_audio(self.audio, limits, source_rate=self.sampling_rate, where=self.source)
+        return load_audio(self.audio, limits, source_rate=self.sampling_rate, where=self.source, offset=self.offset, seconds=self.seconds)
+
+    def audio_fields(self) -> dict[str, Any]:
+        """What locates the clip in a manifest row besides `audio`: the segment, when it is one."""
+        out: dict[str, Any] = {}
+        if self.offset:
+            out["offset"] = self.offset
+        if self.seconds is not None:
+            out["duration"] = self.seconds
+        return out
 
 
 _OPTIONAL_TEXT = ("prompt", "language")
-_KNOWN = {"audio", "text", "chosen", "rejected", "completion", "label", *_OPTIONAL_TEXT}
+_KNOWN = {"audio", "text", "chosen", "rejected", "completion", "label", "offset", "duration", *_OPTIONAL_TEXT}
+
+
+def _seconds(row: dict[str, Any], key: str, where: str, *, required: bool = False) -> float | None:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing required key {key!r} (seconds)")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise DataError(f"{where}: {key!r} must be a non-negative number of seconds, got {value!r}")
+    return float(value)
 
 
 def _text_field(row: dict[str, Any], key: str, where: str, required: bool) -> str | None:
@@ -103,7 +143,10 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> 
             raise DataError(f"{where}: 'audio' holds neither bytes, an array nor a path")
     else:
         raise DataError(f"{where}: 'audio' must be a path string, got {type(audio).__name__}")
-    record = Record(audio=audio, source=where, sampling_rate=sampling_rate)
+    record = Record(audio=audio, source=where, sampling_rate=sampling_rate, offset=_seconds(row, "offset", where) or 0.0,
+                    seconds=_seconds(row, "duration", where))
+    if record.seconds == 0:
+        raise DataError(f"{where}: 'duration' is 0: the segment holds no audio")
     if kind == "preference":
         record.chosen = _text_field(row, "chosen", where, required=True)
         record.rejected = _text_field(row, "rejected", where, required=True)
@@ -130,22 +173,114 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> 
     return record
 
 
-def read_jsonl(path: Path, kind: Kind) -> list[Record]:
-    records = []
+def _open_text(path: Path):
+    """A manifest for reading, gzipped (`.gz`) or not."""
     try:
-        handle = path.open(encoding="utf-8")
+        if path.suffix == ".gz":
+            return gzip.open(path, "rt", encoding="utf-8")
+        return path.open(encoding="utf-8")
     except OSError as exc:
         raise DataError(f"{path}: cannot open manifest ({exc.strerror})") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            records.append(record_from_row(row, where, kind, path.parent))
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed row, or the DataError that says why the line is not one) for every
+    non-empty line of a JSONL manifest."""
+    with _open_text(path) as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    yield where, json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    why = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                    yield where, DataError(f"{where}: not valid JSON ({why})")
+        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
+            raise DataError(f"{path}: not a UTF-8 JSONL manifest ({exc})") from None
+
+
+def _audiorl_row(row: Any, where: str, kind: Kind, base_dir: Path) -> list[Record]:
+    return [record_from_row(row, where, kind, base_dir)]
+
+
+# NeMo's keys -> AudioRL's; the rest (speaker_id, taskname, source_lang, target_lang, pnc, and
+# chosen/rejected/completion/label for preference and unpaired rows) are kept as they are
+_NEMO_KEYS = {"audio_filepath": "audio", "lang": "language"}
+
+
+def _nemo_row(row: Any, where: str, kind: Kind, base_dir: Path) -> list[Record]:
+    """A NeMo ASR manifest row: `audio_filepath` (relative paths against the manifest's folder),
+    `duration` (required, as NeMo has it), `offset` into a longer recording, `text`, `lang`."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+    if "audio_filepath" not in row:
+        raise DataError(f"{where}: missing required key 'audio_filepath' (a NeMo manifest row)")
+    _seconds(row, "duration", where, required=True)
+    return [record_from_row({_NEMO_KEYS.get(k, k): v for k, v in row.items()}, where, kind, base_dir)]
+
+
+def _lhotse_row(row: Any, where: str, kind: Kind, base_dir: Path) -> list[Record]:
+    """A Lhotse cut, through `lhotse`: one record per supervision, the segment of the recording
+    it covers (the cut's start plus the supervision's), its text and language, and its `custom`
+    fields (`chosen`, `rejected`, `completion`, `label`, `hotwords`, ...) as a row's."""
+    try:
+        from lhotse.serialization import deserialize_item
+    except ImportError:
+        raise DataError(f"{where}: a Lhotse manifest needs the lhotse package: pip install 'audiorl[lhotse]'") from None
+    try:
+        cut = deserialize_item(row)
+    except Exception as exc:  # noqa: BLE001 - lhotse raises what its parsers raise
+        raise DataError(f"{where}: not a Lhotse cut ({type(exc).__name__}: {exc})") from None
+    if not hasattr(cut, "supervisions") or not hasattr(cut, "recording"):
+        raise DataError(f"{where}: a Lhotse {type(cut).__name__}, not a cut: give a CutSet (lhotse cut simple ...)")
+    label = f"{where} (cut {cut.id})"
+    if not cut.supervisions:
+        raise DataError(f"{label}: the cut has no supervision, so no transcript")
+    if cut.recording is None or len(cut.recording.sources) != 1 or cut.recording.sources[0].type != "file":
+        raise DataError(f"{label}: only cuts of one recording file are supported")
+    audio = Path(cut.recording.sources[0].source)
+    audio = audio if audio.is_absolute() else base_dir / audio
+    records = []
+    for sup in cut.supervisions:
+        at = label if len(cut.supervisions) == 1 else f"{label}, supervision {sup.id}"
+        start = max(0.0, sup.start)
+        fields = {**(sup.custom or {}), "audio": str(audio), "offset": round(cut.start + start, 6),
+                  "duration": round(min(sup.end, cut.duration) - start, 6)}
+        if sup.text is not None:
+            fields["text"] = sup.text
+        if sup.language:
+            fields["language"] = sup.language
+        if sup.speaker:
+            fields["speaker_id"] = sup.speaker
+        records.append(record_from_row(fields, at, kind, None))
+    return records
+
+
+_ROW_READERS = {"audiorl": _audiorl_row, "nemo": _nemo_row, "lhotse": _lhotse_row}
+
+
+def iter_manifest(path: Path, kind: Kind, format: str) -> Iterator[tuple[str, list[Record] | DataError]]:
+    """(`file:line`, the records of that line, or the DataError that says what is wrong with it)
+    for every row of a JSONL manifest in `format` (audiorl, nemo or lhotse)."""
+    parse = _ROW_READERS[format]
+    for where, row in _json_rows(path):
+        if isinstance(row, DataError):
+            yield where, row
+            continue
+        try:
+            yield where, parse(row, where, kind, path.parent)
+        except DataError as exc:
+            yield where, exc
+
+
+def read_jsonl(path: Path, kind: Kind, format: str = "audiorl") -> list[Record]:
+    records: list[Record] = []
+    for _, got in iter_manifest(path, kind, format):
+        if isinstance(got, DataError):
+            raise got
+        records += got
     if not records:
         raise DataError(f"{path}: manifest has no records")
     return records
@@ -163,19 +298,50 @@ def read_hf_dataset(path: Path, kind: Kind) -> list[Record]:
     if "audio" not in ds.column_names:
         raise DataError(f"{path}: dataset has no 'audio' column (columns: {ds.column_names})")
     if isinstance(ds.features["audio"], datasets.Audio):
-        # decode ourselves (soundfile) rather than through the datasets decoder
+        # decode ourselves (soundfile) rather than through the datasets decoder (torchcodec since
+        # datasets 4): a column saved with Audio() or Audio(decode=False) reads the same
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
     return [record_from_row(row, f"{path}[{i}]", kind, path) for i, row in enumerate(ds)]
 
 
-def read_records(path: str | Path, kind: Kind) -> list[Record]:
-    """Read a JSONL manifest or a saved Hugging Face dataset."""
+def detect_format(path: Path) -> str:
+    """`hf` for a folder, else by the first row's keys: `audio_filepath` is NeMo's, a cut's
+    `recording`/`supervisions` Lhotse's, `audio` AudioRL's."""
+    if path.is_dir():
+        return "hf"
+    for where, row in _json_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+        keys = set(row)
+        if "audio_filepath" in keys:
+            return "nemo"
+        if {"supervisions", "recording"} & keys or row.get("type") in ("MonoCut", "MultiCut", "MixedCut"):
+            return "lhotse"
+        if "audio" in keys:
+            return "audiorl"
+        if {"sources", "sampling_rate", "num_samples"} <= keys or "recording_id" in keys:
+            raise DataError(f"{where}: a Lhotse recording or supervision manifest; give a cut manifest (lhotse cut simple ...)")
+        raise DataError(f"{where}: cannot tell the manifest's format from its keys {sorted(keys)[:8]}: AudioRL rows have 'audio', "
+                        f"NeMo rows 'audio_filepath', Lhotse cuts 'supervisions'; or set data.format to one of {list(FORMATS)}")
+    raise DataError(f"{path}: manifest has no records")
+
+
+
+
+def read_records(path: str | Path, kind: Kind, format: Format = "auto") -> list[Record]:
+    """Read a manifest or saved dataset of any supported format (`auto`: told by its content)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: manifest or dataset not found")
-    if path.is_dir():
-        return read_hf_dataset(path, kind)
-    return read_jsonl(path, kind)
+    if format == "auto":
+        format = detect_format(path)  # type: ignore[assignment]
+    if format not in FORMATS:
+        raise DataError(f"{path}: unknown format {format!r}; use auto or one of {list(FORMATS)}")
+    if (format == "hf") != path.is_dir():
+        raise DataError(f"{path}: format {format!r} reads a {'folder written by save_to_disk' if format == 'hf' else 'manifest file'}")
+    return read_hf_dataset(path, kind) if format == "hf" else read_jsonl(path, kind, format)
 
 
 @dataclass
@@ -238,12 +404,12 @@ def transcript_length_check(adapter: ModelAdapter, max_tokens: int, kind: Kind):
 
 def load_records(
     path: str | Path, adapter: ModelAdapter, limits: AudioLimits, kind: Kind, *, on_bad: Literal["error", "skip"],
-    max_tokens: int | None, label: str,
+    max_tokens: int | None, label: str, format: Format = "auto",
 ) -> tuple[list[Record], list[Rejected]]:
     """Read a manifest (or saved dataset) and check every record for this model: the clip
     decodes within `limits`, the transcripts fit the model (and `max_tokens`). Bad records stop
     here, named by file and line, or (`on_bad="skip"`) come back apart, counted on the console."""
-    records = read_records(path, kind)
+    records = read_records(path, kind, format)
     limit = min(max_tokens or adapter.max_target_tokens, adapter.max_target_tokens)
     good, bad = validate_records(
         records, limits, on_bad=on_bad, text_check=transcript_length_check(adapter, limit, kind), description=f"checking {label}"
@@ -260,6 +426,8 @@ def fingerprint(records: list[Record]) -> str:
         content = [record.text, record.chosen, record.rejected, record.prompt, record.language, record.extra]
         if record.completion is not None:  # unpaired records (the other kinds keep the fingerprints they had)
             content += [record.completion, record.label]
+        if record.segment:  # likewise for segments of longer recordings
+            content += [record.offset, record.seconds]
         digest.update(json.dumps(content, default=str).encode())
         if isinstance(record.audio, str):
             try:
