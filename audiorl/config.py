@@ -89,11 +89,19 @@ class TextNormalization(Section):
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+class TrainSource(Section):
+    """One source of a weighted training mixture."""
+
+    path: str = Field(description="manifest or saved dataset")
+    weight: float = Field(1.0, gt=0, description="its share of the draws: weight / the sum of all weights")
+
+
 class DataConfig(Section):
-    train: str | list[str] | None = Field(
+    train: str | list[str | TrainSource] | None = Field(
         None,
         description="JSONL manifest or a Hugging Face dataset saved with save_to_disk; several (a list) are read in turn and "
-        "concatenated, e.g. the hard cases plus a replay of speech the model already handles, against forgetting",
+        "concatenated, e.g. the hard cases plus a replay of speech the model already handles, against forgetting; "
+        "list items {path, weight} make a mixture sampled in proportion to the weights",
     )
     eval: str | dict[str, str] | None = Field(
         None, description="a transcript manifest, or several as {test set name: manifest}; WER/CER per set"
@@ -113,15 +121,23 @@ class DataConfig(Section):
         if isinstance(value, list):
             if not value:
                 raise ValueError("an empty list: give one or more manifests, or leave train out")
-            if len(set(value)) != len(value):
-                raise ValueError(f"a manifest is listed twice in {value}: each source is read once (repeat clips in the manifest itself)")
+            paths = [item if isinstance(item, str) else item.path for item in value]
+            if len(set(paths)) != len(paths):
+                raise ValueError(f"a manifest is listed twice in {paths}: each source is read once (give it a larger weight instead)")
         return value
 
     def train_sources(self) -> list[str]:
-        """The training manifests, in order (one, or several to concatenate)."""
+        """The training manifests, in order (one, or several to concatenate or mix)."""
         if self.train is None:
             return []
-        return [self.train] if isinstance(self.train, str) else list(self.train)
+        return [self.train] if isinstance(self.train, str) else [item if isinstance(item, str) else item.path for item in self.train]
+
+    def train_weights(self) -> list[float] | None:
+        """The mixture weights, one per source, or None when the sources are concatenated (no
+        source in the list gives a weight); a source written as a plain path weighs 1."""
+        if not isinstance(self.train, list) or all(isinstance(item, str) for item in self.train):
+            return None
+        return [1.0 if isinstance(item, str) else item.weight for item in self.train]
 
     @field_validator("eval")
     @classmethod

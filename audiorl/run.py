@@ -16,6 +16,7 @@ Nothing here knows a model family or a method: the adapter and the method answer
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from audiorl import distributed, progress
 from audiorl.audio import AudioLimits
 from audiorl.config import RunConfig, load_config
 from audiorl.data.collate import RecordDataset
+from audiorl.data.mixture import Source, draws_per_source, mixture_order, source_names
 from audiorl.data.records import Record, Rejected, fingerprint, load_records
 from audiorl.distributed import Dist, Strategy, strategy_for
 from audiorl.errors import ConfigError
@@ -77,6 +79,11 @@ class RunData:
     test_sets: dict[str, list[Record]]
     skipped: list[Rejected]
     fingerprint: str
+    sources: list[Source] = field(default_factory=list)
+
+    @property
+    def mixture(self) -> bool:
+        return any(s.weight is not None for s in self.sources)
 
     def __post_init__(self) -> None:
         self.dataset = RecordDataset(self.train, self.limits)  # what the trainer and a precomputed reference index
@@ -131,16 +138,20 @@ def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
     records: list[Record] = []
     skipped: list[Rejected] = []
     sources = cfg.data.train_sources()
-    for source in sources:
+    weights = cfg.data.train_weights() or [None] * len(sources)
+    held: list[Source] = []
+    for source, name, weight in zip(sources, source_names(sources), weights):
         label = "train data" if len(sources) == 1 else f"train data ({source})"
         good, bad = load_records(source, adapter, limits, kind, label=label, **checks)  # type: ignore[arg-type]
+        held.append(Source(name, len(records), len(good), weight))
         records += good
         skipped += bad
     test_sets: dict[str, list[Record]] = {}
     for name, path in cfg.data.eval_sets().items():
         test_sets[name], bad = load_records(path, adapter, limits, "transcript", label=f"eval data ({name})", **checks)  # type: ignore[arg-type]
         skipped += bad
-    return RunData(adapter=adapter, limits=limits, train=records, test_sets=test_sets, skipped=skipped, fingerprint=fingerprint(records))
+    return RunData(adapter=adapter, limits=limits, train=records, test_sets=test_sets, skipped=skipped, fingerprint=fingerprint(records),
+                   sources=held)
 
 
 @contextlib.contextmanager
@@ -161,6 +172,8 @@ def open_run(cfg: RunConfig, runtime: Runtime, data: RunData, tags: dict[str, st
         resume=resume_target(cfg.train) is not None,
     )
     node_monitor = _watch_node(cfg, tracker, runtime.dist)
+    if len(data.sources) > 1 and runtime.dist.is_main:
+        _log_sources(cfg, data, tracker)
     if data.skipped and runtime.dist.is_main:
         lines = "\n".join(json.dumps({"source": r.source, "reason": r.reason}) for r in data.skipped)
         (output_dir / "skipped_records.jsonl").write_text(lines + "\n")
@@ -181,6 +194,24 @@ def open_run(cfg: RunConfig, runtime: Runtime, data: RunData, tags: dict[str, st
         distributed.shutdown()
 
 
+def _log_sources(cfg: RunConfig, data: RunData, tracker: Tracker) -> None:
+    """Per source: its records, and for a mixture its weight's share and the draws it gives in the
+    first epoch (the console and MLflow's `data/source/NAME/...` metrics at step 0)."""
+    draws = draws_per_source(data.sources, mixture_order(data.sources, cfg.train.seed, 0)) if data.mixture else {}
+    total_weight = sum(s.weight or 0 for s in data.sources)
+    metrics: dict[str, float] = {}
+    for source in data.sources:
+        line = f"train source {source.name}: {source.count} records"
+        metrics[f"data/source/{source.name}/records"] = source.count
+        if data.mixture:
+            share = (source.weight or 0) / total_weight
+            line += f", weight {source.weight:g} ({share:.0%} of draws: {draws[source.name]} in the first epoch)"
+            metrics[f"data/source/{source.name}/share"] = share
+            metrics[f"data/source/{source.name}/draws_per_epoch"] = draws[source.name]
+        console.print(line)
+    tracker.log_metrics(metrics, step=0)
+
+
 def build_method(cfg: RunConfig, data: RunData, runtime: Runtime) -> tuple[Step, object]:
     """The method's step (batch -> loss) and the collator its batches need."""
     return build_step(cfg, data.adapter, data.dataset, data.fingerprint, lockstep=runtime.strategy.lockstep)
@@ -199,6 +230,7 @@ def fit(cfg: RunConfig, runtime: Runtime, data: RunData, loss_step: Step, collat
         cfg.train, loss_step, data.dataset, collate, device=runtime.device,
         num_workers=cfg.data.num_workers, evaluate=evaluator if evaluator and runtime.strategy.evaluates_in_loop else None,
         log=tracker.log_metrics, fingerprint=cfg.fingerprint(runtime.dist.world_size), dist_info=runtime.dist,
+        order=functools.partial(mixture_order, data.sources, cfg.train.seed) if data.mixture else None,
     )
     result = trainer.train()
     cache = data.adapter.encoder_cache

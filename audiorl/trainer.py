@@ -164,10 +164,12 @@ class Trainer:
         log: Callable[[dict[str, float], int], None] | None = None,
         fingerprint: str = "",
         dist_info: Dist | None = None,
+        order: Callable[[int], list[int]] | None = None,
     ):
         self.config = config
         self.loss_step = loss_step
         self.dataset = dataset
+        self.order = order  # epoch -> the dataset's indices in order (default: a seeded permutation)
         self.collate_fn = collate_fn
         self.device = device
         self.num_workers = num_workers
@@ -241,11 +243,15 @@ class Trainer:
     # -- data order ----------------------------------------------------------------------------
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's micro-batches for an epoch: one seeded permutation shared by all ranks, cut
-        into global batches, each split into equal per-rank slices (so 2 ranks of batch b see what
-        1 rank of batch 2b sees). Under several ranks a short last batch wraps around."""
-        generator = torch.Generator().manual_seed(self.config.seed + epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        """This rank's micro-batches for an epoch: one seeded order shared by all ranks (a
+        permutation, or what `order` gives: a weighted mixture's draws), cut into global batches,
+        each split into equal per-rank slices (so 2 ranks of batch b see what 1 rank of batch 2b
+        sees). Under several ranks a short last batch wraps around."""
+        if self.order is not None:
+            order = self.order(epoch)
+        else:
+            generator = torch.Generator().manual_seed(self.config.seed + epoch)
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
         size, bs, rank = self.global_batch, self.config.per_device_train_batch_size, self.dist.rank
         batches = []
         for start in range(0, len(order), size):
