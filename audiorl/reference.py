@@ -31,6 +31,7 @@ from audiorl.models.base import (
     save_whole,
 )
 from audiorl.progress import console, progress_bar
+from audiorl.safe_load import CheckpointError, load_pt
 
 
 class Reference(ABC):
@@ -127,8 +128,13 @@ def precompute_reference(
     log-prob per completion (default: the sum; LD-DPO's weighted sum goes in the key too)."""
     path = Path(cache_dir) / f"reference-logps-{key}.pt"
     if path.exists():
-        cached = torch.load(path, map_location="cpu")
-        if cached["chosen"].shape[0] == len(dataset):
+        try:
+            cached = load_pt(path)
+        except CheckpointError as exc:
+            console.print(f"[yellow]warning: {exc}; computing the reference log-probs again[/]")
+            cached = None
+        if isinstance(cached, dict) and all(isinstance(cached.get(k), torch.Tensor) for k in ("chosen", "rejected")) \
+                and cached["chosen"].shape[0] == len(dataset):
             console.print(f"reference log-probs: reusing {path}")
             return PrecomputedReference(cached["chosen"], cached["rejected"])
     chosen = torch.zeros(len(dataset), dtype=torch.float32)

@@ -235,7 +235,8 @@ def fit(cfg: RunConfig, runtime: Runtime, data: RunData, loss_step: Step, collat
     result = trainer.train()
     cache = data.adapter.encoder_cache
     if cache is not None and runtime.dist.is_main:
-        console.print(f"encoder cache: {cache.misses} clip encodings computed, {cache.hits} reused")
+        unreadable = f"; {cache.unreadable} unreadable cache file(s) replaced" if cache.unreadable else ""
+        console.print(f"encoder cache: {cache.misses} clip encodings computed, {cache.hits} reused{unreadable}")
     return trainer, result
 
 

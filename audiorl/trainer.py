@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -49,6 +50,7 @@ from audiorl.errors import TrainingError
 from audiorl.methods.base import Step
 from audiorl.progress import make_progress
 from audiorl.runtime import seed_everything
+from audiorl.safe_load import CheckpointError, load_dcp, load_pt
 
 CHECKPOINTS = "checkpoints"
 
@@ -103,15 +105,24 @@ class TrainResult:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and numbers only, so a checkpoint loads with
+    `weights_only=True` (Python's and NumPy's own state objects would need pickle)."""
+    version, words, gauss_next = random.getstate()
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state(("MT19937", nps["key"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -133,7 +144,7 @@ def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
         raise TrainingError(f"{checkpoint}: not a checkpoint folder (no trainer_state.json)")
     target = {"model": get_model_state_dict(model)}
     with _quiet_single_process():
-        dcp.load(target, checkpoint_id=str(Path(checkpoint) / "dcp"), no_dist=True)
+        load_dcp(target, Path(checkpoint) / "dcp", no_dist=True)
     set_model_state_dict(model, target["model"])
 
 
@@ -333,26 +344,63 @@ class Trainer:
         return resume_target(self.config)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / "trainer_state.json").read_text())
+        """Continue from `path`. Its files are all read (safely: no code runs from them) and
+        checked before anything is applied; one that does not load is a CheckpointError naming
+        it, and a checkpoint of another config a TrainingError."""
+        try:
+            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            step = int(state["global_step"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path / 'trainer_state.json'}: not a trainer state ({type(exc).__name__}: {exc})") from None
         if self.fingerprint and state.get("config_fingerprint") not in (None, self.fingerprint):
             raise TrainingError(
                 f"{path}: this checkpoint was written by a run with a different config; "
                 "use a new train.output_dir, or train.resume=never to start over"
             )
+        scheduler = load_pt(path / "scheduler.pt")
+        extra = load_pt(path / "state.pt")
+        own_rng = path / f"rng-{self.dist.rank}.pt"
+        rng = load_pt(own_rng) if own_rng.exists() else extra.get("rng") if isinstance(extra, dict) else None
+        if not isinstance(extra, dict) or "step" not in extra or not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
+            raise CheckpointError(f"{path / 'state.pt'}: not a training state written by this version of AudioRL")
         target = self._dcp_state()
         with _quiet_single_process():
-            dcp.load(target, checkpoint_id=str(path / "dcp"), no_dist=not self.dist.enabled)
+            load_dcp(target, path / "dcp", no_dist=not self.dist.enabled)
         set_model_state_dict(self.model, target["model"])
         set_optimizer_state_dict(self.model, self.optimizer, target["optim"])
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
-        extra = torch.load(path / "state.pt", weights_only=False)
-        own_rng = path / f"rng-{self.dist.rank}.pt"
-        _set_rng_state(torch.load(own_rng, weights_only=False) if own_rng.exists() else extra["rng"])
+        self.scheduler.load_state_dict(scheduler)
+        _set_rng_state(rng)
         self.bad_steps = int(state.get("bad_steps", 0))
         self.loss_step.load_state_dict(extra["step"])
         if extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
-        self.step = int(state["global_step"])
+        self.step = step
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint the config asks for and return it. With `resume: auto`, one that
+        does not load (tampered, truncated) is reported and the next older one tried; when none
+        loads the run stops rather than start over on top of them."""
+        target = self._resume_target()
+        if target is None:
+            return None
+        if self.config.resume != "auto":
+            self.load_checkpoint(target)
+            return target
+        failures = []
+        for candidate in reversed(self.checkpoint_dirs()):
+            try:
+                self.load_checkpoint(candidate)
+            except CheckpointError as exc:
+                failures.append(str(exc))
+                print(f"warning: {exc}; trying the checkpoint before it", file=sys.stderr, flush=True)
+                continue
+            if failures:
+                print(f"resuming from {candidate.name}, the newest checkpoint that loads", file=sys.stderr, flush=True)
+            return candidate
+        raise CheckpointError(
+            f"no checkpoint in {self.output_dir / CHECKPOINTS} loads ({'; '.join(failures)}): move them away, or set "
+            "train.resume=never to start over"
+        )
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -367,9 +415,8 @@ class Trainer:
         cfg = self.config
         seed_everything(cfg.seed)
         result = TrainResult(global_step=0)
-        target = self._resume_target()
+        target = self.resume()
         if target is not None:
-            self.load_checkpoint(target)
             result.resumed_from = str(target)
         if self.evaluate and cfg.eval_before_training and self.step == 0:
             self._run_eval(result)

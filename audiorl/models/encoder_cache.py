@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from audiorl.models.base import AudioContext, save_whole
+from audiorl.safe_load import CheckpointError, load_pt
 
 
 class EncoderCache:
@@ -40,6 +41,7 @@ class EncoderCache:
         self._bytes = 0
         self.hits = 0
         self.misses = 0
+        self.unreadable = 0  # cache files that did not load as a tensor (replaced)
 
     def key(self, features: dict[str, torch.Tensor], row: int) -> str:
         digest = hashlib.blake2b(self.model_key.encode(), digest_size=16)
@@ -82,9 +84,16 @@ class EncoderCache:
         if self.directory is not None:
             path = self.directory / f"{key}.pt"
             if path.is_file():
-                state = torch.load(path, map_location="cpu")
-                self._remember(key, state)
-                return state
+                try:
+                    state = load_pt(path)
+                except CheckpointError:
+                    state = None
+                if isinstance(state, torch.Tensor):
+                    self._remember(key, state)
+                    return state
+                # not a cache entry this code wrote: computed again, and written over
+                self.unreadable += 1
+                path.unlink(missing_ok=True)
         return None
 
     def _put(self, key: str, state: torch.Tensor) -> None:
