@@ -7,18 +7,79 @@ package under an entry point group:
 
     [project.entry-points."audiorl.losses"]
     margin = "my_pkg.losses:margin_loss"
+
+A `module:Name` is imported from an installed package or a folder on the Python path, never from
+the working directory unless its top-level module is named in `AUDIORL_LOCAL_PLUGINS`
+(comma-separated): under `python -m` and `torchrun --module` (a pod's entry point) the working
+directory is importable, and a stray `evil.py` next to a config must not run because a config
+names it. An allowed local module is imported from the working directory even where it is not on
+the path (the pods run with `PYTHONSAFEPATH=1`).
 """
 
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
+import importlib.util
+import os
+import sys
+from importlib.metadata import entry_points, packages_distributions
+from pathlib import Path
 from typing import Any
 
 from audiorl.errors import ConfigError
 
 FAMILY_GROUP = "audiorl.model_families"
 LOSS_GROUP = "audiorl.losses"
+LOCAL_PLUGINS_ENV = "AUDIORL_LOCAL_PLUGINS"
+
+
+def _allowed_local() -> set[str]:
+    return {name.strip() for name in os.environ.get(LOCAL_PLUGINS_ENV, "").split(",") if name.strip()}
+
+
+def _local_path(top: str) -> Path | None:
+    """The working directory's `top.py` or `top/` package, if there is one."""
+    cwd = Path.cwd()
+    for candidate in (cwd / f"{top}.py", cwd / top / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _in_working_dir(top: str) -> Path | None:
+    """Where `top` would be imported from, when that is the working directory and no installed
+    distribution provides it."""
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if found is None or top == "audiorl" or top in packages_distributions():
+        return None
+    origin = Path(found.origin) if found.origin else Path(next(iter(found.submodule_search_locations or []), ""))
+    cwd = Path.cwd().resolve()
+    try:
+        origin.resolve().relative_to(cwd)
+    except ValueError:
+        return None
+    return origin
+
+
+def _import(module_name: str, spec: str, key: str) -> Any:
+    top = module_name.split(".")[0]
+    allowed = top in _allowed_local()
+    local = _in_working_dir(top)
+    if local is not None and not allowed:
+        raise ConfigError(
+            f"{key}={spec!r}: {top!r} would be imported from the working directory ({local}); plug-ins load from installed "
+            f"packages, entry points or folders on PYTHONPATH, or set {LOCAL_PLUGINS_ENV}={top} to allow this one"
+        )
+    if allowed and local is None and top not in sys.modules and importlib.util.find_spec(top) is None and _local_path(top):
+        sys.path.insert(0, str(Path.cwd()))  # the one module allowed from here (PYTHONSAFEPATH keeps the folder off the path)
+        try:
+            return importlib.import_module(module_name)
+        finally:
+            sys.path.remove(str(Path.cwd()))
+    return importlib.import_module(module_name)
 
 
 def load_object(spec: str, key: str) -> Any:
@@ -27,9 +88,11 @@ def load_object(spec: str, key: str) -> Any:
     if not module_name or not attr:
         raise ConfigError(f"{key}={spec!r}: expected package.module:Name")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name, spec, key)
     except ImportError as exc:
-        raise ConfigError(f"{key}={spec!r}: cannot import {module_name!r} ({exc}); is the package installed?") from None
+        hint = f" (a module in the working directory loads only when named in {LOCAL_PLUGINS_ENV})" if _local_path(
+            module_name.split(".")[0]) else "; is the package installed?"
+        raise ConfigError(f"{key}={spec!r}: cannot import {module_name!r} ({exc}){hint}") from None
     try:
         return getattr(module, attr)
     except AttributeError:

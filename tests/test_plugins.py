@@ -93,3 +93,50 @@ def test_unknown_plugins_fail_clearly(user_package, tmp_path, tiny_whisper, spee
     cfg = _config(tmp_path, tiny_whisper, speech_dir, "my_asr_ext.losses:wide_margin", "sigmoid")
     with pytest.raises(ConfigError, match="not a subclass of audiorl.models.ModelAdapter"):
         audiorl.train(cfg)
+
+
+STRAY = "import pathlib\npathlib.Path('{marker}').touch()\n\ndef score(completions, **columns):\n    return [1.0 for c in completions]\n"
+
+
+def test_a_stray_module_in_the_working_directory_is_not_imported(tmp_path, monkeypatch):
+    """Under `python -m` (and torchrun --module) the working directory is importable: a config
+    naming a module that lies there is refused before the module runs."""
+    from audiorl.rewards import build_reward
+
+    marker = tmp_path / "stray-ran"
+    (tmp_path / "evil_rewards.py").write_text(STRAY.format(marker=marker))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # what python -m does with the working directory
+    monkeypatch.delenv("AUDIORL_LOCAL_PLUGINS", raising=False)
+    with pytest.raises(ConfigError, match=r"'evil_rewards' would be imported from the working directory .*AUDIORL_LOCAL_PLUGINS=evil_rewards"):
+        build_reward([{"name": "evil_rewards:score"}])
+    assert not marker.exists() and "evil_rewards" not in sys.modules
+
+
+def test_a_local_module_named_in_the_allow_list_loads_even_off_the_path(tmp_path, monkeypatch):
+    from audiorl.rewards import build_reward
+
+    marker = tmp_path / "allowed-ran"
+    (tmp_path / "team_rewards.py").write_text(STRAY.format(marker=marker))
+    monkeypatch.chdir(tmp_path)  # the folder is not on sys.path, as in a pod (PYTHONSAFEPATH=1)
+    monkeypatch.delenv("AUDIORL_LOCAL_PLUGINS", raising=False)
+    with pytest.raises(ConfigError, match=r"cannot import 'team_rewards'.*only when named in AUDIORL_LOCAL_PLUGINS"):
+        build_reward([{"name": "team_rewards:score"}])
+    monkeypatch.setenv("AUDIORL_LOCAL_PLUGINS", "other, team_rewards")
+    try:
+        total, _ = build_reward([{"name": "team_rewards:score"}])(["a", "b"])
+        assert marker.exists() and list(total) == [1.0, 1.0]
+        assert str(tmp_path) not in sys.path  # the folder was on the path for that import only
+    finally:
+        sys.modules.pop("team_rewards", None)
+
+
+def test_pods_run_with_the_working_directory_off_the_python_path():
+    from audiorl.config import validate_config
+    from audiorl.k8s.render import render
+
+    cfg = validate_config({"model": {"name_or_path": "/models/m"}, "data": {"train": "/data/t.jsonl"}})
+    for api in ("pytorchjob", "trainjob"):
+        job = render(cfg, name="j", run_id="r1", api=api).job
+        container = job["spec"]["trainer"] if api == "trainjob" else job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+        assert {e["name"]: e.get("value") for e in container["env"]}["PYTHONSAFEPATH"] == "1"

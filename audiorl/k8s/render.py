@@ -152,6 +152,9 @@ def container_env(cfg: RunConfig, name: str, run_id: str, extra: dict[str, str] 
         "AUDIORL_RUN_ID": run_id,
         "AUDIORL_NO_PROGRESS": "1",
         "PYTHONUNBUFFERED": "1",
+        # `torchrun --module` would put the working directory first on the path: a stray module
+        # there must not shadow a package or be taken for a plug-in (AUDIORL_LOCAL_PLUGINS allows one)
+        "PYTHONSAFEPATH": "1",
         # one BLAS/OpenMP pool per process, sized to the CPUs the pod asked for
         "OMP_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
