@@ -21,25 +21,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from audiorl.errors import ConfigError
 from audiorl.methods import ObjectiveConfig, default_objective, keys_of_other_methods
+from audiorl.secrets import is_secret_key, redact, redact_tree, secret_shape  # one rule, re-exported here
 from audiorl.sections import Section
-
-# Keys and URIs that carry secrets: never logged, never inlined in a manifest.
-_SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey", "accesskey"}
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.IGNORECASE)
-
-
-def has_uri_password(value: str) -> bool:
-    """True when `value` holds a URI with a password in it (scheme://user:password@host)."""
-    return _URI_PASSWORD.search(value) is not None
-
-
-def is_secret_key(name: str) -> bool:
-    """Does a key or variable name say it holds a secret? Whole words only, so HF_TOKEN,
-    apiKey and AWS_SECRET_ACCESS_KEY are secrets while max_target_tokens and
-    TOKENIZERS_PARALLELISM are not."""
-    words = [w.lower() for w in re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", str(name))]
-    pairs = {a + b for a, b in zip(words, words[1:])}
-    return bool(_SECRET_WORDS & (set(words) | pairs))
 
 
 class LoraSettings(Section):
@@ -362,7 +345,7 @@ class JobConfig(Section):
     @classmethod
     def _no_inline_secrets(cls, value: dict[str, str]) -> dict[str, str]:
         for key, item in value.items():
-            if is_secret_key(key) or has_uri_password(str(item)):
+            if is_secret_key(key) or secret_shape(str(item)):
                 raise ValueError(f"env {key!r} looks like a secret: {_SECRET_VALUE_HINT}")
         return value
 
@@ -464,6 +447,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+_FREE_FORM = {("job", "env"), ("job", "labels"), ("job", "annotations"), ("tracking", "tags")}
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     problems = []
     for err in exc.errors():
@@ -482,7 +468,12 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif "input" in err and err["type"] not in ("value_error",):
-            msg = f"{msg} (got {err['input']!r})"
+            # the rejected value is shown unless it is (or is named as) a secret, or is a free-form
+            # value (environment, labels, annotations, tags) where secrets tend to be put
+            hidden = (is_secret_key(parts[-1] if parts else "") or secret_shape(str(err["input"]))
+                      or tuple(parts[:2]) in _FREE_FORM)
+            shown = "the value is not shown: it may be a secret" if hidden else repr(err["input"])
+            msg = f"{msg} (got {shown})"
         problems.append(f"{loc}: {msg}")
     return f"{source}: invalid config: " + "; ".join(problems)
 
@@ -524,13 +515,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
-    return value
+    """A value fit for logs and MLflow: its secret parts (by shape) replaced by ***."""
+    return redact(value)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested sections to dotted keys, dropping secret-looking keys and URI passwords."""
+    """Flatten nested sections to dotted keys for MLflow params: secret-named keys are dropped,
+    and secrets inside values (lists and mappings too) are redacted by the one rule."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
@@ -539,7 +530,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, dict):
             flat.update(flatten(value, prefix=f"{name}."))
         elif isinstance(value, list):
-            flat[name] = json.dumps([redact_value(v) for v in value])
+            flat[name] = json.dumps(redact_tree(value))
         else:
             flat[name] = redact_value(value)
     return flat

@@ -22,8 +22,9 @@ from typing import Any
 import yaml
 
 from audiorl import __version__
-from audiorl.config import RunConfig, has_uri_password, is_secret_key, load_config, parse_quantity
+from audiorl.config import RunConfig, is_secret_key, load_config, parse_quantity
 from audiorl.errors import ConfigError
+from audiorl.secrets import find_secrets, secret_shape
 
 PYTORCHJOB_API = "kubeflow.org/v1"
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
@@ -440,14 +441,24 @@ def render(cfg: RunConfig, *, name: str | None = None, run_id: str, api: str | N
     name = check_name(job.name or name or "", "job.name" if job.name else "job name")
     check_name(job.namespace, "job.namespace", pattern=_DNS1123, max_len=63)
     for key, value in (extra_env or {}).items():
-        if is_secret_key(key) or has_uri_password(value):
+        if is_secret_key(key) or secret_shape(value):
             raise ConfigError(f"{key} looks like a secret; only Secret references may carry secrets")
     if not re.match(r"^[a-z0-9]{1,40}$", run_id):
         raise ConfigError(f"run id {run_id!r}: use 1-40 lower-case letters and digits")
-    if cfg.tracking.tracking_uri and has_uri_password(cfg.tracking.tracking_uri):
+    if cfg.tracking.tracking_uri and secret_shape(cfg.tracking.tracking_uri):
         raise ConfigError(
-            "tracking.tracking_uri carries a password, which would be stored in the job's ConfigMap: drop it from the "
-            "URI and pass MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD under job.secret_env"
+            "tracking.tracking_uri carries a credential (a password, a token as the user, or one in the query), which would be "
+            "stored in the job's ConfigMap: drop it from the URI and pass MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN) under job.secret_env"
+        )
+    # the whole config goes into the ConfigMap, and job.env, labels and annotations into the job:
+    # a value the job needs cannot be redacted there, so a secret anywhere is refused
+    leaks = find_secrets(cfg.to_dict(), skip=frozenset({"job.secret_env"}))
+    if leaks:
+        named = "; ".join(f"{path} ({why})" for path, why in leaks)
+        raise ConfigError(
+            f"{named}: the job would carry it in plain text (its ConfigMap or pod spec); put it in a Kubernetes Secret and "
+            "reference it under job.secret_env (reward or plug-in settings can read it from that variable), or remove it"
         )
     labels = job_labels(cfg, run_id)
     namespace = job.namespace

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from audiorl.config import RunConfig, TrackingConfig, flatten, redact_value
+from audiorl.config import RunConfig, TrackingConfig, flatten, redact_tree, redact_value
 from audiorl.errors import TrainingError
 from audiorl.progress import console
 from audiorl.tracking.outbox import RUN_FILE, Outbox, replay
@@ -87,7 +87,8 @@ class Tracker:
         self.tracking_uri = resolve_tracking_uri(self.config)
         self._spill = Path(spill_dir) if spill_dir else None
         client = MlflowClient(self.tracking_uri)
-        all_tags = {**self.config.tags, **(tags or {})}
+        # tags are shown to anyone who can read the experiment: secrets in them (by name or shape) are redacted
+        all_tags = {k: str(v) for k, v in redact_tree({**self.config.tags, **(tags or {})}).items()}
         existing = os.environ.get("MLFLOW_RUN_ID") or (self._recorded_run() if resume else None)
         try:
             self._open(client, existing, run_name, all_tags)
@@ -253,7 +254,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self._client or not tags:
             return
-        item = {"kind": "tags", "tags": {k: str(redact_value(v)) for k, v in tags.items()}}
+        item = {"kind": "tags", "tags": {k: str(v) for k, v in redact_tree(tags).items()}}
         self._send(lambda c: replay(c, self.run_id, item, self._spill), item)
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
