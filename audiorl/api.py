@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from audiorl.audio import AudioLimits
+from audiorl.audio import limits_for
 from audiorl.config import ModelConfig, RunConfig, TextNormalization, load_config
 from audiorl.data.builders import build_pairs, find_hard_cases
 from audiorl.data.records import load_records
@@ -98,7 +98,7 @@ def evaluate(
     (returns {name: EvalResult}; the model is loaded once). The family is read from the model
     directory's config.json unless given."""
     adapter = model if isinstance(model, ModelAdapter) else _load_model(model, family, language, device)
-    limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=max_audio_seconds)
+    limits = limits_for(adapter.sampling_rate, max_audio_seconds, adapter.window_seconds)
 
     def one(path: str | Path, label: str):
         records, _ = load_records(str(path), adapter, limits, "transcript", on_bad=on_bad_record, max_tokens=None, label=label)
@@ -149,7 +149,7 @@ def _load_for_building(model, data, *, family, language, device, max_audio_secon
     adapter = _load_model(model, family, language, device, **cache)
     if encoder_cache_dir and adapter.encoder_cache is None:
         raise ConfigError(f"--encoder-cache-dir: the {adapter.family} family has no encoder cache")
-    limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=max_audio_seconds)
+    limits = limits_for(adapter.sampling_rate, max_audio_seconds, adapter.window_seconds)
     records, _ = load_records(str(data), adapter, limits, "transcript", on_bad=on_bad_record, max_tokens=None, label="input data")
     return adapter, limits, records
 

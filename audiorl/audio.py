@@ -7,6 +7,7 @@ Every error names where the clip came from (file, manifest line) so that a bad r
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,17 @@ class AudioLimits:
     sampling_rate: int = 16000
     max_seconds: float = 30.0
     min_samples: int = 1
+    min_seconds: float = 0.0  # data.min_audio_seconds
+    max_source: str = "data.max_audio_seconds"  # what set max_seconds, for the error
+
+
+def limits_for(sampling_rate: int, max_seconds: float, window_seconds: float | None, *, min_seconds: float = 0.0) -> AudioLimits:
+    """The limits for a model: `max_seconds`, or the model's input window when that is shorter
+    (a longer clip would be cut off at the window without a word: refused instead)."""
+    if window_seconds is not None and window_seconds < max_seconds:
+        return AudioLimits(sampling_rate=sampling_rate, max_seconds=window_seconds, min_seconds=min_seconds,
+                           max_source=f"the model's {window_seconds:g} s input window (data.max_audio_seconds={max_seconds:g})")
+    return AudioLimits(sampling_rate=sampling_rate, max_seconds=max_seconds, min_seconds=min_seconds)
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
@@ -49,9 +61,12 @@ def check_waveform(samples: np.ndarray, sampling_rate: int, limits: AudioLimits,
     seconds = samples.shape[0] / float(sampling_rate)
     if seconds > limits.max_seconds:
         raise DataError(
-            f"{where}: clip is {seconds:.1f} s long, over data.max_audio_seconds={limits.max_seconds:g}; "
+            f"{where}: clip is {seconds:.1f} s long, over the {limits.max_seconds:g} s limit ({limits.max_source}); "
             "split it or raise the limit"
         )
+    if seconds < limits.min_seconds:
+        raise DataError(f"{where}: clip is {seconds * 1000:.0f} ms long, under data.min_audio_seconds={limits.min_seconds:g}; "
+                        "remove it or lower the limit")
     return samples.astype(np.float32, copy=False)
 
 
@@ -79,10 +94,39 @@ def decode(source: str | Path | bytes, where: str | None = None, *, offset: floa
                     raise DataError(f"{label}: the segment {offset:g}-{end / rate:g} s lies past the end of the {total / rate:.2f} s "
                                     "recording; fix its offset/duration")
                 f.seek(start)
-            samples = f.read(min(frames, total - start), dtype="float32", always_2d=True)
+            wanted = min(frames, total - start)
+            samples = f.read(wanted, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise DataError(f"{label}: cannot decode audio ({exc}); supported: WAV, FLAC, OGG/Vorbis, MP3") from None
+    promised = _wav_data_bytes(source)
+    if promised is not None and promised[0] > promised[1] + 1024:  # libsndfile reads what is there without a word
+        raise DataError(f"{label}: truncated: its WAV header promises {promised[0]} bytes of audio, the file holds {promised[1]}; "
+                        "re-export or re-download it")
     return to_mono(samples), rate
+
+
+def _wav_data_bytes(source: str | Path | bytes) -> tuple[int, int] | None:
+    """(bytes the WAV header's data chunk promises, bytes the file holds after it), or None for
+    anything but a RIFF/WAVE file (or a streamed one, whose header leaves the size open)."""
+    try:
+        if isinstance(source, bytes):
+            head, size = source[:65536], len(source)
+        else:
+            with open(source, "rb") as f:
+                head, size = f.read(65536), os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    at = 12
+    while at + 8 <= len(head):
+        chunk, length = head[at : at + 4], int.from_bytes(head[at + 4 : at + 8], "little")
+        if chunk == b"data":
+            if length in (0, 0xFFFFFFFF):
+                return None
+            return length, size - (at + 8)
+        at += 8 + length + (length & 1)
+    return None
 
 
 def duration_seconds(source: str | Path | bytes | np.ndarray, source_rate: int | None = None) -> float:

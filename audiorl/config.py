@@ -92,7 +92,8 @@ class DataConfig(Section):
     format: Literal["auto", "audiorl", "nemo", "lhotse", "hf"] = Field(
         "auto", description="how train and eval sources are read; auto: told by each one's content"
     )
-    max_audio_seconds: float = Field(30.0, gt=0)
+    max_audio_seconds: float = Field(30.0, gt=0, description="longer clips are bad records (and any over the model's input window)")
+    min_audio_seconds: float = Field(0.1, ge=0, description="shorter clips are bad records")
     max_target_tokens: int | None = Field(None, gt=0, description="default: the model's own limit")
     on_bad_record: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0)
@@ -296,6 +297,18 @@ class VolcanoConfig(Section):
 _SECRET_VALUE_HINT = "put it in a Kubernetes Secret and reference it under job.secret_env"
 
 
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _label_key_ok(key: str) -> bool:
+    """A label or annotation key as the API server checks it: [prefix/]name."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return bool(_LABEL_NAME.match(name))
+
+
 class JobConfig(Section):
     api: Literal["pytorchjob", "trainjob"] = Field(
         "pytorchjob", description="the workload: a Kubeflow Training Operator v1 PyTorchJob, or a Kubeflow Trainer v2 TrainJob"
@@ -366,6 +379,19 @@ class JobConfig(Section):
             raise ValueError(
                 f"shm_size {self.shm_size} is not below the memory limit {limit}: /dev/shm counts against the pod's memory"
             )
+        for resource in ("cpu", "memory"):
+            asked, most = getattr(self.requests, resource), getattr(self.limits, resource)
+            if asked is not None and most is not None and parse_quantity(asked) > parse_quantity(most):
+                raise ValueError(f"requests.{resource} {asked} is above limits.{resource} {most}: the API server refuses such a pod")
+        mounts = [v.mount_path for v in self.volumes]
+        taken = sorted({m for m in mounts if mounts.count(m) > 1} | ({"/etc/audiorl", "/dev/shm"} & set(mounts)))
+        if taken:
+            raise ValueError(f"volume mount paths {taken} are taken (repeated, or the config's /etc/audiorl and /dev/shm)")
+        for where, labels in (("labels", self.labels), ("annotations", self.annotations)):
+            for key in labels:
+                if not _label_key_ok(key):
+                    raise ValueError(f"{where} key {key!r} is not a valid Kubernetes key: an optional DNS prefix and '/', then at most "
+                                     "63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit")
         return self
 
     @property
@@ -491,11 +517,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Read a YAML run file, apply `--set` overrides, validate."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a YAML run file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the run file as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

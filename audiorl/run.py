@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from audiorl import distributed, progress
-from audiorl.audio import AudioLimits
+from audiorl.audio import AudioLimits, limits_for
 from audiorl.config import RunConfig, load_config
 from audiorl.data.collate import RecordDataset
 from audiorl.data.mixture import Source, draws_per_source, mixture_order, source_names
@@ -124,7 +125,15 @@ def set_up_runtime(cfg: RunConfig) -> Runtime:
     strategy = strategy_for(cfg.train.distributed.strategy, info)
     if strategy.sharded and cfg.model.lora is not None:
         raise ConfigError("train.distributed.strategy=fsdp with model.lora is not supported yet; use ddp (LoRA keeps memory low)")
-    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+    output = Path(cfg.train.output_dir)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        what = "is a file, not a folder" if output.is_file() else f"cannot be written ({exc.strerror})"
+        raise ConfigError(f"train.output_dir {output} {what}: point it at a folder this user can write") from None
     return Runtime(device=device, dist=info, strategy=strategy)
 
 
@@ -132,7 +141,7 @@ def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
     adapter = load_adapter(cfg.model, runtime.device)
     if not runtime.strategy.caches_encoder:
         adapter.encoder_cache = None
-    limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=cfg.data.max_audio_seconds)
+    limits = limits_for(adapter.sampling_rate, cfg.data.max_audio_seconds, adapter.window_seconds, min_seconds=cfg.data.min_audio_seconds)
     kind = method_for(cfg.objective).data_kind
     checks = dict(on_bad=cfg.data.on_bad_record, max_tokens=cfg.data.max_target_tokens, format=cfg.data.format)
     records: list[Record] = []
@@ -231,6 +240,7 @@ def fit(cfg: RunConfig, runtime: Runtime, data: RunData, loss_step: Step, collat
         num_workers=cfg.data.num_workers, evaluate=evaluator if evaluator and runtime.strategy.evaluates_in_loop else None,
         log=tracker.log_metrics, fingerprint=cfg.fingerprint(runtime.dist.world_size), dist_info=runtime.dist,
         order=functools.partial(mixture_order, data.sources, cfg.train.seed) if data.mixture else None,
+        data_fingerprint=fingerprint(data.train, mtime=False),
     )
     result = trainer.train()
     cache = data.adapter.encoder_cache

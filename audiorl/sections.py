@@ -6,4 +6,5 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a learning rate, a beta or a size: `.inf` in YAML is a mistake to name
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

@@ -176,11 +176,13 @@ class Trainer:
         fingerprint: str = "",
         dist_info: Dist | None = None,
         order: Callable[[int], list[int]] | None = None,
+        data_fingerprint: str = "",
     ):
         self.config = config
         self.loss_step = loss_step
         self.dataset = dataset
         self.order = order  # epoch -> the dataset's indices in order (default: a seeded permutation)
+        self.data_fingerprint = data_fingerprint  # the training records' content, checked on resume
         self.collate_fn = collate_fn
         self.device = device
         self.num_workers = num_workers
@@ -331,6 +333,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "bad_steps": self.bad_steps,
             "config_fingerprint": self.fingerprint,
+            "data_fingerprint": self.data_fingerprint,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
@@ -356,6 +359,11 @@ class Trainer:
             raise TrainingError(
                 f"{path}: this checkpoint was written by a run with a different config; "
                 "use a new train.output_dir, or train.resume=never to start over"
+            )
+        if self.data_fingerprint and state.get("data_fingerprint") not in (None, "", self.data_fingerprint):
+            raise TrainingError(
+                f"{path}: the training data changed since this checkpoint was written (the manifests' records or the clips' "
+                "sizes differ): the data order it continues would be another; restore the data, or use a new train.output_dir"
             )
         scheduler = load_pt(path / "scheduler.pt")
         extra = load_pt(path / "state.pt")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,11 @@ def _seconds(row: dict[str, Any], key: str, where: str, *, required: bool = Fals
     return float(value)
 
 
+def _plain(text: str) -> str:
+    """Lower case, punctuation and spacing dropped: two transcripts equal here read the same."""
+    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+
+
 def _text_field(row: dict[str, Any], key: str, where: str, required: bool) -> str | None:
     value = row.get(key)
     if value is None:
@@ -150,6 +156,10 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> 
     if kind == "preference":
         record.chosen = _text_field(row, "chosen", where, required=True)
         record.rejected = _text_field(row, "rejected", where, required=True)
+        if _plain(record.chosen) == _plain(record.rejected):
+            how = "" if record.chosen == record.rejected else " once normalised"
+            raise DataError(f"{where}: 'chosen' and 'rejected' are the same transcript{how} ({record.chosen[:40]!r}): the pair "
+                            "teaches nothing; drop it")
     elif kind == "unpaired":
         record.completion = _text_field(row, "completion", where, required=True)
         if not isinstance(row.get("label"), bool):
@@ -368,7 +378,10 @@ def validate_records(
     with progress_bar(description, total=len(records)) as advance:
         for record in records:
             try:
-                record.load(limits)
+                wave = record.load(limits)
+                if not np.any(wave) and _has_speech_text(record):
+                    raise DataError(f"{record.source}: the clip is digital silence (all zeros) but has a transcript; "
+                                    "fix the audio, or mark it no_speech with an empty text")
                 if text_check is not None:
                     text_check(record)
                 good.append(record)
@@ -386,12 +399,41 @@ def validate_records(
     return good, bad
 
 
+def _has_speech_text(record: Record) -> bool:
+    texts = [record.text, record.chosen, record.rejected, record.completion]
+    return any(t and t.strip() for t in texts)
+
+
+def duplicates(records: list[Record]) -> list[tuple[str, str]]:
+    """(record, the earlier record it repeats) for records with the same clip (and segment) and
+    the same transcripts as one before them."""
+    first: dict[tuple, str] = {}
+    out = []
+    for record in records:
+        audio = record.audio if isinstance(record.audio, str) else hashlib.sha256(
+            record.audio if isinstance(record.audio, bytes) else np.ascontiguousarray(record.audio).tobytes()).hexdigest()
+        key = (audio, record.offset, record.seconds, record.text, record.chosen, record.rejected, record.completion, record.label)
+        if key in first:
+            out.append((record.source, first[key]))
+        else:
+            first[key] = record.source
+    return out
+
+
+# characters per token no tokenizer goes beyond: a longer transcript is refused before tokenising
+_MAX_CHARS_PER_TOKEN = 16
+
+
 def transcript_length_check(adapter: ModelAdapter, max_tokens: int, kind: Kind):
     """A `text_check` for `validate_records`: every transcript of a record fits in `max_tokens`
     of the model's tokens."""
 
     def check(record: Record) -> None:
         texts = {"preference": [record.chosen, record.rejected], "unpaired": [record.completion]}.get(kind) or [record.reference]
+        for text in texts:
+            if len(text) > max_tokens * _MAX_CHARS_PER_TOKEN:
+                raise DataError(f"{record.source}: transcript {text[:30]!r}... is {len(text)} characters, far over the limit of "
+                                f"{max_tokens} tokens (data.max_target_tokens / the model's maximum)")
         for text, ids in zip(texts, adapter.target_ids(texts)):
             if len(ids) > max_tokens:
                 raise DataError(
@@ -416,11 +458,17 @@ def load_records(
     )
     if bad:
         console.print(f"[yellow]{label}: skipped {len(bad)} of {len(records)} records (data.on_bad_record=skip)[/]")
+    repeated = duplicates(good)
+    if repeated:
+        shown = ", ".join(f"{where} repeats {earlier}" for where, earlier in repeated[:3])
+        console.print(f"[yellow]{label}: warning: {len(repeated)} duplicate record(s), kept (they weigh double): {shown}"
+                      f"{' ...' if len(repeated) > 3 else ''}[/]")
     return good, bad
 
 
-def fingerprint(records: list[Record]) -> str:
-    """A hash of the records' content: transcripts, and audio by path, size and mtime (or bytes)."""
+def fingerprint(records: list[Record], *, mtime: bool = True) -> str:
+    """A hash of the records' content: transcripts, and audio by path, size and mtime (or bytes).
+    Without `mtime`, copying the data elsewhere keeps the hash (what a resumed run compares)."""
     digest = hashlib.sha256()
     for record in records:
         content = [record.text, record.chosen, record.rejected, record.prompt, record.language, record.extra]
@@ -432,7 +480,7 @@ def fingerprint(records: list[Record]) -> str:
         if isinstance(record.audio, str):
             try:
                 stat = Path(record.audio).stat()
-                digest.update(f"{record.audio}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+                digest.update(f"{record.audio}|{stat.st_size}|{stat.st_mtime_ns if mtime else ''}".encode())
             except OSError:
                 digest.update(record.audio.encode())
         elif isinstance(record.audio, bytes):

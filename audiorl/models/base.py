@@ -145,6 +145,11 @@ class ModelAdapter(ABC):
     def max_target_tokens(self) -> int:
         """The longest completion (in tokens) the model can score after its prefix."""
 
+    @property
+    def window_seconds(self) -> float | None:
+        """The longest clip the model hears whole (a fixed input window), or None when it has none."""
+        return None
+
     @abstractmethod
     def features(self, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]: ...
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from audiorl.config import ModelConfig
-from audiorl.errors import ConfigError
+from audiorl.errors import ConfigError, ModelError
 from audiorl.models.base import ModelAdapter
 from audiorl.plugins import FAMILY_GROUP, entry_point_names, resolve
 
@@ -53,6 +54,25 @@ def adapter_class(family: str) -> type[ModelAdapter]:
     return cls
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Fail at once, naming the path, for a local model folder that is not there: a path-like
+    name (absolute, `./`, `../`, `~`, or a folder that exists in part), or any name when the hub
+    is off (`HF_HUB_OFFLINE`), rather than after a hub lookup that cannot succeed."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ModelError(f"{name_or_path}: a folder without config.json; point at a folder written by save_pretrained "
+                             "(or audiorl model import)")
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1 or path.parent.name and path.parent.exists()
+    if looks_local or offline:
+        why = "the hub is off (HF_HUB_OFFLINE)" if offline and not looks_local else "it names a local folder"
+        raise ModelError(f"{name_or_path}: model folder not found ({why}); check the path, or import the model first "
+                         "(audiorl model import)")
+
+
 def load_adapter(config: ModelConfig, device: torch.device | str = "cpu") -> ModelAdapter:
     """Load the model named by `config` through its family's adapter."""
+    check_model_source(config.name_or_path)
     return adapter_class(config.family).from_pretrained(config, device=device)

@@ -222,6 +222,11 @@ class WhisperAdapter(ModelAdapter):
     def max_target_tokens(self) -> int:
         return int(_core(self.model).config.max_target_positions) - len(self.prefix_ids) + 1
 
+    @property
+    def window_seconds(self) -> float:
+        """Whisper hears a fixed window (30 s for OpenAI's models): the rest of a clip is cut off."""
+        return self.feature_extractor.n_samples / self.sampling_rate
+
     def features(self, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Log-mel features in the layout the checkpoint was trained on (see `PADDING`)."""
         fe = self.feature_extractor
