@@ -467,18 +467,21 @@ class SimulatedOperator:
         out.append({"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": _now(), "lastUpdateTime": _now()})
         return out
 
+    def _appeared(self, resource: tuple, timeout_s: float = 20) -> dict[str, Any]:
+        """The job, once it has been created (as a controller's informer would see it)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.api.store.get(resource, self.namespace, self.name)
+            except ApiError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no {RESOURCES[resource][0]} {self.name} appeared") from None
+                time.sleep(0.05)
+
     def _run(self) -> None:
         try:
             store = self.api.store
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    job = store.get(PYTORCHJOBS, self.namespace, self.name)
-                    break
-                except ApiError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"no PyTorchJob {self.name} appeared") from None
-                    time.sleep(0.05)
+            job = self._appeared(PYTORCHJOBS)
             specs = job["spec"]["pytorchReplicaSpecs"]
             counts = {kind: spec.get("replicas", 1) for kind, spec in specs.items()}
             for kind, n in counts.items():
@@ -549,15 +552,7 @@ class SimulatedTrainer(SimulatedOperator):
     def _run(self) -> None:
         try:
             store = self.api.store
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    job = store.get(TRAINJOBS, self.namespace, self.name)
-                    break
-                except ApiError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"no TrainJob {self.name} appeared") from None
-                    time.sleep(0.05)
+            job = self._appeared(TRAINJOBS)
             conditions: list[dict[str, Any]] = []
 
             def post(kind: str | None, reason: str = "", message: str = "", active: int = 0, succeeded: int = 0, failed: int = 0) -> None:
