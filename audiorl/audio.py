@@ -98,11 +98,17 @@ def decode(source: str | Path | bytes, where: str | None = None, *, offset: floa
             samples = f.read(wanted, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise DataError(f"{label}: cannot decode audio ({exc}); supported: WAV, FLAC, OGG/Vorbis, MP3") from None
-    promised = _wav_data_bytes(source)
-    if promised is not None and promised[0] > promised[1] + 1024:  # libsndfile reads what is there without a word
-        raise DataError(f"{label}: truncated: its WAV header promises {promised[0]} bytes of audio, the file holds {promised[1]}; "
-                        "re-export or re-download it")
     return to_mono(samples), rate
+
+
+def check_complete(source: str | Path | bytes, where: str) -> None:
+    """Refuse a WAV file whose header promises more audio than the file holds (a truncated copy
+    or download): libsndfile reads what is there without a word. Run once per clip before
+    training (`validate_records`), not on every load."""
+    promised = _wav_data_bytes(source)
+    if promised is not None and promised[0] > promised[1] + 1024:
+        raise DataError(f"{where}: truncated: its WAV header promises {promised[0]} bytes of audio, the file holds {promised[1]}; "
+                        "re-export or re-download it")
 
 
 def _wav_data_bytes(source: str | Path | bytes) -> tuple[int, int] | None:

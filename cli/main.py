@@ -349,7 +349,7 @@ def data_check(
     max_audio_seconds: Annotated[float, typer.Option(help="Longest clip allowed.")] = 30.0,
     sampling_rate: Annotated[int, typer.Option(help="The model's sampling rate (clips are resampled to it).")] = 16000,
 ) -> None:
-    """Check every record: JSON, keys, text, hotwords, audio readable, finite, not too long."""
+    """Check every record: JSON, keys, text, hotwords, audio readable, complete, finite, not too short or long, not silence."""
     from audiorl.audio import AudioLimits
     from audiorl.data.builders import check_manifest
     from audiorl.errors import ConfigError, DataError

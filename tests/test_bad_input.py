@@ -5,6 +5,7 @@ never a traceback or silence."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,9 @@ def test_bad_audio_is_named_by_line(tmp_path, case):
         validate_records(read_records(path, "transcript"), limits)
     good_records, bad = validate_records(read_records(path, "transcript"), limits, on_bad="skip")
     assert len(good_records) == 1 and len(bad) == 1 and bad[0].source.endswith("m.jsonl:2")
+    # `audiorl data check` reports the same, with the same check
+    (problem,) = check_manifest(path, "transcript", limits).problems
+    assert re.search(message, problem), problem
 
 
 @pytest.mark.parametrize("row, message", [

@@ -25,7 +25,7 @@ import torch
 
 from audiorl.audio import AudioLimits
 from audiorl.config import TextNormalization
-from audiorl.data.records import Format, Kind, Record, detect_format, iter_manifest, read_records
+from audiorl.data.records import Format, Kind, Record, check_record, detect_format, iter_manifest, read_records
 from audiorl.errors import DataError
 from audiorl.models.base import ModelAdapter
 from audiorl.progress import progress_bar
@@ -319,8 +319,9 @@ class CheckReport:
 
 def check_manifest(path: str | Path, kind: Kind, limits: AudioLimits, format: Format = "auto") -> CheckReport:
     """Every problem of every record, by line: JSON, keys, types, empty text, hotwords, audio
-    (readable, not empty, finite, not too long). Also counts native sampling rates. Any format
-    `read_records` takes; a saved dataset's rows are named by index."""
+    (readable, complete, not empty, finite, not too short or long, not silence under a
+    transcript: `check_record`, as training checks it). Also counts native sampling rates. Any
+    format `read_records` takes; a saved dataset's rows are named by index."""
     path = Path(path)
     report = CheckReport()
     if not path.exists():
@@ -339,7 +340,7 @@ def check_manifest(path: str | Path, kind: Kind, limits: AudioLimits, format: Fo
                 continue
             for record in got:
                 try:
-                    wave = record.load(limits)
+                    wave = check_record(record, limits)
                     report.seconds += len(wave) / limits.sampling_rate
                     if isinstance(record.audio, str):
                         report.rates[sf.info(record.audio).samplerate] += 1

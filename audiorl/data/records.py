@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from audiorl.audio import AudioLimits, duration_seconds, load_audio
+from audiorl.audio import AudioLimits, check_complete, duration_seconds, load_audio
 from audiorl.errors import DataError
 from audiorl.progress import console, progress_bar
 
@@ -338,8 +338,6 @@ def detect_format(path: Path) -> str:
     raise DataError(f"{path}: manifest has no records")
 
 
-
-
 def read_records(path: str | Path, kind: Kind, format: Format = "auto") -> list[Record]:
     """Read a manifest or saved dataset of any supported format (`auto`: told by its content)."""
     path = Path(path)
@@ -378,10 +376,7 @@ def validate_records(
     with progress_bar(description, total=len(records)) as advance:
         for record in records:
             try:
-                wave = record.load(limits)
-                if not np.any(wave) and _has_speech_text(record):
-                    raise DataError(f"{record.source}: the clip is digital silence (all zeros) but has a transcript; "
-                                    "fix the audio, or mark it no_speech with an empty text")
+                check_record(record, limits)
                 if text_check is not None:
                     text_check(record)
                 good.append(record)
@@ -402,6 +397,18 @@ def validate_records(
 def _has_speech_text(record: Record) -> bool:
     texts = [record.text, record.chosen, record.rejected, record.completion]
     return any(t and t.strip() for t in texts)
+
+
+def check_record(record: Record, limits: AudioLimits) -> np.ndarray:
+    """Decode a record's clip as training will and check what decoding alone lets through (a
+    truncated WAV, digital silence with a transcript); the waveform, or a DataError naming it."""
+    wave = record.load(limits)
+    if isinstance(record.audio, (str, bytes)):
+        check_complete(record.audio, record.source)
+    if not np.any(wave) and _has_speech_text(record):
+        raise DataError(f"{record.source}: the clip is digital silence (all zeros) but has a transcript; "
+                        "fix the audio, or mark it no_speech with an empty text")
+    return wave
 
 
 def duplicates(records: list[Record]) -> list[tuple[str, str]]:
@@ -468,7 +475,8 @@ def load_records(
 
 def fingerprint(records: list[Record], *, mtime: bool = True) -> str:
     """A hash of the records' content: transcripts, and audio by path, size and mtime (or bytes).
-    Without `mtime`, copying the data elsewhere keeps the hash (what a resumed run compares)."""
+    Without `mtime`, files copied again to the same paths keep the hash (what a resumed run
+    compares: a re-synced data volume is the same data)."""
     digest = hashlib.sha256()
     for record in records:
         content = [record.text, record.chosen, record.rejected, record.prompt, record.language, record.extra]
