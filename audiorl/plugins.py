@@ -53,15 +53,15 @@ def _in_working_dir(top: str) -> Path | None:
         found = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return None
-    if found is None or top == "audiorl" or top in packages_distributions():
+    if found is None or top == "audiorl":
         return None
     origin = Path(found.origin) if found.origin else Path(next(iter(found.submodule_search_locations or []), ""))
-    cwd = Path.cwd().resolve()
     try:
-        origin.resolve().relative_to(cwd)
+        origin.resolve().relative_to(Path.cwd().resolve())
     except ValueError:
         return None
-    return origin
+    # only now the scan of every installed distribution, for the few modules that lie here
+    return None if top in packages_distributions() else origin
 
 
 def _import(module_name: str, spec: str, key: str) -> Any:
