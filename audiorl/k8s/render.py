@@ -356,8 +356,9 @@ def _train_job(cfg: RunConfig, name: str, namespace: str, labels: dict[str, str]
     account, scheduling) in one runtime patch under AudioRL's manager name, merged by the
     controller onto the runtime's `node` pods."""
     job = cfg.job
-    for key in _v1_only_settings(cfg, differing=True):
-        raise ConfigError(f"job.{key} is a PyTorchJob setting that a TrainJob cannot carry: {_V1_ONLY[key]}")
+    refused = _v1_only_settings(cfg, differing=True)
+    if refused:
+        raise ConfigError("; ".join(f"job.{key} is a PyTorchJob setting that a TrainJob cannot carry: {_V1_ONLY[key]}" for key in refused))
     pod = pod_spec(cfg, name, run_id, container_name=TRAINJOB_CONTAINER_NAME, extra_env=extra_env)
     container = pod.pop("containers")[0]
     trainer: dict[str, Any] = {
