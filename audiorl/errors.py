@@ -2,15 +2,23 @@
 
 Every message says what went wrong, where (file, line, record or config key) and what to do.
 The CLI prints the message on one line and exits non-zero; `--debug` shows the traceback.
+A message never carries a secret: a token, a URL's password or a signed query inside a path or
+value it quotes is masked (`audiorl.secrets`) when the error is made, so it stays out of logs,
+skipped-record files and MLflow alike.
 """
 
 from __future__ import annotations
+
+from audiorl.secrets import redact
 
 
 class AudioRLError(Exception):
     """Base class for every error AudioRL raises on purpose."""
 
     exit_code = 1
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(AudioRLError):

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
+from collections.abc import Iterable
 from importlib.metadata import entry_points, packages_distributions
 from pathlib import Path
 from typing import Any
@@ -114,3 +116,22 @@ def resolve(name: str, group: str, key: str) -> Any | None:
             except ImportError as exc:
                 raise ConfigError(f"{key}={name!r}: the entry point {ep.value!r} does not import ({exc})") from None
     return None
+
+
+def check_signature(fn: Any, name: str, key: str, *, shape: str, positional: int = 1, keywords: Iterable[str] = (),
+                    var_keyword: bool = False) -> None:
+    """Refuse a plug-in that cannot be called the way AudioRL will call it (`positional`
+    arguments, then `keywords`, and any other keyword when `var_keyword`), naming the config key
+    and the expected `shape`, before a run starts rather than in a traceback at its first step."""
+    if not callable(fn):
+        raise ConfigError(f"{key}={name!r}: {fn!r} is not callable; it should take {shape}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a callable without an introspectable signature is tried when called
+        return
+    try:
+        signature.bind(*([None] * positional), **dict.fromkeys(keywords))
+    except TypeError as exc:
+        raise ConfigError(f"{key}={name!r}: {getattr(fn, '__qualname__', fn)!r}{signature} cannot be called as {shape} ({exc})") from None
+    if var_keyword and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        raise ConfigError(f"{key}={name!r}: {getattr(fn, '__qualname__', fn)!r}{signature} has no **kwargs; it should take {shape}")

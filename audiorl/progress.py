@@ -13,7 +13,22 @@ from collections.abc import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+from audiorl.secrets import redact
+
+
+class RedactingConsole(Console):
+    """A rich Console that masks secrets (by the one rule of `audiorl.secrets`) in every string it
+    prints: paths, URIs and error texts in a log can carry a token (a presigned URL's signature,
+    a URL's password) where nobody put it on purpose."""
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(redact(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+    def log(self, *objects, **kwargs) -> None:
+        super().log(*(redact(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+console = RedactingConsole(stderr=True)
 
 
 _silenced = False

@@ -40,6 +40,7 @@ from audiorl.models.registry import load_adapter
 from audiorl.plots import wer_chart
 from audiorl.progress import console
 from audiorl.runtime import resolve_device, seed_everything
+from audiorl.secrets import redact
 from audiorl.tracking import Tracker, run_tags
 from audiorl.trainer import Preempted, Trainer, TrainResult, resume_target
 
@@ -184,7 +185,7 @@ def open_run(cfg: RunConfig, runtime: Runtime, data: RunData, tags: dict[str, st
     if len(data.sources) > 1 and runtime.dist.is_main:
         _log_sources(cfg, data, tracker)
     if data.skipped and runtime.dist.is_main:
-        lines = "\n".join(json.dumps({"source": r.source, "reason": r.reason}) for r in data.skipped)
+        lines = "\n".join(json.dumps({"source": redact(r.source), "reason": redact(r.reason)}) for r in data.skipped)
         (output_dir / "skipped_records.jsonl").write_text(lines + "\n")
         tracker.log_metrics({"data/skipped_records": len(data.skipped)}, step=0)
         tracker.log_artifact(output_dir / "skipped_records.jsonl", "data")

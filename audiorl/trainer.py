@@ -51,6 +51,7 @@ from audiorl.methods.base import Step
 from audiorl.progress import make_progress
 from audiorl.runtime import seed_everything
 from audiorl.safe_load import CheckpointError, load_dcp, load_pt
+from audiorl.secrets import redact
 
 CHECKPOINTS = "checkpoints"
 
@@ -400,7 +401,7 @@ class Trainer:
                 self.load_checkpoint(candidate)
             except CheckpointError as exc:
                 failures.append(str(exc))
-                print(f"warning: {exc}; trying the checkpoint before it", file=sys.stderr, flush=True)
+                print(redact(f"warning: {exc}; trying the checkpoint before it"), file=sys.stderr, flush=True)
                 continue
             if failures:
                 print(f"resuming from {candidate.name}, the newest checkpoint that loads", file=sys.stderr, flush=True)

@@ -62,9 +62,16 @@ def _root(
 
 
 def _out():
-    from rich.console import Console
+    from audiorl.progress import RedactingConsole
 
-    return Console()
+    return RedactingConsole()
+
+
+def _echo(message: str = "", err: bool = False) -> None:
+    """typer.echo with secrets masked: every line a command prints goes through here or `_out()`."""
+    from audiorl.secrets import redact
+
+    typer.echo(redact(message), err=err)
 
 
 @config_app.command("show")
@@ -77,7 +84,7 @@ def config_show(
     from audiorl.config import load_config
 
     cfg = load_config(config, set_ or [])
-    typer.echo(json.dumps(cfg.to_dict(), indent=2) if as_json else cfg.to_yaml().rstrip())
+    _echo(json.dumps(cfg.to_dict(), indent=2) if as_json else cfg.to_yaml().rstrip())
 
 
 @app.command()
@@ -338,8 +345,8 @@ def data_synth(
         exclude=excluded, noisy_validation=noisy_validation, no_speech_share=no_speech_share,
     ))
     for line in summary.lines():
-        typer.echo(line)
-    typer.echo(f"written: {out}/<split>.jsonl")
+        _echo(line)
+    _echo(f"written: {out}/<split>.jsonl")
 
 
 @data_app.command("check")
@@ -361,7 +368,7 @@ def data_check(
     rates = ", ".join(f"{rate} Hz x {n}" for rate, n in sorted(report.rates.items()))
     out.print(f"{report.records} records, {report.seconds / 3600:.2f} h of audio; native rates: {rates or '-'}")
     for problem in report.problems:
-        typer.echo(f"  {problem}")
+        _echo(f"  {problem}")
     if report.problems:
         raise DataError(f"{manifest}: {len(report.problems)} problem(s) found (listed above)")
     out.print("no problems found")
@@ -418,7 +425,7 @@ def promote(
     from audiorl.tracking.promotion import promote as run_promote
 
     decision = run_promote(name, _test_sets(gate), _test_sets(check or []), margin=margin, tolerance=tolerance,
-                           tracking_uri=tracking_uri, batch_size=batch_size, log=typer.echo,
+                           tracking_uri=tracking_uri, batch_size=batch_size, log=_echo,
                            normalizer=_normalization(normalizer).normalizer)
     table = Table(title=f"{name}: champion v{decision.champion_version or '-'} vs challenger v{decision.challenger_version}")
     for column in ("test set", "role", "champion WER", "challenger WER", "change", "ok"):
@@ -454,7 +461,7 @@ def model_export(
     from audiorl.api import export_model
 
     path = export_model(source, out, checkpoint=checkpoint, format=format, quantization=quantization, force=force, overrides=set_ or [])
-    typer.echo(f"written: {path}")
+    _echo(f"written: {path}")
 
 
 @model_app.command("import")
@@ -466,7 +473,7 @@ def model_import(
     """Turn a faster-whisper model into a save_pretrained Whisper that AudioRL, transformers and MLflow load."""
     from audiorl.api import import_model
 
-    typer.echo(f"written: {import_model(source, out, dtype=dtype)}")
+    _echo(f"written: {import_model(source, out, dtype=dtype)}")
 
 
 @model_app.command("init-whisper")
@@ -489,7 +496,7 @@ def model_init_whisper(
     corpus = [r.reference for path in texts for r in read_records(path, "transcript")]
     path = build_tiny_whisper(out, corpus, vocab_size=vocab_size, d_model=d_model, encoder_layers=encoder_layers,
                               decoder_layers=decoder_layers, attention_heads=heads, ffn_dim=ffn_dim, chunk_seconds=chunk_seconds, seed=seed)
-    typer.echo(f"written: {path} ({len(corpus)} transcripts for the tokenizer)")
+    _echo(f"written: {path} ({len(corpus)} transcripts for the tokenizer)")
 
 
 @tracking_app.command("sync")
@@ -501,7 +508,7 @@ def tracking_sync(
     from audiorl.tracking import sync
 
     run_id, sent = sync(output_dir, tracking_uri)
-    typer.echo(f"run {run_id}: sent {sent} item(s); nothing left to send" if sent else f"run {run_id}: nothing to send")
+    _echo(f"run {run_id}: sent {sent} item(s); nothing left to send" if sent else f"run {run_id}: nothing to send")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +526,7 @@ RuntimeOption = Annotated[str | None, typer.Option("--runtime", help="With a Tra
 
 
 def _err(message: str) -> None:
-    typer.echo(message, err=True)
+    _echo(message, err=True)
 
 
 def _cluster(namespace: str, kubeconfig: str | None, context: str | None, api: str):
@@ -554,13 +561,13 @@ def render(
         output.write_text(rendered.to_yaml())
         _err(f"written: {output} ({rendered.job['kind']} {rendered.namespace}/{rendered.name})")
     else:
-        typer.echo(rendered.to_yaml().rstrip())
+        _echo(rendered.to_yaml().rstrip())
 
 
 def _print_state(state) -> None:
     from datetime import datetime
 
-    typer.echo(f"{datetime.now():%H:%M:%S} {state.summary()}")
+    _echo(f"{datetime.now():%H:%M:%S} {state.summary()}")
 
 
 @app.command()
@@ -591,7 +598,7 @@ def submit(
         rendered = render_file(config, set_ or [], run_id=run_id, api=api, runtime=runtime)
         for note in rendered.warnings:
             _err(f"warning: {note}")
-        typer.echo(rendered.to_yaml().rstrip())
+        _echo(rendered.to_yaml().rstrip())
         return
     from audiorl.k8s.submission import prepare
 
@@ -601,13 +608,13 @@ def submit(
         _err(f"warning: {note}")
     backend = _backend(local, rendered.namespace, kubeconfig, context, rendered.api, timeout)
     try:
-        backend.submit(rendered, replace=replace, server_dry_run=server_dry_run, log=typer.echo)
+        backend.submit(rendered, replace=replace, server_dry_run=server_dry_run, log=_echo)
         if server_dry_run:
             return
         # a local job lives in this process: its output is shown and it is waited for
         if follow or backend.attached:
             for line in backend.logs(rendered.name, follow=True, wait_s=timeout or 600):
-                typer.echo(line)
+                _echo(line)
         if wait or follow or backend.attached:
             _finish(backend, rendered.name, timeout)
     finally:
@@ -652,13 +659,13 @@ def status(
         return
     state = cluster.status(job)
     if as_json:
-        typer.echo(json.dumps(asdict(state), indent=2))
+        _echo(json.dumps(asdict(state), indent=2))
         return
-    typer.echo(state.summary())
+    _echo(state.summary())
     for cond in state.conditions:
-        typer.echo(f"  {cond.get('lastTransitionTime', ''):20} {cond.get('type', ''):11} {cond.get('status', ''):5} {cond.get('reason', '')}")
+        _echo(f"  {cond.get('lastTransitionTime', ''):20} {cond.get('type', ''):11} {cond.get('status', ''):5} {cond.get('reason', '')}")
     if state.failed_replicas:
-        typer.echo("  failed replicas: " + ", ".join(f"{n} {kind}" for kind, n in state.failed_replicas.items()))
+        _echo("  failed replicas: " + ", ".join(f"{n} {kind}" for kind, n in state.failed_replicas.items()))
 
 
 @app.command()
@@ -672,7 +679,7 @@ def logs(
 ) -> None:
     """The lead pod's log: a PyTorchJob's master, a TrainJob's node 0."""
     for line in _job_cluster(job, namespace, kubeconfig, context, api).logs(job, follow=follow):
-        typer.echo(line)
+        _echo(line)
 
 
 @app.command("list")
@@ -687,9 +694,9 @@ def list_jobs(
 
     states = list_jobs(namespace, kubeconfig=kubeconfig, context=context, api=api)
     if not states:
-        typer.echo(f"no AudioRL jobs in namespace {namespace}")
+        _echo(f"no AudioRL jobs in namespace {namespace}")
     for state in states:
-        typer.echo(f"{state.summary()}  ({state.kind})")
+        _echo(f"{state.summary()}  ({state.kind})")
 
 
 @app.command()
@@ -702,7 +709,7 @@ def delete(
 ) -> None:
     """Delete a job, its pods and its ConfigMap."""
     _job_cluster(job, namespace, kubeconfig, context, api).delete(job)
-    typer.echo(f"deleted {job} in namespace {namespace}")
+    _echo(f"deleted {job} in namespace {namespace}")
 
 
 def main() -> None:
@@ -713,7 +720,9 @@ def main() -> None:
     except AudioRLError as exc:
         if _state["debug"]:
             raise
-        message = " ".join(str(exc).split())
+        from audiorl.secrets import redact
+
+        message = " ".join(redact(str(exc)).split())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(exc.exit_code)
 

@@ -159,6 +159,62 @@ def test_missing_or_broken_model_folders_fail_at_once(tmp_path):
     assert time.monotonic() - start < 5  # no hub lookup
 
 
+def _cut(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# a copy of a good model folder, broken one way each
+MODEL_DAMAGE = {
+    "truncated weights": (lambda d: _cut(d / "model.safetensors", 0.5), r"model.safetensors: not a complete safetensors file"),
+    "weights cut inside the header": (lambda d: _cut(d / "model.safetensors", 0.001), r"model.safetensors: not a complete safetensors file"),
+    "garbage weights": (lambda d: (d / "model.safetensors").write_bytes(b"<html>404 Not Found</html>"), r"not a complete safetensors file"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), r": no weights \(none of model.safetensors"),
+    "no tokenizer files": (lambda d: [f.unlink() for f in d.glob("tokenizer*")], r": no tokenizer files"),
+    "a shard the index names is gone": (lambda d: _index(d, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
+                                        r"model.safetensors.index.json: names shard\(s\) that are not in the folder: model-00002-of-00002"),
+    "an index that is not JSON": (lambda d: _index(d, None), r"model.safetensors.index.json: not a readable safetensors index"),
+}
+
+
+def _index(folder: Path, shards: list[str] | None) -> None:
+    """The weights as a sharded checkpoint whose index names `shards` (the first one there), or an unreadable index."""
+    index = folder / "model.safetensors.index.json"
+    if shards is None:
+        (folder / "model.safetensors").unlink()
+        index.write_text("{")
+        return
+    (folder / "model.safetensors").rename(folder / shards[0])
+    index.write_text(json.dumps({"weight_map": {f"layer{i}": name for i, name in enumerate(shards)}}))
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_DAMAGE))
+def test_broken_model_files_are_named_before_loading(tmp_path, tiny_whisper, case):
+    """Each damage to a saved model is one ModelError naming the file (not a safetensors or
+    tokenizer traceback from inside transformers)."""
+    from audiorl.config import ModelConfig
+    from audiorl.models import load_adapter
+
+    damage, message = MODEL_DAMAGE[case]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_whisper, model)
+    damage(model)
+    with pytest.raises(ModelError, match=message):
+        load_adapter(ModelConfig(name_or_path=str(model)))
+
+
+@pytest.mark.parametrize("family", ["whisper", "qwen2_audio"])
+def test_a_clip_over_the_models_window_is_refused_in_eval(tmp_path, tiny_models, family):
+    """Both families that cut features at a fixed window (5 s in the tiny test models) refuse a
+    longer clip in eval, naming the line and the window, instead of scoring the cut-off clip."""
+    import audiorl
+
+    manifest = _manifest(tmp_path, [{"audio": _clip(tmp_path, "ok.wav", _tone(1.0)), "text": "hi"},
+                                    {"audio": _clip(tmp_path, "long.wav", _tone(7.0)), "text": "hi"}])
+    with pytest.raises(DataError, match=r"m\.jsonl:2: clip is 7\.0 s long, over the 5 s limit \(the model's 5 s input window"):
+        audiorl.evaluate(tiny_models[family], manifest, max_audio_seconds=30.0)
+
+
 def test_an_output_dir_that_is_a_file(tmp_path, tiny_whisper, speech_dir):
     import audiorl
 

@@ -4,16 +4,20 @@ champion/challenger gate, resumed runs that never log a step twice, and a server
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import soundfile as sf
 from mlflow.tracking import MlflowClient
 
 import audiorl
+from audiorl.errors import DataError
 from audiorl.tracking.promotion import decide
 from tests.conftest import write_config
 from tests.mlflow_server import MlflowServer
@@ -50,6 +54,12 @@ def _clip_bytes(speech_dir, n=3):
     return [(speech_dir / row["audio"]).read_bytes() for row in rows]
 
 
+def _wav_bytes(seconds: float, rate: int = 16000) -> bytes:
+    out = io.BytesIO()
+    sf.write(out, (0.1 * np.sin(np.arange(int(seconds * rate)) / 3)).astype(np.float32), rate, format="WAV")
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("family", ["whisper", "qwen2_audio"])
 def test_a_training_run_registers_a_challenger_that_transcribes(tmp_path, client, tiny_models, speech_dir, family):
     cfg = _config(tmp_path, tiny_models[family], speech_dir, f"reg-{family.replace('_', '-')}", family=family)
@@ -65,7 +75,12 @@ def test_a_training_run_registers_a_challenger_that_transcribes(tmp_path, client
 
     import mlflow
 
-    served = mlflow.pyfunc.load_model(f"models:/{name}@challenger").predict(_clip_bytes(speech_dir))
+    served_model = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
+    served = served_model.predict(_clip_bytes(speech_dir))
+    if family == "qwen2_audio":  # AudioRL's own pyfunc (Whisper's transformers pipeline decodes a long clip window by window)
+        # a clip longer than the model's input window (5 s here) is refused by name, not transcribed cut off
+        with pytest.raises(DataError, match=r"input\[1\]: clip is 7\.0 s long, over the 5 s limit \(the model's 5 s input window"):
+            served_model.predict([_wav_bytes(1.0), _wav_bytes(7.0)])
     # the registered model transcribes exactly as the trained model does in AudioRL's own evaluation
     ours = audiorl.evaluate(outcome.final_model_dir, speech_dir / "transcripts.jsonl", max_new_tokens=12, family=family)
     assert [str(s).strip() for s in served] == [u.hypothesis.strip() for u in ours.utterances[:3]]

@@ -28,6 +28,18 @@ PACKAGE = {
             """Sigmoid DPO that only stops pushing once the margin exceeds 2 (per pair)."""
             return F.softplus(2.0 - pairs.beta * pairs.delta)
     ''',
+    "my_asr_ext/wrong.py": '''
+        def two_argument_loss(pairs, margin):
+            return pairs.delta * margin
+
+        def reward_without_kwargs(completions):
+            return [0.0 for _ in completions]
+
+        def reward_needing_a_lexicon(completions, *, lexicon, **kwargs):
+            return [float(len(lexicon)) for _ in completions]
+
+        not_a_function = 3
+    ''',
     "my_asr_ext-0.1.dist-info/METADATA": "Metadata-Version: 2.1\\nName: my-asr-ext\\nVersion: 0.1\\n",
     "my_asr_ext-0.1.dist-info/entry_points.txt": """
         [audiorl.model_families]
@@ -93,6 +105,25 @@ def test_unknown_plugins_fail_clearly(user_package, tmp_path, tiny_whisper, spee
     cfg = _config(tmp_path, tiny_whisper, speech_dir, "my_asr_ext.losses:wide_margin", "sigmoid")
     with pytest.raises(ConfigError, match="not a subclass of audiorl.models.ModelAdapter"):
         audiorl.train(cfg)
+
+
+def test_a_plugin_with_the_wrong_signature_is_refused_by_name(user_package):
+    """A loss or reward that cannot be called the way AudioRL calls it is a config error naming
+    the key, the function and the expected call, before any step runs."""
+    from audiorl.methods.dpo import custom_losses
+    from audiorl.rewards import build_reward
+
+    with pytest.raises(ConfigError, match=r"objective.loss_type='my_asr_ext.wrong:two_argument_loss'.*cannot be called as \(pairs\)"):
+        custom_losses(["sigmoid", "my_asr_ext.wrong:two_argument_loss"])
+    with pytest.raises(ConfigError, match=r"objective.loss_type='my_asr_ext.wrong:not_a_function': 3 is not callable"):
+        custom_losses(["my_asr_ext.wrong:not_a_function"])
+    with pytest.raises(ConfigError, match=r"objective.rewards='my_asr_ext.wrong:reward_without_kwargs'.*has no \*\*kwargs"):
+        build_reward([{"name": "wer"}, {"name": "my_asr_ext.wrong:reward_without_kwargs"}])
+    # a reward's kwargs are bound too: a required option the config does not give is named
+    with pytest.raises(ConfigError, match=r"reward_needing_a_lexicon.*cannot be called.*missing a required argument: 'lexicon'"):
+        build_reward([{"name": "my_asr_ext.wrong:reward_needing_a_lexicon"}])
+    total, _ = build_reward([{"name": "my_asr_ext.wrong:reward_needing_a_lexicon", "kwargs": {"lexicon": ["a", "b"]}}])(["a"])
+    assert list(total) == [2.0]
 
 
 STRAY = "import pathlib\npathlib.Path('{marker}').touch()\n\ndef score(completions, **columns):\n    return [1.0 for c in completions]\n"

@@ -113,3 +113,24 @@ def test_mlflow_params_tags_and_the_spill_file_hold_no_secret(tmp_path):
     blob = json.dumps([run.data.params, run.data.tags]) + "".join(p.read_text() for p in (tmp_path / "out").iterdir() if p.is_file())
     assert not any(part in blob for part in SECRET_PARTS) and "k-123" not in blob and "p4ss" not in blob
     assert run.data.tags["owner"] == "asr-team" and run.data.tags["ticket"].endswith("token=***")
+
+
+def test_errors_log_lines_and_printed_configs_mask_secrets(tmp_path):
+    """The one rule reaches what AudioRL prints: an error quoting a signed path, a console line
+    with a URL's password, and `config show` of a run file whose tracking URI holds one."""
+    import io
+    import subprocess
+    import sys
+
+    from audiorl.errors import DataError
+    from audiorl.progress import RedactingConsole
+
+    error = DataError("m.jsonl:3: audio file not found: s3://bucket/clip.wav?X-Amz-Signature=0a1b2c3d4e")
+    assert str(error) == "m.jsonl:3: audio file not found: s3://bucket/clip.wav?X-Amz-Signature=***"
+    out = io.StringIO()
+    RedactingConsole(file=out, width=200).print("MLflow at https://alice:hunter2@mlflow.example cannot be reached", 42)
+    assert out.getvalue().split() == ["MLflow", "at", "https://alice:***@mlflow.example", "cannot", "be", "reached", "42"]
+    run = tmp_path / "run.yaml"
+    run.write_text("model:\n  name_or_path: /models/m\ndata:\n  train: /data/t.jsonl\ntracking:\n  tracking_uri: https://:hunter2@mlflow.example\n")
+    shown = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "config", "show", str(run)], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "tracking_uri: https://:***@mlflow.example" in shown.stdout and "hunter2" not in shown.stdout

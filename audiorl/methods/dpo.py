@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from audiorl import plugins
-from audiorl.errors import ConfigError
 from audiorl.lazy import on_first_use
 from audiorl.methods.base import BuildContext, Method, MethodConfig, Step, build_reference, disable_dropout
 from audiorl.objectives.dpo import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, loss_names
@@ -99,8 +98,9 @@ def custom_losses(names: list[str]) -> dict:
         if name in LOSSES:
             continue
         fn = plugins.resolve(name, plugins.LOSS_GROUP, "objective.loss_type")
-        if not callable(fn):
-            raise ConfigError(f"objective.loss_type: {name!r} is not a callable loss")
+        if fn is None:
+            continue  # not a plug-in either: the loss names it as unknown, with the choices
+        plugins.check_signature(fn, name, "objective.loss_type", shape="(pairs) and return one loss per pair")
         found[name] = fn
     return found
 

@@ -56,6 +56,11 @@ class Qwen2AudioAdapter(TransformersAudioLLMAdapter):
         model = apply_trainable_settings(model, config, model.model.audio_tower, model.model.multi_modal_projector)
         return cls(model, processor, config)
 
+    @property
+    def window_seconds(self) -> float:
+        """Qwen2-Audio hears Whisper's fixed window (30 s in the released models): features are padded
+        and cut to it, so the rest of a longer clip would be lost without a word."""
+        return self.feature_extractor.n_samples / self.sampling_rate
 
     # -- family hooks ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from audiorl.config import ModelConfig
 from audiorl.errors import ConfigError, ModelError
@@ -60,9 +61,8 @@ def check_model_source(name_or_path: str) -> None:
     is off (`HF_HUB_OFFLINE`), rather than after a hub lookup that cannot succeed."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise ModelError(f"{name_or_path}: a folder without config.json; point at a folder written by save_pretrained "
-                             "(or audiorl model import)")
+        if path.is_dir():
+            check_model_files(path, name_or_path)
         return
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1 or path.parent.name and path.parent.exists()
@@ -70,6 +70,46 @@ def check_model_source(name_or_path: str) -> None:
         why = "the hub is off (HF_HUB_OFFLINE)" if offline and not looks_local else "it names a local folder"
         raise ModelError(f"{name_or_path}: model folder not found ({why}); check the path, or import the model first "
                          "(audiorl model import)")
+
+
+# what holds a tokenizer's vocabulary, in the layouts save_pretrained writes (fast and slow tokenizers)
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model", "tiktoken.model", "qwen.tiktoken")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_files(path: Path, name: str) -> None:
+    """A local model folder holds what loading it needs, each file named when it does not: a
+    config.json, a tokenizer vocabulary, and weights whose safetensors headers read and cover
+    their files (a truncated or garbage file is refused here, not in a traceback from the loader).
+    Only the headers are read: the check costs milliseconds on a multi-GB model."""
+    redo = "write it again with save_pretrained (or audiorl model import)"
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{name}: a folder without config.json; point at a folder written by save_pretrained "
+                         "(or audiorl model import)")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelError(f"{name}: no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); save the processor or tokenizer "
+                         "beside the weights (processor.save_pretrained on the same folder)")
+    present = [f for f in _WEIGHT_FILES if (path / f).is_file()]
+    if not present:
+        raise ModelError(f"{name}: no weights (none of {', '.join(_WEIGHT_FILES)}); {redo}")
+    shards = [path / "model.safetensors"] if "model.safetensors" in present else []
+    if "model.safetensors.index.json" in present:
+        index = path / "model.safetensors.index.json"
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{index}: not a readable safetensors index ({type(exc).__name__}: {exc}); {redo}") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise ModelError(f"{index}: names shard(s) that are not in the folder: {', '.join(missing[:5])}; copy them or {redo}")
+        shards += [path / n for n in names]
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{shard}: not a complete safetensors file ({exc}); the copy may be truncated: copy it again or {redo}") from None
 
 
 def load_adapter(config: ModelConfig, device: torch.device | str = "cpu") -> ModelAdapter:

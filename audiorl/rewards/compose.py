@@ -10,7 +10,7 @@ from typing import Any
 
 from audiorl.config import TextNormalization
 from audiorl.errors import ConfigError
-from audiorl.plugins import resolve
+from audiorl.plugins import check_signature, resolve
 from audiorl.rewards.asr import REWARDS
 
 REWARD_GROUP = "audiorl.rewards"
@@ -29,8 +29,6 @@ def resolve_reward(name: str) -> Callable[..., list]:
     fn = resolve(name, REWARD_GROUP, "objective.rewards")
     if fn is None:
         raise ConfigError(f"objective.rewards: unknown reward {name!r}; built in: {sorted(REWARDS)}, or package.module:function")
-    if not callable(fn):
-        raise ConfigError(f"objective.rewards: {name!r} is not callable")
     return fn
 
 
@@ -43,6 +41,10 @@ class ComposedReward:
             raise ConfigError("objective.rewards: name at least one reward (for example wer)")
         self.specs = specs
         self.fns = [resolve_reward(spec.name) for spec in specs]
+        for spec, fn in zip(specs, self.fns):
+            if spec.name not in REWARDS:  # a plug-in: called as the built-ins are, with the batch's columns as keywords
+                check_signature(fn, spec.name, "objective.rewards", var_keyword=True, keywords=spec.kwargs,
+                                shape="(completions, **kwargs) and return one number (or None) per completion, as TRL's rewards do")
         # the run's data.normalize, for the rewards that score text (a reward's own kwargs win)
         self.shared = {"normalization": normalization} if normalization is not None else {}
 

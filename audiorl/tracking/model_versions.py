@@ -25,7 +25,7 @@ from typing import Any
 import mlflow  # noqa: TID253 - the pyfunc below subclasses mlflow.pyfunc.PythonModel
 import numpy as np
 
-from audiorl.audio import AudioLimits
+from audiorl.audio import limits_for
 from audiorl.config import ModelConfig
 from audiorl.data.records import Record
 from audiorl.errors import ModelError
@@ -54,7 +54,8 @@ class Transcriber(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(settings.pop("max_new_tokens", 128))
         self.batch_size = int(settings.pop("batch_size", 8))
         self.adapter = registry.load_adapter(ModelConfig(name_or_path=context.artifacts["model"], **settings), runtime.resolve_device("auto"))
-        self.limits = AudioLimits(sampling_rate=self.adapter.sampling_rate, max_seconds=float("inf"))
+        # no length limit of its own, but a clip over the model's input window is refused, not cut off
+        self.limits = limits_for(self.adapter.sampling_rate, float("inf"), self.adapter.window_seconds)
 
     def predict(self, context, model_input, params=None) -> list[str]:
         records = []

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from audiorl.audio import AudioLimits
+from audiorl.audio import limits_for
 from audiorl.config import TextNormalization, TrackingConfig
 from audiorl.data.records import fingerprint, read_records
 from audiorl.errors import AudioRLError
@@ -119,7 +119,8 @@ def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, 
                 with using_tracking_uri(client.tracking_uri):
                     loaded = load_version(f"models:/{name}/{version}", workdir)
             adapter, max_new_tokens = loaded
-            limits = AudioLimits(sampling_rate=adapter.sampling_rate, max_seconds=float("inf"))
+            # no length limit of its own, but a clip over the model's input window is refused, not cut off
+            limits = limits_for(adapter.sampling_rate, float("inf"), adapter.window_seconds)
             hypotheses = evaluation.transcribe(adapter, records, limits, batch_size=batch_size, max_new_tokens=max_new_tokens)
             result = score([r.reference for r in records], hypotheses, TextNormalization(normalizer=normalizer),
                            sources=[r.source for r in records])
