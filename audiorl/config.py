@@ -24,6 +24,9 @@ from audiorl.methods import ObjectiveConfig, default_objective, keys_of_other_me
 from audiorl.secrets import is_secret_key, redact, redact_tree, secret_shape  # one rule, re-exported here
 from audiorl.sections import Section
 
+# how a manifest or dataset is read (audiorl.data.records reads each)
+DataFormat = Literal["auto", "audiorl", "nemo", "lhotse", "hf"]
+
 
 class LoraSettings(Section):
     """LoRA through peft. When set, only the adapter weights train and the reference model is the
@@ -89,7 +92,7 @@ class DataConfig(Section):
     eval: str | dict[str, str] | None = Field(
         None, description="a transcript manifest, or several as {test set name: manifest}; WER/CER per set"
     )
-    format: Literal["auto", "audiorl", "nemo", "lhotse", "hf"] = Field(
+    format: DataFormat = Field(
         "auto", description="how train and eval sources are read; auto: told by each one's content"
     )
     max_audio_seconds: float = Field(30.0, gt=0, description="longer clips are bad records (and any over the model's input window)")

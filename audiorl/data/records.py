@@ -25,24 +25,25 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
 from audiorl.audio import AudioLimits, check_complete, duration_seconds, load_audio
+from audiorl.config import DataFormat, TextNormalization
 from audiorl.errors import DataError
 from audiorl.progress import console, progress_bar
+from audiorl.text import transform
 
 if TYPE_CHECKING:
     from audiorl.models.base import ModelAdapter
 
 Kind = Literal["preference", "transcript", "unpaired"]
-Format = Literal["auto", "audiorl", "nemo", "lhotse", "hf"]
-FORMATS = ("audiorl", "nemo", "lhotse", "hf")
+Format = DataFormat
+FORMATS = tuple(f for f in get_args(DataFormat) if f != "auto")
 
 
 @dataclass
@@ -106,9 +107,11 @@ def _seconds(row: dict[str, Any], key: str, where: str, *, required: bool = Fals
     return float(value)
 
 
-def _plain(text: str) -> str:
-    """Lower case, punctuation and spacing dropped: two transcripts equal here read the same."""
-    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+def _same_words(a: str, b: str) -> bool:
+    """Do two transcripts read the same under the default scoring normaliser (case, punctuation
+    and spacing dropped): a WER of 0 between them?"""
+    words = transform(TextNormalization(), "word")([a, b])
+    return words[0] == words[1]
 
 
 def _text_field(row: dict[str, Any], key: str, where: str, required: bool) -> str | None:
@@ -156,7 +159,7 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> 
     if kind == "preference":
         record.chosen = _text_field(row, "chosen", where, required=True)
         record.rejected = _text_field(row, "rejected", where, required=True)
-        if _plain(record.chosen) == _plain(record.rejected):
+        if _same_words(record.chosen, record.rejected):
             how = "" if record.chosen == record.rejected else " once normalised"
             raise DataError(f"{where}: 'chosen' and 'rejected' are the same transcript{how} ({record.chosen[:40]!r}): the pair "
                             "teaches nothing; drop it")
