@@ -30,7 +30,8 @@ WORKDIR /opt/audiorl
 COPY pyproject.toml README.md ./
 COPY audiorl ./audiorl
 COPY cli ./cli
-RUN python -m pip install ".[gpu]" \
+# gpu: NVIDIA metrics; s3: training data at s3:// URLs (credentials from the pod environment)
+RUN python -m pip install ".[gpu,s3]" \
  && python -c "import audiorl.k8s, audiorl.rewards, audiorl_cli.main, torch; print('torch', torch.__version__)"
 
 # a fixed non-root uid, the one the rendered pods' securityContext runs as

@@ -6,6 +6,7 @@ Every error names where the clip came from (file, manifest line) so that a bad r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from audiorl import storage
 from audiorl.errors import DataError
 
 
@@ -79,12 +81,17 @@ def decode(source: str | Path | bytes, where: str | None = None, *, offset: floa
     """Decode WAV/FLAC/OGG/MP3 (anything libsndfile reads) to float32 mono and its sampling rate;
     with `offset`/`seconds`, only that segment (the file is seeked, not decoded whole)."""
     label = where or (str(source) if not isinstance(source, bytes) else "<audio bytes>")
-    if not isinstance(source, bytes) and not Path(source).is_file():
+    remote = storage.is_url(source)
+    if not isinstance(source, bytes) and not remote and not Path(source).is_file():
         what = "a directory, not an audio file" if Path(source).is_dir() else "audio file not found"
         raise DataError(f"{label}: {what} ({source})")
     try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else source
-        with sf.SoundFile(handle) as f:
+        # a remote clip is read through a seekable file: a segment fetches its byte ranges only
+        if remote:
+            handle = storage.open_binary(source, label, missing="audio file not found")
+        else:
+            handle = io.BytesIO(source) if isinstance(source, bytes) else source
+        with contextlib.closing(handle) if remote else contextlib.nullcontext(), sf.SoundFile(handle) as f:
             rate, total = int(f.samplerate), f.frames
             start = round(offset * rate)
             frames = total - start if seconds is None else round(seconds * rate)
@@ -117,10 +124,13 @@ def _wav_data_bytes(source: str | Path | bytes) -> tuple[int, int] | None:
     try:
         if isinstance(source, bytes):
             head, size = source[:65536], len(source)
+        elif storage.is_url(source):
+            with storage.open_binary(source) as f:
+                head, size = f.read(65536), int(f.size)
         else:
             with open(source, "rb") as f:
                 head, size = f.read(65536), os.fstat(f.fileno()).st_size
-    except OSError:
+    except (OSError, DataError):
         return None
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
@@ -135,14 +145,25 @@ def _wav_data_bytes(source: str | Path | bytes) -> tuple[int, int] | None:
     return None
 
 
+def header(source: str | Path | bytes) -> tuple[int, int] | None:
+    """(sampling rate, frames) of a clip from its header (no decoding; a remote clip fetches its
+    first bytes only); None when it cannot be read."""
+    try:
+        if storage.is_url(source):
+            with storage.open_binary(source) as f, sf.SoundFile(f) as clip:
+                return int(clip.samplerate), int(clip.frames)
+        info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
+        return int(info.samplerate), int(info.frames)
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError, DataError):
+        return None
+
+
 def duration_seconds(source: str | Path | bytes | np.ndarray, source_rate: int | None = None) -> float:
     """Length of a clip from its header (no decoding); 0.0 when it cannot be read."""
     if isinstance(source, np.ndarray):
         return source.shape[0] / float(source_rate or 1)
-    try:
-        return float(sf.info(io.BytesIO(source) if isinstance(source, bytes) else source).duration)
-    except (sf.LibsndfileError, RuntimeError, OSError, TypeError):
-        return 0.0
+    found = header(source)
+    return found[1] / float(found[0]) if found else 0.0
 
 
 def load_audio(

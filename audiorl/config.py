@@ -138,6 +138,16 @@ class DataConfig(Section):
                                      "(it names the MLflow metrics eval/<name>/wer)")
         return value
 
+    @model_validator(mode="after")
+    def _no_credentials_in_locations(self):
+        # a URL's user information or a signed query is a credential: it would land in MLflow
+        # params, the ConfigMap and logs; fsspec's filesystems read credentials from the environment
+        for key, where in [("data.train", p) for p in self.train_sources()] + [(f"data.eval.{n}", p) for n, p in self.eval_sets().items()]:
+            if secret_shape(where):
+                raise ValueError(f"{key}: the location carries credentials ({secret_shape(where)}); give the plain URL and the "
+                                 "credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) or job.secret_env")
+        return self
+
     def eval_sets(self) -> dict[str, str]:
         """The evaluation manifests by test-set name (one manifest is named after its file)."""
         if self.eval is None:

@@ -104,11 +104,11 @@ def train(
     out.print(outcome.tracking)
 
 
-def _test_sets(specs: list[str]) -> dict[str, Path]:
+def _test_sets(specs: list[str]) -> dict[str, str]:
     """`name=path` or `path` (named after the file) -> {name: path}."""
     from audiorl.errors import ConfigError
 
-    sets: dict[str, Path] = {}
+    sets: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
@@ -117,7 +117,7 @@ def _test_sets(specs: list[str]) -> dict[str, Path]:
             raise ConfigError(f"--data {spec!r}: expected NAME=MANIFEST or MANIFEST")
         if name in sets:
             raise ConfigError(f"--data {spec!r}: test set name {name!r} given twice; use NAME=MANIFEST")
-        sets[name] = Path(path)
+        sets[name] = path  # a local path or a URL (s3://...), as the library reads it
     return sets
 
 
@@ -211,7 +211,7 @@ def _print_summary(summary, out_path: Path) -> None:
 @data_app.command("pairs")
 def data_pairs(
     model: ModelOption,
-    data: Annotated[Path, typer.Option("--data", "-d", help="Transcript manifest: {audio, text} per line.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Transcript manifest: {audio, text} per line (a path or a URL).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Preference manifest to write.")],
     family: FamilyOption = None,
     output_format: Annotated[
@@ -261,7 +261,7 @@ def data_pairs(
 @data_app.command("hard-cases")
 def data_hard_cases(
     model: ModelOption,
-    data: Annotated[Path, typer.Option("--data", "-d", help="Transcript manifest (hotwords, no_speech columns are used).")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Transcript manifest (hotwords, no_speech columns are used; a path or a URL).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest of hard (and some easy) clips to write.")],
     family: FamilyOption = None,
     wer_threshold: Annotated[float, typer.Option(help="Greedy WER from which a clip is hard.")] = 0.3,
@@ -351,7 +351,7 @@ def data_synth(
 
 @data_app.command("check")
 def data_check(
-    manifest: Annotated[Path, typer.Argument(help="Manifest (AudioRL, NeMo or Lhotse JSONL) or saved dataset to check.")],
+    manifest: Annotated[str, typer.Argument(help="Manifest (AudioRL, NeMo or Lhotse JSONL) or saved dataset to check (a path or a URL).")],
     kind: Annotated[str, typer.Option(help="transcript, preference or unpaired.")] = "transcript",
     max_audio_seconds: Annotated[float, typer.Option(help="Longest clip allowed.")] = 30.0,
     sampling_rate: Annotated[int, typer.Option(help="The model's sampling rate (clips are resampled to it).")] = 16000,

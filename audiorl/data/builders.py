@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from audiorl.audio import AudioLimits
+from audiorl import storage
+from audiorl.audio import AudioLimits, header
 from audiorl.config import TextNormalization
 from audiorl.data.records import Format, Kind, Record, check_record, detect_format, iter_manifest, read_records
 from audiorl.errors import DataError
@@ -53,6 +53,8 @@ def _audio_fields(record: Record, out_dir: Path) -> dict[str, Any]:
     manifest when possible, and the segment (`offset`, `duration`) of a longer recording."""
     if not isinstance(record.audio, str):
         raise DataError(f"{record.source}: builders need audio stored as files (got in-memory audio)")
+    if storage.is_url(record.audio):
+        return {"audio": record.audio, **record.audio_fields()}  # remote clips stay where they are
     try:
         path = str(Path(record.audio).resolve().relative_to(out_dir.resolve()))
     except ValueError:
@@ -322,9 +324,9 @@ def check_manifest(path: str | Path, kind: Kind, limits: AudioLimits, format: Fo
     (readable, complete, not empty, finite, not too short or long, not silence under a
     transcript: `check_record`, as training checks it). Also counts native sampling rates. Any
     format `read_records` takes; a saved dataset's rows are named by index."""
-    path = Path(path)
+    path = storage.location(path)
     report = CheckReport()
-    if not path.exists():
+    if not storage.exists(path):
         raise DataError(f"{path}: manifest or dataset not found")
     format = detect_format(path) if format == "auto" else format
     if format == "hf":
@@ -342,8 +344,9 @@ def check_manifest(path: str | Path, kind: Kind, limits: AudioLimits, format: Fo
                 try:
                     wave = check_record(record, limits)
                     report.seconds += len(wave) / limits.sampling_rate
-                    if isinstance(record.audio, str):
-                        report.rates[sf.info(record.audio).samplerate] += 1
+                    found = header(record.audio) if isinstance(record.audio, str) else None
+                    if found:
+                        report.rates[found[0]] += 1
                 except DataError as exc:
                     report.problems.append(str(exc))
     if report.records == 0:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
+from audiorl import storage
 from audiorl.audio import AudioLimits, check_complete, duration_seconds, load_audio
 from audiorl.config import DataFormat, TextNormalization
 from audiorl.errors import DataError
@@ -127,7 +128,7 @@ def _text_field(row: dict[str, Any], key: str, where: str, required: bool) -> st
     return value
 
 
-def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> Record:
+def record_from_row(row: Any, where: str, kind: Kind, base_dir: str | Path | None) -> Record:
     if not isinstance(row, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
     if "audio" not in row or row["audio"] in (None, ""):
@@ -135,10 +136,7 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> 
     audio = row["audio"]
     sampling_rate = None
     if isinstance(audio, str):
-        path = Path(audio)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        audio = str(path)
+        audio = storage.join(base_dir, audio) if base_dir is not None else audio
     elif isinstance(audio, dict):  # a Hugging Face Audio column
         if audio.get("bytes"):
             audio = audio["bytes"]
@@ -146,8 +144,7 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> 
             sampling_rate = audio.get("sampling_rate")
             audio = np.asarray(audio["array"], dtype=np.float32)
         elif audio.get("path"):
-            path = Path(audio["path"])
-            audio = str(path if path.is_absolute() or base_dir is None else base_dir / path)
+            audio = storage.join(base_dir, audio["path"]) if base_dir is not None else audio["path"]
         else:
             raise DataError(f"{where}: 'audio' holds neither bytes, an array nor a path")
     else:
@@ -186,17 +183,15 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: Path | None) -> 
     return record
 
 
-def _open_text(path: Path):
-    """A manifest for reading, gzipped (`.gz`) or not."""
+def _open_text(path: str):
+    """A manifest for reading (local or remote), gzipped (`.gz`) or not."""
     try:
-        if path.suffix == ".gz":
-            return gzip.open(path, "rt", encoding="utf-8")
-        return path.open(encoding="utf-8")
+        return storage.open_text(path)
     except OSError as exc:
         raise DataError(f"{path}: cannot open manifest ({exc.strerror})") from None
 
 
-def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _json_rows(path: str) -> Iterator[tuple[str, Any]]:
     """(`file:line`, parsed row, or the DataError that says why the line is not one) for every
     non-empty line of a JSONL manifest."""
     with _open_text(path) as handle:
@@ -214,7 +209,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: not a UTF-8 JSONL manifest ({exc})") from None
 
 
-def _audiorl_row(row: Any, where: str, kind: Kind, base_dir: Path) -> list[Record]:
+def _audiorl_row(row: Any, where: str, kind: Kind, base_dir: str) -> list[Record]:
     return [record_from_row(row, where, kind, base_dir)]
 
 
@@ -223,7 +218,7 @@ def _audiorl_row(row: Any, where: str, kind: Kind, base_dir: Path) -> list[Recor
 _NEMO_KEYS = {"audio_filepath": "audio", "lang": "language"}
 
 
-def _nemo_row(row: Any, where: str, kind: Kind, base_dir: Path) -> list[Record]:
+def _nemo_row(row: Any, where: str, kind: Kind, base_dir: str) -> list[Record]:
     """A NeMo ASR manifest row: `audio_filepath` (relative paths against the manifest's folder),
     `duration` (required, as NeMo has it), `offset` into a longer recording, `text`, `lang`."""
     if not isinstance(row, dict):
@@ -234,7 +229,7 @@ def _nemo_row(row: Any, where: str, kind: Kind, base_dir: Path) -> list[Record]:
     return [record_from_row({_NEMO_KEYS.get(k, k): v for k, v in row.items()}, where, kind, base_dir)]
 
 
-def _lhotse_row(row: Any, where: str, kind: Kind, base_dir: Path) -> list[Record]:
+def _lhotse_row(row: Any, where: str, kind: Kind, base_dir: str) -> list[Record]:
     """A Lhotse cut, through `lhotse`: one record per supervision, the segment of the recording
     it covers (the cut's start plus the supervision's), its text and language, and its `custom`
     fields (`chosen`, `rejected`, `completion`, `label`, `hotwords`, ...) as a row's."""
@@ -251,10 +246,9 @@ def _lhotse_row(row: Any, where: str, kind: Kind, base_dir: Path) -> list[Record
     label = f"{where} (cut {cut.id})"
     if not cut.supervisions:
         raise DataError(f"{label}: the cut has no supervision, so no transcript")
-    if cut.recording is None or len(cut.recording.sources) != 1 or cut.recording.sources[0].type != "file":
-        raise DataError(f"{label}: only cuts of one recording file are supported")
-    audio = Path(cut.recording.sources[0].source)
-    audio = audio if audio.is_absolute() else base_dir / audio
+    if cut.recording is None or len(cut.recording.sources) != 1 or cut.recording.sources[0].type not in ("file", "url"):
+        raise DataError(f"{label}: only cuts of one recording file (a path or a URL) are supported")
+    audio = storage.join(base_dir, cut.recording.sources[0].source)
     records = []
     for sup in cut.supervisions:
         at = label if len(cut.supervisions) == 1 else f"{label}, supervision {sup.id}"
@@ -274,7 +268,7 @@ def _lhotse_row(row: Any, where: str, kind: Kind, base_dir: Path) -> list[Record
 _ROW_READERS = {"audiorl": _audiorl_row, "nemo": _nemo_row, "lhotse": _lhotse_row}
 
 
-def iter_manifest(path: Path, kind: Kind, format: str) -> Iterator[tuple[str, list[Record] | DataError]]:
+def iter_manifest(path: str | Path, kind: Kind, format: str) -> Iterator[tuple[str, list[Record] | DataError]]:
     """(`file:line`, the records of that line, or the DataError that says what is wrong with it)
     for every row of a JSONL manifest in `format` (audiorl, nemo or lhotse)."""
     parse = _ROW_READERS[format]
@@ -283,12 +277,12 @@ def iter_manifest(path: Path, kind: Kind, format: str) -> Iterator[tuple[str, li
             yield where, row
             continue
         try:
-            yield where, parse(row, where, kind, path.parent)
+            yield where, parse(row, where, kind, storage.parent(path))
         except DataError as exc:
             yield where, exc
 
 
-def read_jsonl(path: Path, kind: Kind, format: str = "audiorl") -> list[Record]:
+def read_jsonl(path: str | Path, kind: Kind, format: str = "audiorl") -> list[Record]:
     records: list[Record] = []
     for _, got in iter_manifest(path, kind, format):
         if isinstance(got, DataError):
@@ -299,15 +293,15 @@ def read_jsonl(path: Path, kind: Kind, format: str = "audiorl") -> list[Record]:
     return records
 
 
-def read_hf_dataset(path: Path, kind: Kind) -> list[Record]:
+def read_hf_dataset(path: str | Path, kind: Kind) -> list[Record]:
     import datasets
 
     try:
-        ds = datasets.load_from_disk(str(path))
+        ds = datasets.load_from_disk(str(path))  # a remote folder through fsspec, as datasets reads one
     except (FileNotFoundError, ValueError) as exc:
         raise DataError(f"{path}: not a dataset written by save_to_disk ({exc})") from None
     if isinstance(ds, datasets.DatasetDict):
-        raise DataError(f"{path}: holds splits {list(ds)}; point at one split's folder, e.g. {path / next(iter(ds))}")
+        raise DataError(f"{path}: holds splits {list(ds)}; point at one split's folder, e.g. {storage.join(path, next(iter(ds)))}")
     if "audio" not in ds.column_names:
         raise DataError(f"{path}: dataset has no 'audio' column (columns: {ds.column_names})")
     if isinstance(ds.features["audio"], datasets.Audio):
@@ -317,10 +311,10 @@ def read_hf_dataset(path: Path, kind: Kind) -> list[Record]:
     return [record_from_row(row, f"{path}[{i}]", kind, path) for i, row in enumerate(ds)]
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: str | Path) -> str:
     """`hf` for a folder, else by the first row's keys: `audio_filepath` is NeMo's, a cut's
     `recording`/`supervisions` Lhotse's, `audio` AudioRL's."""
-    if path.is_dir():
+    if storage.is_dir(path):
         return "hf"
     for where, row in _json_rows(path):
         if isinstance(row, DataError):
@@ -342,15 +336,16 @@ def detect_format(path: Path) -> str:
 
 
 def read_records(path: str | Path, kind: Kind, format: Format = "auto") -> list[Record]:
-    """Read a manifest or saved dataset of any supported format (`auto`: told by its content)."""
-    path = Path(path)
-    if not path.exists():
+    """Read a manifest or saved dataset of any supported format (`auto`: told by its content),
+    from a local path or any fsspec URL (`s3://bucket/train.jsonl`)."""
+    path = storage.location(path)
+    if not storage.exists(path):
         raise DataError(f"{path}: manifest or dataset not found")
     if format == "auto":
         format = detect_format(path)  # type: ignore[assignment]
     if format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; use auto or one of {list(FORMATS)}")
-    if (format == "hf") != path.is_dir():
+    if (format == "hf") != storage.is_dir(path):
         raise DataError(f"{path}: format {format!r} reads a {'folder written by save_to_disk' if format == 'hf' else 'manifest file'}")
     return read_hf_dataset(path, kind) if format == "hf" else read_jsonl(path, kind, format)
 
@@ -481,6 +476,7 @@ def fingerprint(records: list[Record], *, mtime: bool = True) -> str:
     Without `mtime`, files copied again to the same paths keep the hash (what a resumed run
     compares: a re-synced data volume is the same data)."""
     digest = hashlib.sha256()
+    stats = storage.Stats()
     for record in records:
         content = [record.text, record.chosen, record.rejected, record.prompt, record.language, record.extra]
         if record.completion is not None:  # unpaired records (the other kinds keep the fingerprints they had)
@@ -489,11 +485,8 @@ def fingerprint(records: list[Record], *, mtime: bool = True) -> str:
             content += [record.offset, record.seconds]
         digest.update(json.dumps(content, default=str).encode())
         if isinstance(record.audio, str):
-            try:
-                stat = Path(record.audio).stat()
-                digest.update(f"{record.audio}|{stat.st_size}|{stat.st_mtime_ns if mtime else ''}".encode())
-            except OSError:
-                digest.update(record.audio.encode())
+            stat = stats.of(record.audio, mtime=mtime)
+            digest.update(f"{record.audio}|{stat}".encode() if stat is not None else record.audio.encode())
         elif isinstance(record.audio, bytes):
             digest.update(hashlib.sha256(record.audio).digest())
         else:

@@ -98,7 +98,7 @@ def decide(champion: Mapping[str, float] | None, challenger: Mapping[str, float]
     return Decision(False, "; ".join(parts), rows)
 
 
-def score_version(client, name: str, version: str, sets: Mapping[str, Path], *, batch_size: int = 8, log=print,
+def score_version(client, name: str, version: str, sets: Mapping[str, str | Path], *, batch_size: int = 8, log=print,
                   normalizer: str = "plain") -> dict[str, float]:
     """WER of one registered version on each test set: from its tags when they were measured on
     the same data, normaliser and decoder, else by transcribing with the version's weights (and saved as tags)."""
@@ -140,7 +140,7 @@ def _version_by_alias(client, name: str, alias: str):
         return None
 
 
-def promote(name: str, gate: Mapping[str, Path], checks: Mapping[str, Path] | None = None, *, margin: float = 0.0,
+def promote(name: str, gate: Mapping[str, str | Path], checks: Mapping[str, str | Path] | None = None, *, margin: float = 0.0,
             tolerance: float = 0.0, tracking_uri: str | None = None, batch_size: int = 8, log=print,
             normalizer: str = "plain") -> Decision:
     """Compare the `challenger` version of `name` with its `champion` on the gate (and check) sets,
