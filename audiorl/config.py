@@ -97,6 +97,18 @@ class DataConfig(Section):
     )
     max_audio_seconds: float = Field(30.0, gt=0, description="longer clips are bad records (and any over the model's input window)")
     min_audio_seconds: float = Field(0.1, ge=0, description="shorter clips are bad records")
+    batch_seconds: float | None = Field(
+        None, gt=0, description="batch by audio length: per device, clips of similar length while count x longest <= this "
+        "(replaces train.per_device_train_batch_size); for families without a fixed input window"
+    )
+    streaming: bool = Field(
+        False, description="check each training record when training reads it, instead of decoding every clip before the first step; "
+        "a bad record's place goes to the next good one"
+    )
+    max_bad_fraction: float = Field(
+        0.05, ge=0, le=1, description="streaming: the run stops once more than this share of the training records turned out bad "
+        "(data.on_bad_record=error: at the first)"
+    )
     max_target_tokens: int | None = Field(None, gt=0, description="default: the model's own limit")
     on_bad_record: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0)
@@ -137,6 +149,13 @@ class DataConfig(Section):
                     raise ValueError(f"test set name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit "
                                      "(it names the MLflow metrics eval/<name>/wer)")
         return value
+
+    @model_validator(mode="after")
+    def _batches_by_duration(self):
+        if self.batch_seconds is not None and isinstance(self.train, list) and any(not isinstance(i, str) for i in self.train):
+            raise ValueError("batch_seconds: batches by length do not go with a weighted mixture (the mixture draws records one "
+                             "by one); use one of them")
+        return self
 
     @model_validator(mode="after")
     def _no_credentials_in_locations(self):

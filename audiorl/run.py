@@ -19,7 +19,7 @@ import contextlib
 import functools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +28,11 @@ import torch
 from audiorl import distributed, progress
 from audiorl.audio import AudioLimits, limits_for
 from audiorl.config import RunConfig, load_config
+from audiorl.data.batching import duration_plan, epoch_batches
 from audiorl.data.collate import RecordDataset
 from audiorl.data.mixture import Source, draws_per_source, mixture_order, source_names
-from audiorl.data.records import Record, Rejected, fingerprint, load_records
+from audiorl.data.records import Record, Rejected, fingerprint, load_records, text_check_for
+from audiorl.data.streaming import BadRecords, CheckedDataset, CollateWithRejections
 from audiorl.distributed import Dist, Strategy, strategy_for
 from audiorl.errors import ConfigError
 from audiorl.evaluation import Evaluator
@@ -82,13 +84,20 @@ class RunData:
     skipped: list[Rejected]
     fingerprint: str
     sources: list[Source] = field(default_factory=list)
+    streaming_check: Callable[[Record], None] | None = None  # streaming: the transcript check each record gets when read
 
     @property
     def mixture(self) -> bool:
         return any(s.weight is not None for s in self.sources)
 
+    @property
+    def streaming(self) -> bool:
+        return self.streaming_check is not None
+
     def __post_init__(self) -> None:
-        self.dataset = RecordDataset(self.train, self.limits)  # what the trainer and a precomputed reference index
+        # what the trainer and a precomputed reference index; streaming checks each record as it is read
+        self.dataset = CheckedDataset(self.train, self.limits, self.streaming_check) if self.streaming else \
+            RecordDataset(self.train, self.limits)
 
 
 def train(config: RunConfig | str | Path, overrides: list[str] | None = None) -> TrainOutcome:
@@ -152,7 +161,7 @@ def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
     held: list[Source] = []
     for source, name, weight in zip(sources, source_names(sources), weights):
         label = "train data" if len(sources) == 1 else f"train data ({source})"
-        good, bad = load_records(source, adapter, limits, kind, label=label, **checks)  # type: ignore[arg-type]
+        good, bad = load_records(source, adapter, limits, kind, label=label, check=not cfg.data.streaming, **checks)  # type: ignore[arg-type]
         held.append(Source(name, len(records), len(good), weight))
         records += good
         skipped += bad
@@ -160,8 +169,11 @@ def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
     for name, path in cfg.data.eval_sets().items():
         test_sets[name], bad = load_records(path, adapter, limits, "transcript", label=f"eval data ({name})", **checks)  # type: ignore[arg-type]
         skipped += bad
+    streaming_check = text_check_for(adapter, cfg.data.max_target_tokens, kind) if cfg.data.streaming else None
+    if streaming_check is not None:
+        console.print(f"train data: {len(records)} records read; each is checked when training reads it (data.streaming)")
     return RunData(adapter=adapter, limits=limits, train=records, test_sets=test_sets, skipped=skipped, fingerprint=fingerprint(records),
-                   sources=held)
+                   sources=held, streaming_check=streaming_check)
 
 
 @contextlib.contextmanager
@@ -184,11 +196,12 @@ def open_run(cfg: RunConfig, runtime: Runtime, data: RunData, tags: dict[str, st
     node_monitor = _watch_node(cfg, tracker, runtime.dist)
     if len(data.sources) > 1 and runtime.dist.is_main:
         _log_sources(cfg, data, tracker)
+    resuming = resume_target(cfg.train) is not None
+    if runtime.dist.is_main:
+        _write_skipped(output_dir / SKIPPED_FILE, data.skipped, keep_streamed=resuming)
     if data.skipped and runtime.dist.is_main:
-        lines = "\n".join(json.dumps({"source": redact(r.source), "reason": redact(r.reason)}) for r in data.skipped)
-        (output_dir / "skipped_records.jsonl").write_text(lines + "\n")
         tracker.log_metrics({"data/skipped_records": len(data.skipped)}, step=0)
-        tracker.log_artifact(output_dir / "skipped_records.jsonl", "data")
+        tracker.log_artifact(output_dir / SKIPPED_FILE, "data")
     status = "FAILED"
     try:
         yield tracker
@@ -202,6 +215,22 @@ def open_run(cfg: RunConfig, runtime: Runtime, data: RunData, tags: dict[str, st
             node_monitor.end()
         tracker.end(status)
         distributed.shutdown()
+
+
+SKIPPED_FILE = "skipped_records.jsonl"
+
+
+def _write_skipped(path: Path, skipped: list[Rejected], *, keep_streamed: bool) -> None:
+    """The records the up-front pass skipped, one JSON line each; a resumed run keeps the lines
+    streaming wrote before (they count towards data.max_bad_fraction), a new run starts afresh."""
+    kept = []
+    if keep_streamed and path.is_file():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if '"streamed": true' in line]
+    lines = [json.dumps({"source": redact(r.source), "reason": redact(r.reason)}) for r in skipped] + kept
+    if lines:
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    elif path.exists():
+        path.unlink()
 
 
 def _log_sources(cfg: RunConfig, data: RunData, tracker: Tracker) -> None:
@@ -236,19 +265,52 @@ def fit(cfg: RunConfig, runtime: Runtime, data: RunData, loss_step: Step, collat
     # a sharded model cannot generate on one rank: the base is scored before the trainer shards it
     if evaluator and runtime.strategy.evaluates_export and cfg.train.eval_before_training:
         evaluator(0)
+    if data.streaming:
+        collate = CollateWithRejections(collate)  # the bad records each batch met travel with it to BadRecords
     trainer = Trainer(
         cfg.train, loss_step, data.dataset, collate, device=runtime.device,
         num_workers=cfg.data.num_workers, evaluate=evaluator if evaluator and runtime.strategy.evaluates_in_loop else None,
         log=tracker.log_metrics, fingerprint=cfg.fingerprint(runtime.dist.world_size), dist_info=runtime.dist,
         order=functools.partial(mixture_order, data.sources, cfg.train.seed) if data.mixture else None,
         data_fingerprint=fingerprint(data.train, mtime=False),
+        inspect_batch=_bad_records(cfg, runtime, data, tracker),
+        batches=_duration_batches(cfg, runtime, data),
     )
     result = trainer.train()
+    if data.streaming and runtime.dist.is_main and (Path(cfg.train.output_dir) / SKIPPED_FILE).is_file():
+        tracker.log_artifact(Path(cfg.train.output_dir) / SKIPPED_FILE, "data")
     cache = data.adapter.encoder_cache
     if cache is not None and runtime.dist.is_main:
         unreadable = f"; {cache.unreadable} unreadable cache file(s) replaced" if cache.unreadable else ""
         console.print(f"encoder cache: {cache.misses} clip encodings computed, {cache.hits} reused{unreadable}")
     return trainer, result
+
+
+def _duration_batches(cfg: RunConfig, runtime: Runtime, data: RunData) -> Callable[[int], list[list[int]]] | None:
+    """Batches by length (data.batch_seconds), or None for batches of a fixed count: also when the
+    model pads every clip to a fixed window, where every clip costs the same (said on the console)."""
+    if cfg.data.batch_seconds is None:
+        return None
+    window = data.adapter.window_seconds
+    if window is not None:
+        console.print(f"[yellow]data.batch_seconds: {data.adapter.family} pads every clip to its {window:g} s input window, so "
+                      f"every clip costs the same; batches stay at train.per_device_train_batch_size="
+                      f"{cfg.train.per_device_train_batch_size} clips[/]")
+        return None
+    plan = duration_plan([record.duration() for record in data.train], cfg.data.batch_seconds, runtime.dist.world_size)
+    sizes = [len(micro) for group in plan for micro in group]
+    console.print(f"batches by length (data.batch_seconds={cfg.data.batch_seconds:g}): {len(plan)} batches per epoch, "
+                  f"{min(sizes)}-{max(sizes)} clips per device batch")
+    return functools.partial(epoch_batches, plan, cfg.train.seed, runtime.dist.rank)
+
+
+def _bad_records(cfg: RunConfig, runtime: Runtime, data: RunData, tracker: Tracker) -> BadRecords | None:
+    """Streaming's account of the bad records it meets (None without streaming)."""
+    if not data.streaming:
+        return None
+    return BadRecords(len(data.train), 0.0 if cfg.data.on_bad_record == "error" else cfg.data.max_bad_fraction,
+                      Path(cfg.train.output_dir) / SKIPPED_FILE, log=tracker.log_metrics, warn=console.print, rank=runtime.dist.rank,
+                      resume=resume_target(cfg.train) is not None)
 
 
 def export_and_register(cfg: RunConfig, runtime: Runtime, data: RunData, trainer: Trainer, evaluator: Evaluator,

@@ -178,12 +178,16 @@ class Trainer:
         dist_info: Dist | None = None,
         order: Callable[[int], list[int]] | None = None,
         data_fingerprint: str = "",
+        inspect_batch: Callable[[dict, int], None] | None = None,
+        batches: Callable[[int], list[list[int]]] | None = None,
     ):
         self.config = config
         self.loss_step = loss_step
         self.dataset = dataset
         self.order = order  # epoch -> the dataset's indices in order (default: a seeded permutation)
         self.data_fingerprint = data_fingerprint  # the training records' content, checked on resume
+        self.inspect_batch = inspect_batch  # (batch, step): sees each batch in this process before its step (streaming's bad records)
+        self.batches = batches  # epoch -> this rank's micro-batches, the same number every epoch (batches by duration)
         self.collate_fn = collate_fn
         self.device = device
         self.num_workers = num_workers
@@ -209,7 +213,7 @@ class Trainer:
         )
         # one optimizer step sees per_device_train_batch_size x world_size records
         self.global_batch = config.per_device_train_batch_size * self.dist.world_size
-        self.batches_per_epoch = math.ceil(len(dataset) / self.global_batch)
+        self.batches_per_epoch = len(batches(0)) if batches is not None else math.ceil(len(dataset) / self.global_batch)
         steps_per_epoch = math.ceil(self.batches_per_epoch * loss_step.batch_repeats / config.gradient_accumulation_steps)
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.total_steps)
@@ -260,7 +264,10 @@ class Trainer:
         """This rank's micro-batches for an epoch: one seeded order shared by all ranks (a
         permutation, or what `order` gives: a weighted mixture's draws), cut into global batches,
         each split into equal per-rank slices (so 2 ranks of batch b see what 1 rank of batch 2b
-        sees). Under several ranks a short last batch wraps around."""
+        sees). Under several ranks a short last batch wraps around. `batches` replaces all that
+        with its own (by duration)."""
+        if self.batches is not None:
+            return self.batches(epoch)
         if self.order is not None:
             order = self.order(epoch)
         else:
@@ -441,6 +448,8 @@ class Trainer:
                 batches = self._micro_batches(self.step * accum)
                 while self.step < self.total_steps:
                     epoch, batch = next(batches)
+                    if self.inspect_batch is not None:
+                        self.inspect_batch(batch, self.step)
                     micro_in_step += 1
                     last_micro = micro_in_step == accum
                     # under DDP, gradients are averaged over ranks on the last micro-batch only

@@ -92,11 +92,13 @@ def one_rank_grpo(tmp_path_factory, tiny_whisper, speech_dir):
                      key="reward")
 
 
-def test_two_ranks_of_batch_b_follow_one_rank_of_batch_2b(tmp_path, tiny_whisper, speech_dir, one_rank_sigmoid):
+@pytest.mark.parametrize("streaming", [False, True], ids=["up-front", "streaming"])
+def test_two_ranks_of_batch_b_follow_one_rank_of_batch_2b(tmp_path, tiny_whisper, speech_dir, one_rank_sigmoid, streaming):
     # sigmoid DPO is a mean over pairs, so averaging the ranks' gradients is exactly the large
-    # batch's gradient (a token-averaged term such as sft is averaged per rank instead)
+    # batch's gradient (a token-averaged term such as sft is averaged per rank instead); with
+    # streaming each rank checks only the records of its own slices, and trains the same
     two = _config(tmp_path, tiny_whisper, speech_dir, "ddp", per_device_train_batch_size=3)
-    rc, _, err = _run(two, 2, "objective.loss_type=[sigmoid]")
+    rc, _, err = _run(two, 2, "objective.loss_type=[sigmoid]", f"data.streaming={str(streaming).lower()}")
     assert rc == 0, err[-2000:]
     (single, w1), ddp = one_rank_sigmoid, _losses(tmp_path, "ddp")
     assert len(single) == len(ddp) == 4

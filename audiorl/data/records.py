@@ -449,18 +449,25 @@ def transcript_length_check(adapter: ModelAdapter, max_tokens: int, kind: Kind):
     return check
 
 
+def text_check_for(adapter: ModelAdapter, max_tokens: int | None, kind: Kind):
+    """The transcript check of `load_records`: every transcript fits the model (and `max_tokens`)."""
+    return transcript_length_check(adapter, min(max_tokens or adapter.max_target_tokens, adapter.max_target_tokens), kind)
+
+
 def load_records(
     path: str | Path, adapter: ModelAdapter, limits: AudioLimits, kind: Kind, *, on_bad: Literal["error", "skip"],
-    max_tokens: int | None, label: str, format: Format = "auto",
+    max_tokens: int | None, label: str, format: Format = "auto", check: bool = True,
 ) -> tuple[list[Record], list[Rejected]]:
     """Read a manifest (or saved dataset) and check every record for this model: the clip
     decodes within `limits`, the transcripts fit the model (and `max_tokens`). Bad records stop
-    here, named by file and line, or (`on_bad="skip"`) come back apart, counted on the console."""
+    here, named by file and line, or (`on_bad="skip"`) come back apart, counted on the console.
+    Without `check` the rows are only read (streaming checks each record when it is used)."""
     records = read_records(path, kind, format)
-    limit = min(max_tokens or adapter.max_target_tokens, adapter.max_target_tokens)
-    good, bad = validate_records(
-        records, limits, on_bad=on_bad, text_check=transcript_length_check(adapter, limit, kind), description=f"checking {label}"
-    )
+    if check:
+        good, bad = validate_records(records, limits, on_bad=on_bad, text_check=text_check_for(adapter, max_tokens, kind),
+                                     description=f"checking {label}")
+    else:
+        good, bad = records, []
     if bad:
         console.print(f"[yellow]{label}: skipped {len(bad)} of {len(records)} records (data.on_bad_record=skip)[/]")
     repeated = duplicates(good)

@@ -254,6 +254,9 @@ class GRPO(Method):
             raise ConfigError(f"objective.steps_per_generation={objective.steps_per_generation} must divide "
                               f"train.per_device_train_batch_size={ctx.run.train.per_device_train_batch_size}: the clips sampled "
                               "together are trained on in that many equal slices")
+        if ctx.run.data.batch_seconds is not None and objective.steps_per_generation > 1:
+            raise ConfigError("data.batch_seconds with objective.steps_per_generation > 1: a batch by length holds any number of "
+                              "clips, which cannot be cut into equal slices; use one of them")
         collate = collators.TranscriptCollator(ctx.adapter)
         reference = build_reference(ctx, collate) if self.needs_reference(objective) else None
         reward = reward_composer.build_reward([r.model_dump() for r in objective.rewards], ctx.run.data.normalize)
