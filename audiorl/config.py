@@ -25,7 +25,7 @@ from audiorl.secrets import is_secret_key, redact, redact_tree, secret_shape  # 
 from audiorl.sections import Section
 
 # how a manifest or dataset is read (audiorl.data.records reads each)
-DataFormat = Literal["auto", "audiorl", "nemo", "lhotse", "hf"]
+DataFormat = Literal["auto", "audiorl", "nemo", "lhotse", "hf", "webdataset"]
 
 
 class LoraSettings(Section):

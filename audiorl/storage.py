@@ -13,6 +13,7 @@ A relative path in a remote manifest is read against the manifest's own folder, 
 from __future__ import annotations
 
 import gzip
+import io
 import posixpath
 import re
 from pathlib import Path
@@ -86,12 +87,73 @@ def _failure(exc: BaseException, url: str, where: str, missing: str = "not found
     return DataError(f"{where}: cannot read {url} ({name}: {exc})")
 
 
+# one member of a tar shard (WebDataset): tarmember://OFFSET+SIZE/NAME::SHARD, where SHARD is a
+# local path or a URL; reading it reads those bytes of the shard, nothing else
+_MEMBER = re.compile(r"^tarmember://(?P<offset>\d+)\+(?P<size>\d+)/(?P<name>.*?)::(?P<shard>.+)$")
+
+
+def member_location(shard: str, name: str, offset: int, size: int) -> str:
+    return f"tarmember://{offset}+{size}/{name}::{shard}"
+
+
+def member_of(path: str) -> tuple[str, str, int, int] | None:
+    """(shard, member name, offset, size) of a tar member's location, or None for anything else."""
+    found = _MEMBER.match(path) if isinstance(path, str) else None
+    return (found["shard"], found["name"], int(found["offset"]), int(found["size"])) if found else None
+
+
+class _Window(io.RawIOBase):
+    """`size` bytes of a seekable file from `offset`, as a seekable file of its own."""
+
+    def __init__(self, handle: IO[bytes], offset: int, size: int):
+        self.handle, self.offset, self.size, self.position = handle, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = min(max(0, base + position), self.size)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.size - self.position)
+        if count <= 0:
+            return 0
+        self.handle.seek(self.offset + self.position)
+        data = self.handle.read(count)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.handle.close()
+        super().close()
+
+
 def open_binary(path: str | Path, where: str | None = None, *, missing: str = "not found") -> IO[bytes]:
     """A seekable binary file: a remote one reads only the byte ranges asked for (a segment of a
-    long recording fetches that segment, not the file)."""
+    long recording fetches that segment, not the file; a tar member, its bytes of the shard)."""
     where = where or str(path)
+    member = member_of(str(path))
+    if member is not None:
+        shard, _, offset, size = member
+        return _Window(open_binary(shard, where, missing="tar shard not found"), offset, size)
     if not is_url(str(path)):
-        return _local(path).open("rb")
+        try:
+            return _local(path).open("rb")
+        except FileNotFoundError:
+            raise DataError(f"{where}: {missing} ({path})") from None
+        except IsADirectoryError:
+            raise DataError(f"{where}: a folder, not a file ({path})") from None
+        except OSError as exc:
+            raise DataError(f"{where}: cannot read {path} ({exc.strerror})") from None
     fs, inner = _filesystem(str(path), where)
     try:
         handle = fs.open(inner, "rb")
@@ -150,6 +212,10 @@ class Stats:
     def of(self, path: str, *, mtime: bool = True) -> str | None:
         """`size|version` (the version: mtime locally when `mtime`, the object's ETag remotely,
         which stays the same when the same bytes are uploaded again), or None when unreadable."""
+        member = member_of(path)
+        if member is not None:
+            shard = self.of(member[0], mtime=mtime)
+            return None if shard is None else f"{shard}|{member[2]}+{member[3]}"
         if not is_url(path):
             try:
                 stat = _local(path).stat()

@@ -195,3 +195,18 @@ def test_on_kubernetes_the_credentials_travel_by_reference():
     with pytest.raises(ConfigError, match="AWS_SECRET_ACCESS_KEY"):
         render(validate_config({"model": {"name_or_path": "/models/m"}, "data": data,
                                 "job": {"env": {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI"}}}), name="remote", run_id="r1")
+
+
+def test_webdataset_shards_on_s3_read_each_sample_from_its_place(s3, speech_dir, tmp_path):
+    from tests.test_webdataset import write_shards
+
+    client, _ = s3
+    rows = write_shards(tmp_path / "shards", speech_dir)
+    for shard in sorted((tmp_path / "shards").glob("*.tar")):
+        client.upload_file(str(shard), BUCKET, f"shards/{shard.name}")
+    records = read_records(f"s3://{BUCKET}/shards/train-{{000000..000002}}.tar", "preference")
+    assert [r.chosen for r in records] == [r["chosen"] for r in rows]
+    assert records[4].source == f"s3://{BUCKET}/shards/train-000001.tar:utt0004"
+    local = read_records(speech_dir / "pairs.jsonl", "preference")
+    for remote, here in zip(records, local):
+        np.testing.assert_array_equal(remote.load(LIMITS), here.load(LIMITS))

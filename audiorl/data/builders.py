@@ -25,7 +25,7 @@ import torch
 from audiorl import storage
 from audiorl.audio import AudioLimits, header
 from audiorl.config import TextNormalization
-from audiorl.data.records import Format, Kind, Record, check_record, detect_format, iter_manifest, read_records
+from audiorl.data.records import Format, Kind, Record, check_record, detect_format, is_webdataset, iter_manifest, read_records
 from audiorl.errors import DataError
 from audiorl.models.base import ModelAdapter
 from audiorl.progress import progress_bar
@@ -326,7 +326,8 @@ def check_manifest(path: str | Path, kind: Kind, limits: AudioLimits, format: Fo
     format `read_records` takes; a saved dataset's rows are named by index."""
     path = storage.location(path)
     report = CheckReport()
-    if not storage.exists(path):
+    format = detect_format(path) if format == "auto" and is_webdataset(path) else format
+    if format != "webdataset" and not storage.exists(path):  # shards are looked for one by one
         raise DataError(f"{path}: manifest or dataset not found")
     format = detect_format(path) if format == "auto" else format
     if format == "hf":

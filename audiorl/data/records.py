@@ -15,9 +15,13 @@ Sources, told apart by their content or named by `format`:
   kept for rewards); only the segment is decoded;
 - `lhotse`: Lhotse cut manifests (`.jsonl` or `.jsonl.gz`, read through `lhotse`, an optional
   extra), one record per supervision of each cut;
-- `hf`: Hugging Face datasets saved with `save_to_disk`, their `Audio` column decoded or not.
-Any of them may be gzipped JSONL (`.gz`). Each record remembers where it came from (`file:line`,
-`file:line (cut ID)` or `dataset[row]`), so every later error can point at it.
+- `hf`: Hugging Face datasets saved with `save_to_disk`, their `Audio` column decoded or not;
+- `webdataset`: tar shards (`train-000000.tar`, or `train-{000000..000099}.tar` for a range),
+  a sample per key: its audio member (`KEY.wav`, `.flac`, `.mp3`, `.ogg`) and its fields in
+  `KEY.json` (or its transcript in `KEY.txt`); only the tar headers and the small text members are
+  read up front, the audio is read from its place in the shard when it is used.
+Any JSONL may be gzipped (`.gz`). Each record remembers where it came from (`file:line`,
+`file:line (cut ID)`, `dataset[row]` or `shard.tar:KEY`), so every later error can point at it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,9 +274,98 @@ def _lhotse_row(row: Any, where: str, kind: Kind, base_dir: str) -> list[Record]
 _ROW_READERS = {"audiorl": _audiorl_row, "nemo": _nemo_row, "lhotse": _lhotse_row}
 
 
+_SHARD_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_AUDIO_MEMBERS = ("wav", "flac", "mp3", "ogg")
+
+
+def shard_paths(path: str) -> list[str]:
+    """The shards a WebDataset location names: `train-{000000..000099}.tar` is a range (zero
+    padding kept; several ranges multiply), anything else one shard."""
+    found = _SHARD_RANGE.search(path)
+    if found is None:
+        return [path]
+    first, last = found[1], found[2]
+    if int(last) < int(first):
+        raise DataError(f"{path}: the shard range {found[0]} runs backwards")
+    width = len(first) if first.startswith("0") or len(first) == len(last) else 0
+    head, tail = path[: found.start()], path[found.end():]
+    return [shard for n in range(int(first), int(last) + 1) for shard in shard_paths(f"{head}{n:0{width}d}{tail}")]
+
+
+def is_webdataset(path: str | Path) -> bool:
+    text = str(path)
+    return text.endswith(".tar") and (_SHARD_RANGE.search(text) is not None or not storage.is_dir(text))
+
+
+def _shard_samples(shard: str) -> dict[str, dict[str, Any]]:
+    """key -> {"audio": (member, offset, size), "json"/"txt": bytes, "other": [extensions]} for
+    a tar shard, reading its headers and its small text members only."""
+    samples: dict[str, dict[str, Any]] = {}
+    try:
+        with storage.open_binary(shard, missing="tar shard not found") as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                stem, dot, extension = base.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
+                entry = samples.setdefault(key, {})
+                extension = extension.lower()
+                if extension in ("json", "txt"):
+                    entry[extension] = tar.extractfile(member).read()
+                elif extension in _AUDIO_MEMBERS and "audio" not in entry:
+                    entry["audio"] = (member.name, member.offset_data, member.size)
+                else:
+                    entry.setdefault("other", []).append(extension or "(none)")
+    except (tarfile.TarError, EOFError) as exc:
+        raise DataError(f"{shard}: not a readable tar shard ({exc})") from None
+    return samples
+
+
+def _webdataset_record(shard: str, key: str, entry: dict[str, Any], kind: Kind) -> Record:
+    where = f"{shard}:{key}"
+    if "audio" not in entry:
+        found = ", ".join(sorted(set(entry.get("other", [])) | {e for e in ("json", "txt") if e in entry})) or "nothing"
+        raise DataError(f"{where}: the sample has no audio member ({key}.wav, .flac, .mp3 or .ogg; found: {found})")
+    row: dict[str, Any] = {}
+    try:
+        if "json" in entry:
+            row = json.loads(entry["json"].decode("utf-8"))
+        elif "txt" in entry:
+            row = {"text": entry["txt"].decode("utf-8").strip()}
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(f"{where}: {key}.json is not UTF-8 JSON ({type(exc).__name__})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: {key}.json must hold an object of the record's fields, got {type(row).__name__}")
+    if "txt" in entry and "text" not in row and "json" in entry:
+        row["text"] = entry["txt"].decode("utf-8", "replace").strip()
+    name, offset, size = entry["audio"]
+    return record_from_row({**row, "audio": storage.member_location(shard, name, offset, size)}, where, kind, None)
+
+
+def iter_webdataset(path: str | Path, kind: Kind) -> Iterator[tuple[str, list[Record] | DataError]]:
+    """(`shard:KEY`, the sample's record, or the DataError that says what is wrong with it) for
+    every sample of every shard `path` names."""
+    for shard in shard_paths(str(path)):
+        try:
+            samples = _shard_samples(shard)
+        except DataError as exc:
+            yield shard, exc
+            continue
+        for key, entry in samples.items():
+            try:
+                yield f"{shard}:{key}", [_webdataset_record(shard, key, entry, kind)]
+            except DataError as exc:
+                yield f"{shard}:{key}", exc
+
+
 def iter_manifest(path: str | Path, kind: Kind, format: str) -> Iterator[tuple[str, list[Record] | DataError]]:
     """(`file:line`, the records of that line, or the DataError that says what is wrong with it)
-    for every row of a JSONL manifest in `format` (audiorl, nemo or lhotse)."""
+    for every row of a JSONL manifest in `format` (audiorl, nemo or lhotse), or every sample of
+    WebDataset shards."""
+    if format == "webdataset":
+        yield from iter_webdataset(path, kind)
+        return
     parse = _ROW_READERS[format]
     for where, row in _json_rows(path):
         if isinstance(row, DataError):
@@ -289,7 +384,7 @@ def read_jsonl(path: str | Path, kind: Kind, format: str = "audiorl") -> list[Re
             raise got
         records += got
     if not records:
-        raise DataError(f"{path}: manifest has no records")
+        raise DataError(f"{path}: {'the shards hold no samples' if format == 'webdataset' else 'manifest has no records'}")
     return records
 
 
@@ -313,7 +408,9 @@ def read_hf_dataset(path: str | Path, kind: Kind) -> list[Record]:
 
 def detect_format(path: str | Path) -> str:
     """`hf` for a folder, else by the first row's keys: `audio_filepath` is NeMo's, a cut's
-    `recording`/`supervisions` Lhotse's, `audio` AudioRL's."""
+    `recording`/`supervisions` Lhotse's, `audio` AudioRL's; `.tar` shards are WebDataset's."""
+    if is_webdataset(path):
+        return "webdataset"
     if storage.is_dir(path):
         return "hf"
     for where, row in _json_rows(path):
@@ -339,12 +436,16 @@ def read_records(path: str | Path, kind: Kind, format: Format = "auto") -> list[
     """Read a manifest or saved dataset of any supported format (`auto`: told by its content),
     from a local path or any fsspec URL (`s3://bucket/train.jsonl`)."""
     path = storage.location(path)
+    if format in ("auto", "webdataset") and is_webdataset(path):
+        return read_jsonl(str(path), kind, "webdataset")  # each shard is looked for when it is read
     if not storage.exists(path):
         raise DataError(f"{path}: manifest or dataset not found")
     if format == "auto":
         format = detect_format(path)  # type: ignore[assignment]
     if format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; use auto or one of {list(FORMATS)}")
+    if format == "webdataset":
+        return read_jsonl(str(path), kind, "webdataset")
     if (format == "hf") != storage.is_dir(path):
         raise DataError(f"{path}: format {format!r} reads a {'folder written by save_to_disk' if format == 'hf' else 'manifest file'}")
     return read_hf_dataset(path, kind) if format == "hf" else read_jsonl(path, kind, format)
