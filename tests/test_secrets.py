@@ -62,8 +62,7 @@ BASE = {"model": {"name_or_path": "/models/whisper-small"}, "data": {"train": "/
     ("tracking.tags.note", {"tracking": {"tags": {"note": SECRET_VALUES["hugging face"]}}}),
     ("job.annotations.owner", {"job": {"annotations": {"owner": SECRET_VALUES["github"]}}}),
     ("objective.rewards[0].kwargs.api_key", {"objective": {"name": "grpo", "rewards": [{"name": "wer", "kwargs": {"api_key": "k-123"}}]}}),
-    ("data.eval", {"data": {"eval": SECRET_VALUES["presigned s3"]}}),
-])
+])  # a data location with credentials is refused before render, by the config (tests/test_remote_data.py)
 def test_render_refuses_a_secret_the_job_would_carry_naming_the_key(where, extra):
     import copy
 
