@@ -182,24 +182,23 @@ def open_text(path: str | Path, where: str | None = None) -> IO[str]:
         raise _failure(exc, str(path), where) from None
 
 
-def exists(path: str | Path, where: str | None = None) -> bool:
+def _ask(path: str | Path, where: str | None, local, remote: str) -> bool:
+    """A yes/no question about a location: `local(Path)` here, the filesystem's `remote` method there."""
     if not is_url(str(path)):
-        return _local(path).exists()
+        return bool(local(_local(path)))
     fs, inner = _filesystem(str(path), where or str(path))
     try:
-        return bool(fs.exists(inner))
+        return bool(getattr(fs, remote)(inner))
     except Exception as exc:  # noqa: BLE001 - as above
         raise _failure(exc, str(path), where or str(path)) from None
+
+
+def exists(path: str | Path, where: str | None = None) -> bool:
+    return _ask(path, where, Path.exists, "exists")
 
 
 def is_dir(path: str | Path, where: str | None = None) -> bool:
-    if not is_url(str(path)):
-        return _local(path).is_dir()
-    fs, inner = _filesystem(str(path), where or str(path))
-    try:
-        return bool(fs.isdir(inner))
-    except Exception as exc:  # noqa: BLE001 - as above
-        raise _failure(exc, str(path), where or str(path)) from None
+    return _ask(path, where, Path.is_dir, "isdir")
 
 
 class Stats:

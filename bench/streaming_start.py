@@ -26,13 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _interleave import add_arguments, interleave, print_table
-
-SENTENCES = [
-    "turn on the kitchen lights", "the meeting starts at seven thirty", "call my sister after lunch",
-    "please book a table for four people", "the train to london leaves at noon", "remind me to buy milk and bread",
-    "what is the weather like tomorrow", "send an email to the whole team",
-]
-VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-029", "en-us+f2", "en-gb-x-rp"]
+from eval_throughput import SENTENCES, VOICES  # the same espeak-ng speech
 
 
 def build_corpus(root: Path, clips: int) -> Path:

@@ -75,13 +75,24 @@ def test_bad_audio_is_named_by_line(tmp_path, case):
     assert re.search(message, problem), problem
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"audio": "a.wav", "chosen": "Turn on the lights.", "rejected": "Turn on the lights."}, r"m\.jsonl:1: 'chosen' and 'rejected' are the same"),
-    ({"audio": "a.wav", "chosen": "Turn on the lights.", "rejected": "turn on the  lights"}, r"the same transcript once normalised"),
-])
-def test_a_pair_of_one_transcript_is_refused(tmp_path, row, message):
-    with pytest.raises(DataError, match=message):
-        read_records(_manifest(tmp_path, [row]), "preference")
+def test_a_pair_of_one_transcript_is_refused_and_one_of_formatting_only_is_warned(tmp_path, tiny_whisper, capsys):
+    from audiorl.config import ModelConfig
+    from audiorl.models import load_adapter
+
+    same = {"audio": "a.wav", "chosen": "Turn on the lights.", "rejected": "Turn on the lights."}
+    with pytest.raises(DataError, match=r"m\.jsonl:1: 'chosen' and 'rejected' are the same transcript"):
+        read_records(_manifest(tmp_path, [same]), "preference")
+    # the same words, other case and punctuation: a pair for punctuated output, kept but counted
+    clip = _clip(tmp_path, "a.wav", _tone(1.0))
+    rows = [{"audio": clip, "chosen": "Turn on the lights.", "rejected": "turn on the  lights"},
+            {"audio": clip, "chosen": "turn on the lights", "rejected": "turn off the lights"}]
+    adapter = load_adapter(ModelConfig(name_or_path=str(tiny_whisper)))
+    good, _ = load_records(_manifest(tmp_path, rows), adapter, AudioLimits(max_seconds=5), "preference", on_bad="error", max_tokens=None,
+                           label="train data")
+    out = capsys.readouterr()
+    text = " ".join((out.out + out.err).split())
+    assert len(good) == 2 and "1 pair(s) whose chosen and rejected differ only in case, punctuation or spacing" in text
+    assert "m.jsonl:1" in text and "m.jsonl:2" not in text
 
 
 @pytest.mark.parametrize("content, message", [

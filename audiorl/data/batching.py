@@ -1,5 +1,5 @@
 """Batches by audio length (`data.batch_seconds`), for the families whose cost grows with the
-clip (an audio LLM's audio tokens, Qwen3-ASR's and Step-Audio 2's encoders): a micro-batch is
+clip (those without a fixed input window: an audio LLM's audio tokens grow with it): a micro-batch is
 clips of similar length, as many as fit `count x longest <= batch_seconds` (a batch is padded to
 its longest clip, so that is what it costs). A clip longer than the budget is a batch alone.
 

@@ -114,11 +114,20 @@ def _seconds(row: dict[str, Any], key: str, where: str, *, required: bool = Fals
     return float(value)
 
 
-def _same_words(a: str, b: str) -> bool:
-    """Do two transcripts read the same under the default scoring normaliser (case, punctuation
-    and spacing dropped): a WER of 0 between them?"""
-    words = transform(TextNormalization(), "word")([a, b])
-    return words[0] == words[1]
+def formatting_only(records: list[Record]) -> list[str]:
+    """The preference records whose chosen and rejected differ only in case, punctuation or
+    spacing (the same words under the default scoring normaliser: a WER of 0 between them). Such a
+    pair teaches formatting, which may be the point (punctuated, cased output), but never words."""
+    pairs = [r for r in records if r.chosen is not None and r.rejected is not None and r.chosen != r.rejected]
+    if not pairs:
+        return []
+    words = transform(TextNormalization(), "word")
+    same = []
+    for record in pairs:
+        chosen, rejected = words([record.chosen, record.rejected])
+        if chosen == rejected:
+            same.append(record.source)
+    return same
 
 
 def _text_field(row: dict[str, Any], key: str, where: str, required: bool) -> str | None:
@@ -162,9 +171,8 @@ def record_from_row(row: Any, where: str, kind: Kind, base_dir: str | Path | Non
     if kind == "preference":
         record.chosen = _text_field(row, "chosen", where, required=True)
         record.rejected = _text_field(row, "rejected", where, required=True)
-        if _same_words(record.chosen, record.rejected):
-            how = "" if record.chosen == record.rejected else " once normalised"
-            raise DataError(f"{where}: 'chosen' and 'rejected' are the same transcript{how} ({record.chosen[:40]!r}): the pair "
+        if record.chosen == record.rejected:
+            raise DataError(f"{where}: 'chosen' and 'rejected' are the same transcript ({record.chosen[:40]!r}): the pair "
                             "teaches nothing; drop it")
     elif kind == "unpaired":
         record.completion = _text_field(row, "completion", where, required=True)
@@ -571,6 +579,11 @@ def load_records(
         good, bad = records, []
     if bad:
         console.print(f"[yellow]{label}: skipped {len(bad)} of {len(records)} records (data.on_bad_record=skip)[/]")
+    formatting = formatting_only(good)
+    if formatting:
+        console.print(f"[yellow]{label}: warning: {len(formatting)} pair(s) whose chosen and rejected differ only in case, punctuation "
+                      f"or spacing, kept (they teach formatting, not words): {', '.join(formatting[:3])}"
+                      f"{' ...' if len(formatting) > 3 else ''}[/]")
     repeated = duplicates(good)
     if repeated:
         shown = ", ".join(f"{where} repeats {earlier}" for where, earlier in repeated[:3])
