@@ -32,7 +32,7 @@ from audiorl.data.batching import duration_plan, epoch_batches
 from audiorl.data.collate import RecordDataset
 from audiorl.data.mixture import Source, draws_per_source, mixture_order, source_names
 from audiorl.data.records import Record, Rejected, fingerprint, load_records, text_check_for
-from audiorl.data.streaming import BadRecords, CheckedDataset, CollateWithRejections
+from audiorl.data.streaming import BadRecords, CheckedDataset, CollateWithRejections, streamed_rows
 from audiorl.distributed import Dist, Strategy, strategy_for
 from audiorl.errors import ConfigError
 from audiorl.evaluation import Evaluator
@@ -181,6 +181,7 @@ def open_run(cfg: RunConfig, runtime: Runtime, data: RunData, tags: dict[str, st
     """The MLflow run (on the main rank; a no-op tracker elsewhere), ended FINISHED, KILLED on
     preemption or FAILED, and node metrics from the first process of every node."""
     output_dir = Path(cfg.train.output_dir)
+    resuming = resume_target(cfg.train) is not None
     tracker = Tracker(cfg.tracking, active=runtime.dist.is_main)
     tracker.start(
         cfg,
@@ -191,12 +192,11 @@ def open_run(cfg: RunConfig, runtime: Runtime, data: RunData, tags: dict[str, st
         },
         spill_dir=output_dir,
         # a run that continues from a checkpoint continues its MLflow run too
-        resume=resume_target(cfg.train) is not None,
+        resume=resuming,
     )
     node_monitor = _watch_node(cfg, tracker, runtime.dist)
     if len(data.sources) > 1 and runtime.dist.is_main:
         _log_sources(cfg, data, tracker)
-    resuming = resume_target(cfg.train) is not None
     if runtime.dist.is_main:
         _write_skipped(output_dir / SKIPPED_FILE, data.skipped, keep_streamed=resuming)
     if data.skipped and runtime.dist.is_main:
@@ -223,9 +223,7 @@ SKIPPED_FILE = "skipped_records.jsonl"
 def _write_skipped(path: Path, skipped: list[Rejected], *, keep_streamed: bool) -> None:
     """The records the up-front pass skipped, one JSON line each; a resumed run keeps the lines
     streaming wrote before (they count towards data.max_bad_fraction), a new run starts afresh."""
-    kept = []
-    if keep_streamed and path.is_file():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if '"streamed": true' in line]
+    kept = [json.dumps(row) for row in streamed_rows(path)] if keep_streamed else []
     lines = [json.dumps({"source": redact(r.source), "reason": redact(r.reason)}) for r in skipped] + kept
     if lines:
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -155,18 +155,17 @@ def open_binary(path: str | Path, where: str | None = None, *, missing: str = "n
         except OSError as exc:
             raise DataError(f"{where}: cannot read {path} ({exc.strerror})") from None
     fs, inner = _filesystem(str(path), where)
+    folder = DataError(f"{where}: a folder, not a file ({path})")
     try:
         handle = fs.open(inner, "rb")
+    except FileNotFoundError as exc:
+        raise folder if is_dir(path, where) else _failure(exc, str(path), where, missing) from None
     except Exception as exc:  # noqa: BLE001 - each filesystem raises its own (botocore, aiohttp, ...)
-        failure = exc
-    else:
-        if getattr(handle, "size", None) or not is_dir(path, where):  # object stores open a folder as an empty file
-            return handle
+        raise _failure(exc, str(path), where, missing) from None
+    if not getattr(handle, "size", None) and is_dir(path, where):  # object stores open a folder as an empty file
         handle.close()
-        failure = IsADirectoryError(inner)
-    if isinstance(failure, (FileNotFoundError, IsADirectoryError)) and is_dir(path, where):
-        raise DataError(f"{where}: a folder, not a file ({path})")
-    raise _failure(failure, str(path), where, missing)
+        raise folder
+    return handle
 
 
 def open_text(path: str | Path, where: str | None = None) -> IO[str]:

@@ -238,18 +238,16 @@ def test_an_output_dir_that_is_a_file(tmp_path, tiny_whisper, speech_dir):
 
 def test_a_resumed_run_refuses_data_that_changed_under_it(tmp_path, tiny_whisper, speech_dir):
     import audiorl
-    from tests.test_training import make_config
+    from tests.test_training import as_if_killed_after_step_3, make_config
 
     manifest = tmp_path / "pairs.jsonl"
     rows = [json.loads(line) for line in (speech_dir / "pairs.jsonl").read_text().splitlines()]
     manifest.write_text("".join(json.dumps({**r, "audio": str(speech_dir / r["audio"])}) + "\n" for r in rows))
     cfg = make_config(tmp_path, tiny_whisper, speech_dir, data={"train": str(manifest)})
     audiorl.train(cfg)
-    shutil.rmtree(Path(cfg.train.output_dir) / "final")
-    shutil.rmtree(Path(cfg.train.output_dir) / "checkpoints" / "checkpoint-6")  # as if it died after step 3
+    as_if_killed_after_step_3(cfg)
     rows[0]["chosen"] = "a different reference"
     manifest.write_text("".join(json.dumps({**r, "audio": str(speech_dir / r["audio"])}) + "\n" for r in rows))
-    cfg.train.resume = "auto"
     with pytest.raises(TrainingError, match="the training data changed since this checkpoint"):
         audiorl.train(cfg)
 

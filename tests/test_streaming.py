@@ -5,7 +5,6 @@ bad ones are counted by reason, written and logged as they are met, up to data.m
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 import audiorl
 from audiorl.data.streaming import reason_kind
 from audiorl.errors import DataError
-from tests.test_training import final_weights, make_config
+from tests.test_training import as_if_killed_after_step_3, final_weights, make_config
 
 RATE = 16000
 
@@ -96,16 +95,13 @@ def test_a_resumed_streaming_run_continues_where_its_data_was(tmp_path, tiny_whi
     cfg = make_config(tmp_path, tiny_whisper, speech_dir, data={"train": str(manifest), "streaming": True, "on_bad_record": "skip",
                                                                  "max_bad_fraction": 0.25})
     straight = final_weights(audiorl.train(cfg))
-    run_dir = Path(cfg.train.output_dir)
-    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")
-    shutil.rmtree(run_dir / "final")
-    cfg.train.resume = "auto"
+    as_if_killed_after_step_3(cfg)
     outcome = audiorl.train(cfg)
     assert outcome.result.resumed_from.endswith("checkpoint-3")
     resumed = final_weights(outcome)
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
-    assert sorted(row["source"] for row in _streamed(run_dir)) == sorted(bad_lines)
+    assert sorted(row["source"] for row in _streamed(Path(cfg.train.output_dir))) == sorted(bad_lines)
 
 
 @pytest.mark.parametrize("reason, kind", [

@@ -35,6 +35,17 @@ def make_config(tmp_path: Path, tiny_whisper: Path, speech_dir: Path, **sections
     return RunConfig.model_validate(base)
 
 
+def as_if_killed_after_step_3(cfg: RunConfig) -> None:
+    """As if a run of make_config's 6 steps (checkpoints every 3) died after step 3: drop what it
+    wrote later, and ask the next run to resume."""
+    import shutil
+
+    run_dir = Path(cfg.train.output_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(run_dir / "final")
+    cfg.train.resume = "auto"
+
+
 def final_weights(outcome) -> dict[str, torch.Tensor]:
     return load_file(str(outcome.final_model_dir / "model.safetensors"))
 
@@ -64,12 +75,7 @@ def test_resume_from_checkpoint_gives_the_same_weights(tmp_path, tiny_whisper, s
     run_dir = Path(cfg.train.output_dir)
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-3", "checkpoint-6"]
-    # as if the job died after step 3: drop what came later and resume
-    import shutil
-
-    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")
-    shutil.rmtree(run_dir / "final")
-    cfg.train.resume = "auto"
+    as_if_killed_after_step_3(cfg)
     outcome = audiorl.train(cfg)
     assert outcome.result.resumed_from.endswith("checkpoint-3")
     resumed = final_weights(outcome)

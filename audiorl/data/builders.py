@@ -326,7 +326,8 @@ def check_manifest(path: str | Path, kind: Kind, limits: AudioLimits, format: Fo
     format `read_records` takes; a saved dataset's rows are named by index."""
     path = storage.location(path)
     report = CheckReport()
-    format = detect_format(path) if format == "auto" and is_webdataset(path) else format
+    if format == "auto" and is_webdataset(path):
+        format = "webdataset"
     if format != "webdataset" and not storage.exists(path):  # shards are looked for one by one
         raise DataError(f"{path}: manifest or dataset not found")
     format = detect_format(path) if format == "auto" else format

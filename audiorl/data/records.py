@@ -444,7 +444,7 @@ def read_records(path: str | Path, kind: Kind, format: Format = "auto") -> list[
     """Read a manifest or saved dataset of any supported format (`auto`: told by its content),
     from a local path or any fsspec URL (`s3://bucket/train.jsonl`)."""
     path = storage.location(path)
-    if format in ("auto", "webdataset") and is_webdataset(path):
+    if format == "webdataset" or (format == "auto" and is_webdataset(path)):
         return read_jsonl(str(path), kind, "webdataset")  # each shard is looked for when it is read
     if not storage.exists(path):
         raise DataError(f"{path}: manifest or dataset not found")
@@ -452,8 +452,6 @@ def read_records(path: str | Path, kind: Kind, format: Format = "auto") -> list[
         format = detect_format(path)  # type: ignore[assignment]
     if format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; use auto or one of {list(FORMATS)}")
-    if format == "webdataset":
-        return read_jsonl(str(path), kind, "webdataset")
     if (format == "hf") != storage.is_dir(path):
         raise DataError(f"{path}: format {format!r} reads a {'folder written by save_to_disk' if format == 'hf' else 'manifest file'}")
     return read_hf_dataset(path, kind) if format == "hf" else read_jsonl(path, kind, format)

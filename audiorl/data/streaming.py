@@ -78,6 +78,14 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text).strip("_")[:60] or "other"
 
 
+def streamed_rows(path: Path) -> list[dict[str, Any]]:
+    """The lines of a skipped-records file that streaming wrote (`"streamed": true`), parsed."""
+    if not path.is_file():
+        return []
+    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return [row for row in rows if row.get("streamed")]
+
+
 class BadRecords:
     """The training process's account of the bad records streaming meets: each counted once (by
     source), appended to `path` as it is met, logged (`data/bad_records`, and per kind
@@ -90,10 +98,9 @@ class BadRecords:
         self.log, self.warn, self.rank = log, warn, rank
         self.seen: dict[str, str] = {}
         self.kinds: Counter[str] = Counter()
-        if resume and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
-                if row.get("streamed") and row["source"] not in self.seen:
+        if resume:
+            for row in streamed_rows(path):
+                if row["source"] not in self.seen:
                     self._count(row["source"], row["reason"])
 
     def _count(self, source: str, reason: str) -> str:
