@@ -133,6 +133,15 @@ def gather_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)])
 
 
+def from_every_rank(value) -> list:
+    """Every rank's `value` (any picklable object), in rank order; `[value]` outside a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    box: list = [None] * dist.get_world_size()
+    dist.all_gather_object(box, value)
+    return box
+
+
 def broadcast_from_main(value):
     """Rank 0's value on every rank (any picklable object)."""
     if not (dist.is_available() and dist.is_initialized()):

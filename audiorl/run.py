@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -31,10 +32,10 @@ from audiorl.config import RunConfig, load_config
 from audiorl.data.batching import duration_plan, epoch_batches
 from audiorl.data.collate import RecordDataset
 from audiorl.data.mixture import Source, draws_per_source, mixture_order, source_names
-from audiorl.data.records import Record, Rejected, fingerprint, load_records, text_check_for
-from audiorl.data.streaming import BadRecords, CheckedDataset, CollateWithRejections, streamed_rows
+from audiorl.data.records import Record, Rejected, fingerprint, is_webdataset, load_records, shard_paths, text_check_for
+from audiorl.data.streaming import BadRecords, CheckedDataset, CollateWithRejections, own_shards, rank_batches, streamed_rows
 from audiorl.distributed import Dist, Strategy, strategy_for
-from audiorl.errors import ConfigError
+from audiorl.errors import ConfigError, DataError
 from audiorl.evaluation import Evaluator
 from audiorl.methods import BuildContext, Step, method_for
 from audiorl.models.base import ModelAdapter
@@ -85,6 +86,20 @@ class RunData:
     fingerprint: str
     sources: list[Source] = field(default_factory=list)
     streaming_check: Callable[[Record], None] | None = None  # streaming: the transcript check each record gets when read
+    # WebDataset shards dealt to ranks (streaming under several ranks): per rank, its records per
+    # source; `train` is then this rank's own, `fingerprint` and `resume_fingerprint` the whole run's
+    ranks: list[list[int]] | None = None
+    local_fingerprint: str = ""  # what this rank's `train` holds (keys caches of it); `fingerprint` when not dealt
+    resume_fingerprint: str = ""  # the records without file times: what a resumed run compares
+
+    @property
+    def total(self) -> int:
+        """The run's training records, over all ranks."""
+        return sum(map(sum, self.ranks)) if self.ranks is not None else len(self.train)
+
+    def source_count(self, index: int) -> int:
+        """A source's records over all ranks."""
+        return sum(counts[index] for counts in self.ranks) if self.ranks is not None else self.sources[index].count
 
     @property
     def mixture(self) -> bool:
@@ -95,6 +110,7 @@ class RunData:
         return self.streaming_check is not None
 
     def __post_init__(self) -> None:
+        self.local_fingerprint = self.local_fingerprint or self.fingerprint
         # what the trainer and a precomputed reference index; streaming checks each record as it is read
         self.dataset = CheckedDataset(self.train, self.limits, self.streaming_check) if self.streaming else \
             RecordDataset(self.train, self.limits)
@@ -159,9 +175,12 @@ def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
     sources = cfg.data.train_sources()
     weights = cfg.data.train_weights() or [None] * len(sources)
     held: list[Source] = []
-    for source, name, weight in zip(sources, source_names(sources), weights):
+    dealt = _dealt_shards(cfg, runtime, sources)
+    for index, (source, name, weight) in enumerate(zip(sources, source_names(sources), weights)):
         label = "train data" if len(sources) == 1 else f"train data ({source})"
-        good, bad = load_records(source, adapter, limits, kind, label=label, check=not cfg.data.streaming, **checks)  # type: ignore[arg-type]
+        where = source if dealt is None else dealt[index]
+        good, bad = load_records(where, adapter, limits, kind, label=label, check=not cfg.data.streaming, **checks) \
+            if where else ([], [])  # type: ignore[arg-type]
         held.append(Source(name, len(records), len(good), weight))
         records += good
         skipped += bad
@@ -170,10 +189,39 @@ def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
         test_sets[name], bad = load_records(path, adapter, limits, "transcript", label=f"eval data ({name})", **checks)  # type: ignore[arg-type]
         skipped += bad
     streaming_check = text_check_for(adapter, cfg.data.max_target_tokens, kind) if cfg.data.streaming else None
+    own, resume_fp = fingerprint(records), fingerprint(records, mtime=False)
+    ranks, run_fp = None, own
+    if dealt is not None:
+        every = distributed.from_every_rank(([s.count for s in held], own, resume_fp))
+        ranks = [counts for counts, _, _ in every]
+        run_fp, resume_fp = (hashlib.sha256("|".join(part[i] for part in every).encode()).hexdigest()[:16] for i in (1, 2))
+        if not records:
+            raise DataError(f"train data: rank {runtime.dist.rank}'s shards ({', '.join(map(str, dealt))}) hold no samples")
     if streaming_check is not None:
-        console.print(f"train data: {len(records)} records read; each is checked when training reads it (data.streaming)")
-    return RunData(adapter=adapter, limits=limits, train=records, test_sets=test_sets, skipped=skipped, fingerprint=fingerprint(records),
-                   sources=held, streaming_check=streaming_check)
+        on = f" on this rank, {sum(map(sum, ranks))} on all {len(ranks)}" if ranks is not None else ""
+        console.print(f"train data: {len(records)} records read{on}; each is checked when training reads it (data.streaming)")
+    return RunData(adapter=adapter, limits=limits, train=records, test_sets=test_sets, skipped=skipped, fingerprint=run_fp,
+                   sources=held, streaming_check=streaming_check, ranks=ranks, local_fingerprint=own, resume_fingerprint=resume_fp)
+
+
+def _dealt_shards(cfg: RunConfig, runtime: Runtime, sources: list[str]) -> list[list[str]] | None:
+    """This rank's shards of each source when training streams WebDataset shards under several
+    ranks: every shard of every source in order, dealt out (`own_shards`). None when every rank
+    reads all the training data: one rank, no streaming, a source that is a manifest (its rows are
+    read by every rank), a weighted mixture or batches by length (they plan over all the records)."""
+    if not cfg.data.streaming or runtime.dist.world_size < 2:
+        return None
+    if not all(cfg.data.format == "webdataset" or (cfg.data.format == "auto" and is_webdataset(s)) for s in sources):
+        return None
+    if cfg.data.train_weights() is not None or cfg.data.batch_seconds is not None:
+        why = "a weighted mixture" if cfg.data.train_weights() is not None else "data.batch_seconds"
+        console.print(f"[yellow]train data: every rank reads every shard's headers: {why} plans over all the records[/]")
+        return None
+    every = [(index, shard) for index, source in enumerate(sources) for shard in shard_paths(source)]
+    mine = own_shards(every, runtime.dist.rank, runtime.dist.world_size)
+    console.print(f"train data: {len(every)} WebDataset shards dealt to {runtime.dist.world_size} ranks, "
+                  f"{len(mine)} to rank 0; each rank reads its own only")
+    return [[shard for index, shard in mine if index == source] for source in range(len(sources))]
 
 
 @contextlib.contextmanager
@@ -237,9 +285,9 @@ def _log_sources(cfg: RunConfig, data: RunData, tracker: Tracker) -> None:
     draws = draws_per_source(data.sources, mixture_order(data.sources, cfg.train.seed, 0)) if data.mixture else {}
     total_weight = sum(s.weight or 0 for s in data.sources)
     metrics: dict[str, float] = {}
-    for source in data.sources:
-        line = f"train source {source.name}: {source.count} records"
-        metrics[f"data/source/{source.name}/records"] = source.count
+    for index, source in enumerate(data.sources):
+        line = f"train source {source.name}: {data.source_count(index)} records"
+        metrics[f"data/source/{source.name}/records"] = data.source_count(index)
         if data.mixture:
             share = (source.weight or 0) / total_weight
             line += f", weight {source.weight:g} ({share:.0%} of draws: {draws[source.name]} in the first epoch)"
@@ -251,7 +299,7 @@ def _log_sources(cfg: RunConfig, data: RunData, tracker: Tracker) -> None:
 
 def build_method(cfg: RunConfig, data: RunData, runtime: Runtime) -> tuple[Step, object]:
     """The method's step (batch -> loss) and the collator its batches need."""
-    return build_step(cfg, data.adapter, data.dataset, data.fingerprint, lockstep=runtime.strategy.lockstep)
+    return build_step(cfg, data.adapter, data.dataset, data.local_fingerprint, lockstep=runtime.strategy.lockstep)
 
 
 def build_step(cfg: RunConfig, adapter: ModelAdapter, dataset, data_fp: str, *, lockstep: bool = False):
@@ -270,9 +318,9 @@ def fit(cfg: RunConfig, runtime: Runtime, data: RunData, loss_step: Step, collat
         num_workers=cfg.data.num_workers, evaluate=evaluator if evaluator and runtime.strategy.evaluates_in_loop else None,
         log=tracker.log_metrics, fingerprint=cfg.fingerprint(runtime.dist.world_size), dist_info=runtime.dist,
         order=functools.partial(mixture_order, data.sources, cfg.train.seed) if data.mixture else None,
-        data_fingerprint=fingerprint(data.train, mtime=False),
+        data_fingerprint=data.resume_fingerprint,
         inspect_batch=_bad_records(cfg, runtime, data, tracker),
-        batches=_duration_batches(cfg, runtime, data),
+        batches=_batches(cfg, runtime, data),
     )
     result = trainer.train()
     if data.streaming and runtime.dist.is_main and (Path(cfg.train.output_dir) / SKIPPED_FILE).is_file():
@@ -284,9 +332,14 @@ def fit(cfg: RunConfig, runtime: Runtime, data: RunData, loss_step: Step, collat
     return trainer, result
 
 
-def _duration_batches(cfg: RunConfig, runtime: Runtime, data: RunData) -> Callable[[int], list[list[int]]] | None:
-    """Batches by length (data.batch_seconds), or None for batches of a fixed count: also when the
-    model pads every clip to a fixed window, where every clip costs the same (said on the console)."""
+def _batches(cfg: RunConfig, runtime: Runtime, data: RunData) -> Callable[[int], list[list[int]]] | None:
+    """This rank's micro-batches per epoch when they are not the trainer's slices of one seeded
+    order: each rank's own samples when shards are dealt to ranks, or batches by length
+    (data.batch_seconds); None for batches of a fixed count, also when the model pads every clip
+    to a fixed window, where every clip costs the same (said on the console)."""
+    if data.ranks is not None:
+        return functools.partial(rank_batches, len(data.train), max(map(sum, data.ranks)), cfg.train.per_device_train_batch_size,
+                                 cfg.train.seed, runtime.dist.rank)
     if cfg.data.batch_seconds is None:
         return None
     window = data.adapter.window_seconds
@@ -306,9 +359,9 @@ def _bad_records(cfg: RunConfig, runtime: Runtime, data: RunData, tracker: Track
     """Streaming's account of the bad records it meets (None without streaming)."""
     if not data.streaming:
         return None
-    return BadRecords(len(data.train), 0.0 if cfg.data.on_bad_record == "error" else cfg.data.max_bad_fraction,
+    return BadRecords(data.total, 0.0 if cfg.data.on_bad_record == "error" else cfg.data.max_bad_fraction,
                       Path(cfg.train.output_dir) / SKIPPED_FILE, log=tracker.log_metrics, warn=console.print, rank=runtime.dist.rank,
-                      resume=resume_target(cfg.train) is not None)
+                      resume=resume_target(cfg.train) is not None, gather=distributed.from_every_rank if runtime.dist.enabled else None)
 
 
 def export_and_register(cfg: RunConfig, runtime: Runtime, data: RunData, trainer: Trainer, evaluator: Evaluator,

@@ -371,7 +371,8 @@ class Trainer:
         if self.data_fingerprint and state.get("data_fingerprint") not in (None, "", self.data_fingerprint):
             raise TrainingError(
                 f"{path}: the training data changed since this checkpoint was written (the manifests' records or the clips' "
-                "sizes differ): the data order it continues would be another; restore the data, or use a new train.output_dir"
+                "sizes differ, or streamed shards are dealt to another number of ranks): the data order it continues would be "
+                "another; restore the data (and the number of ranks), or use a new train.output_dir"
             )
         scheduler = load_pt(path / "scheduler.pt")
         extra = load_pt(path / "state.pt")

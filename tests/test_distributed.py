@@ -111,11 +111,12 @@ def test_two_ranks_of_batch_b_follow_one_rank_of_batch_2b(tmp_path, tiny_whisper
 
 
 def test_fsdp2_two_ranks_follow_one_rank_and_resume_on_one(tmp_path, tiny_whisper, speech_dir, one_rank_sigmoid):
-    """FSDP2 (layers sharded over 2 ranks) follows a single process; its distributed checkpoint
-    (written as 2 shards) resumes in a single process and ends on the same weights."""
+    """FSDP2 (layers sharded over 2 ranks, streaming records) follows a single process; its
+    distributed checkpoint (written as 2 shards) resumes in a single process and ends on the same
+    weights."""
     two = _config(tmp_path, tiny_whisper, speech_dir, "fsdp", per_device_train_batch_size=3, max_steps=4, save_steps=2,
                   save_total_limit=None)
-    rc, _, err = _run(two, 2, "objective.loss_type=[sigmoid]", "train.distributed.strategy=fsdp")
+    rc, _, err = _run(two, 2, "objective.loss_type=[sigmoid]", "train.distributed.strategy=fsdp", "data.streaming=true")
     assert rc == 0, err[-3000:]
     (single, w1), sharded = one_rank_sigmoid, _losses(tmp_path, "fsdp")
     for a, b in zip(single, sharded, strict=True):
@@ -129,7 +130,8 @@ def test_fsdp2_two_ranks_follow_one_rank_and_resume_on_one(tmp_path, tiny_whispe
 
     shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "checkpoint-4")
     shutil.rmtree(tmp_path / "fsdp" / "final")
-    rc, _, err = _run(two, 1, "objective.loss_type=[sigmoid]", "train.per_device_train_batch_size=6", "train.resume=auto")
+    rc, _, err = _run(two, 1, "objective.loss_type=[sigmoid]", "train.per_device_train_batch_size=6", "train.resume=auto",
+                      "data.streaming=true")
     assert rc == 0, err[-3000:]
     w3 = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
     for name in w1:
@@ -157,12 +159,52 @@ def test_grpo_two_ranks_follow_one_rank(tmp_path, tiny_whisper, speech_dir, stra
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_whisper, speech_dir):
-    straight = _config(tmp_path, tiny_whisper, speech_dir, "straight", per_device_train_batch_size=2, max_steps=16, save_steps=4)
-    rc, _, err = _run(straight, 2)
-    assert rc == 0, err[-2000:]
-    killed = _config(tmp_path, tiny_whisper, speech_dir, "killed", per_device_train_batch_size=2, max_steps=16, save_steps=4,
-                     resume="auto")
+def _shards_with_a_bad_sample(root, speech_dir):
+    """The 12 pairs as 3 shards of 4, and in shard 1 a 13th sample: silence with a transcript,
+    which only decoding finds bad; the pattern naming the shards."""
+    import io
+    import tarfile
+
+    import numpy as np
+    import soundfile as sf
+
+    from tests.test_webdataset import _add, write_shards
+
+    write_shards(root, speech_dir)
+    silent = io.BytesIO()
+    sf.write(silent, np.zeros(16000, dtype=np.float32), 16000, format="WAV")
+    with tarfile.open(root / "train-000001.tar", "a") as tar:
+        _add(tar, "silent.wav", silent.getvalue())
+        _add(tar, "silent.json", json.dumps({"chosen": "lights on", "rejected": "lights off"}).encode())
+    return str(root / "train-{000000..000002}.tar")
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights_on_shards_dealt_to_ranks(tmp_path, tiny_whisper, speech_dir):
+    """Streaming WebDataset shards under 2 ranks: rank 0 reads shards 0 and 2 only (8 samples),
+    rank 1 shard 1 with its bad sample; rank 0 hears of that sample from rank 1, writes and logs it
+    once. A run killed (SIGKILL, every process) after its step-8 checkpoint and resumed ends on
+    the uninterrupted run's weights, and does not count the bad sample twice."""
+    pattern = _shards_with_a_bad_sample(tmp_path / "shards", speech_dir)
+
+    def config(name, resume):
+        return write_config(tmp_path / f"{name}.yaml", {
+            "model": {"name_or_path": str(tiny_whisper)},
+            "data": {"train": pattern, "streaming": True, "on_bad_record": "skip", "max_bad_fraction": 0.2, "max_audio_seconds": 5},
+            "objective": {"loss_type": ["sigmoid", "sft"], "beta": 0.5},
+            "train": {"output_dir": str(tmp_path / name), "per_device_train_batch_size": 2, "max_steps": 16, "save_steps": 4,
+                      "learning_rate": 1e-3, "logging_steps": 1, "resume": resume, "num_threads": 1},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": name},
+        })
+
+    rc, out, err = _run(config("straight", "never"), 2)
+    assert rc == 0, err[-3000:]
+    said = " ".join((out + err).split())  # the console wraps long lines
+    assert "3 WebDataset shards dealt to 2 ranks, 2 to rank 0" in said and "8 records read on this rank, 13 on all 2" in said
+    (row,) = [json.loads(line) for line in (tmp_path / "straight" / "skipped_records.jsonl").read_text().splitlines()]
+    assert row["source"].endswith("train-000001.tar:silent") and row["rank"] == 1 and "digital silence" in row["reason"]
+    assert _losses(tmp_path, "straight", "data/bad_records") == [1.0]
+
+    killed = config("killed", "auto")
     proc = _launch(killed, 2)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 240
@@ -180,12 +222,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_whis
     b = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    assert len((tmp_path / "killed" / "skipped_records.jsonl").read_text().splitlines()) == 1
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, tiny_whisper, speech_dir):
     """SIGTERM mid-run (with gradient accumulation, so possibly mid-step): a checkpoint, exit 143,
     and a resumed run ends on the weights of a run that was never interrupted."""
-    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=30, save_steps=1000)
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=20, save_steps=1000)
     whole = _config(tmp_path, tiny_whisper, speech_dir, "whole", **common)
     rc, _, err = _run(whole, 1)
     assert rc == 0, err[-2000:]
@@ -201,7 +244,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, tiny_whisper, 
     assert "stopped by SIGTERM" in err
     (checkpoint,) = list((tmp_path / "preempted" / "checkpoints").glob("checkpoint-*"))
     step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-    assert 0 < step < 30
+    assert 0 < step < 20
     rc, _, err = _run(cfg, 1)
     assert rc == 0, err[-2000:]
     a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))

@@ -111,3 +111,24 @@ def test_a_resumed_streaming_run_continues_where_its_data_was(tmp_path, tiny_whi
 ])
 def test_bad_records_are_grouped_by_what_is_wrong_not_where(reason, kind):
     assert reason_kind(reason) == kind
+
+
+def test_shards_are_dealt_to_ranks_and_each_rank_batches_its_own_samples():
+    from audiorl.data.streaming import own_shards, rank_batches
+
+    shards = [f"train-{i:06d}.tar" for i in range(5)]
+    dealt = [own_shards(shards, rank, 2) for rank in range(2)]
+    assert sorted(dealt[0] + dealt[1]) == shards and not set(dealt[0]) & set(dealt[1])
+    with pytest.raises(DataError, match=r"2 WebDataset shard\(s\) for 4 ranks: .* give at least 4"):
+        own_shards(shards[:2], 0, 4)
+    # rank 0 holds 8 records, rank 1 five: both take ceil(8 / 3) = 3 batches an epoch, full ones
+    plans = {rank: rank_batches(count, 8, 3, seed=7, rank=rank, epoch=0) for rank, count in ((0, 8), (1, 5))}
+    assert [len(b) for b in plans[0]] == [len(b) for b in plans[1]] == [3, 3, 3]
+    mine = [i for batch in plans[0] for i in batch]
+    assert sorted(set(mine)) == list(range(8)) and len(mine) == 9  # every record once, the first again to fill
+    theirs = [i for batch in plans[1] for i in batch]
+    assert sorted(set(theirs)) == list(range(5)) and theirs[5:] == theirs[:4]  # the short rank starts its order again
+    # the same plan again (resume), another one the next epoch and on the other rank
+    assert rank_batches(8, 8, 3, seed=7, rank=0, epoch=0) == plans[0]
+    assert rank_batches(8, 8, 3, seed=7, rank=0, epoch=1) != plans[0]
+    assert rank_batches(8, 8, 3, seed=7, rank=1, epoch=0) != plans[0]

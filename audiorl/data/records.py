@@ -351,10 +351,10 @@ def _webdataset_record(shard: str, key: str, entry: dict[str, Any], kind: Kind) 
     return record_from_row({**row, "audio": storage.member_location(shard, name, offset, size)}, where, kind, None)
 
 
-def iter_webdataset(path: str | Path, kind: Kind) -> Iterator[tuple[str, list[Record] | DataError]]:
+def iter_webdataset(path: str | Path | list[str], kind: Kind) -> Iterator[tuple[str, list[Record] | DataError]]:
     """(`shard:KEY`, the sample's record, or the DataError that says what is wrong with it) for
-    every sample of every shard `path` names."""
-    for shard in shard_paths(str(path)):
+    every sample of every shard `path` names (or of the shards listed)."""
+    for shard in path if isinstance(path, list) else shard_paths(str(path)):
         try:
             samples = _shard_samples(shard)
         except DataError as exc:
@@ -385,7 +385,7 @@ def iter_manifest(path: str | Path, kind: Kind, format: str) -> Iterator[tuple[s
             yield where, exc
 
 
-def read_jsonl(path: str | Path, kind: Kind, format: str = "audiorl") -> list[Record]:
+def read_jsonl(path: str | Path | list[str], kind: Kind, format: str = "audiorl") -> list[Record]:
     records: list[Record] = []
     for _, got in iter_manifest(path, kind, format):
         if isinstance(got, DataError):
@@ -440,9 +440,11 @@ def detect_format(path: str | Path) -> str:
     raise DataError(f"{path}: manifest has no records")
 
 
-def read_records(path: str | Path, kind: Kind, format: Format = "auto") -> list[Record]:
+def read_records(path: str | Path | list[str], kind: Kind, format: Format = "auto") -> list[Record]:
     """Read a manifest or saved dataset of any supported format (`auto`: told by its content),
-    from a local path or any fsspec URL (`s3://bucket/train.jsonl`)."""
+    from a local path or any fsspec URL (`s3://bucket/train.jsonl`); a list is WebDataset shards."""
+    if isinstance(path, list):
+        return read_jsonl(path, kind, "webdataset")
     path = storage.location(path)
     if format == "webdataset" or (format == "auto" and is_webdataset(path)):
         return read_jsonl(str(path), kind, "webdataset")  # each shard is looked for when it is read
@@ -562,7 +564,7 @@ def text_check_for(adapter: ModelAdapter, max_tokens: int | None, kind: Kind):
 
 
 def load_records(
-    path: str | Path, adapter: ModelAdapter, limits: AudioLimits, kind: Kind, *, on_bad: Literal["error", "skip"],
+    path: str | Path | list[str], adapter: ModelAdapter, limits: AudioLimits, kind: Kind, *, on_bad: Literal["error", "skip"],
     max_tokens: int | None, label: str, format: Format = "auto", check: bool = True,
 ) -> tuple[list[Record], list[Rejected]]:
     """Read a manifest (or saved dataset) and check every record for this model: the clip

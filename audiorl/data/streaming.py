@@ -8,16 +8,26 @@ length). A bad record's place in its batch goes to the next good record of the t
 batches keep their size and every rank's order stays the one an uninterrupted run draws. Bad
 records are counted by reason, written to `skipped_records.jsonl` and logged to MLflow as they
 are met, and the run stops once they pass `data.max_bad_fraction` of the training records.
+Under several ranks every rank hears of every rank's bad records at each step, so all count the
+same and stop at the same step; rank 0 writes and logs them.
+
+WebDataset shards under several ranks are dealt out (`own_shards`): each rank reads the headers
+and the audio of its own shards only, never the others', and draws its batches from its own
+samples (`rank_batches`), so no rank fetches the whole corpus.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from audiorl.audio import AudioLimits
 from audiorl.data.collate import RecordDataset
@@ -86,16 +96,38 @@ def streamed_rows(path: Path) -> list[dict[str, Any]]:
     return [row for row in rows if row.get("streamed")]
 
 
+def own_shards(shards: list, rank: int, world_size: int) -> list:
+    """The shards rank `rank` reads: every `world_size`-th of the list, from its rank on."""
+    if len(shards) < world_size:
+        raise DataError(f"{len(shards)} WebDataset shard(s) for {world_size} ranks: with data.streaming each rank reads shards of its "
+                        f"own, so give at least {world_size} (write the corpus as more, smaller shards), or turn data.streaming off")
+    return shards[rank::world_size]
+
+
+def rank_batches(count: int, longest: int, batch_size: int, seed: int, rank: int, epoch: int) -> list[list[int]]:
+    """A rank's micro-batches for an epoch over its own `count` records: a permutation seeded by
+    the seed, the epoch and the rank, cut into `ceil(longest / batch_size)` batches (`longest`: the
+    most records any rank holds, so that every rank takes as many steps); a rank with fewer
+    records continues from its permutation's start, as a short last batch does."""
+    size = math.ceil(longest / batch_size) * batch_size
+    order = np.random.default_rng([seed, epoch, rank]).permutation(count)
+    order = np.tile(order, math.ceil(size / count))[:size].tolist()
+    return [order[start : start + batch_size] for start in range(0, size, batch_size)]
+
+
 class BadRecords:
     """The training process's account of the bad records streaming meets: each counted once (by
     source), appended to `path` as it is met, logged (`data/bad_records`, and per kind
     `data/bad_records/KIND`), and the run stopped once there are more than `max_fraction` of
-    `total`. A resumed run starts from the ones its earlier attempt wrote."""
+    `total`. A resumed run starts from the ones its earlier attempt wrote. Under several ranks,
+    `gather` (every rank's list from each rank, a collective: every rank calls it at every batch)
+    joins what the ranks met, and the main rank alone writes them."""
 
     def __init__(self, total: int, max_fraction: float, path: Path, *, log: Callable[[dict[str, float], int], None],
-                 warn: Callable[[str], None], rank: int = 0, resume: bool = False):
+                 warn: Callable[[str], None], rank: int = 0, resume: bool = False,
+                 gather: Callable[[list[tuple[str, str]]], list[list[tuple[str, str]]]] | None = None):
         self.total, self.max_fraction, self.path = total, max_fraction, path
-        self.log, self.warn, self.rank = log, warn, rank
+        self.log, self.warn, self.rank, self.gather = log, warn, rank, gather
         self.seen: dict[str, str] = {}
         self.kinds: Counter[str] = Counter()
         if resume:
@@ -110,16 +142,20 @@ class BadRecords:
         return kind
 
     def __call__(self, batch: dict[str, Any], step: int) -> None:
-        new = [(s, r) for s, r in batch.pop("rejected", []) if s not in self.seen]
-        if not new:
+        mine = [(s, r) for s, r in batch.pop("rejected", []) if s not in self.seen]
+        met = [(rank, s, r) for rank, part in enumerate(self.gather(mine)) for s, r in part] if self.gather else \
+            [(self.rank, s, r) for s, r in mine]
+        if not met:
             return
         metrics: dict[str, float] = {}
-        with self.path.open("a", encoding="utf-8") as out:
-            for source, reason in new:
+        writes = self.gather is None or self.rank == 0
+        with self.path.open("a", encoding="utf-8") if writes else contextlib.nullcontext() as out:
+            for rank, source, reason in met:
                 if source in self.seen:
                     continue
                 kind = self._count(source, reason)
-                out.write(json.dumps({"source": redact(source), "reason": redact(reason), "streamed": True, "rank": self.rank}) + "\n")
+                if out is not None:
+                    out.write(json.dumps({"source": redact(source), "reason": redact(reason), "streamed": True, "rank": rank}) + "\n")
                 self.warn(f"[yellow]skipped a bad record: {reason}[/]")
                 metrics[f"data/bad_records/{kind}"] = self.kinds[kind]
         metrics["data/bad_records"] = len(self.seen)
