@@ -187,14 +187,16 @@ def test_english_only_checkpoint_gets_the_english_only_prefix(tiny_en_adapter, t
 
 def test_greedy_transcripts_equal_transformers_generate(tiny_en_adapter, clips, ours):
     """The same model and features through transformers' own Whisper `generate` (its generation
-    config: suppressed and begin-suppressed tokens, the English-only prompt)."""
+    config: suppressed and begin-suppressed tokens, the English-only prompt), on every sentence in
+    two voices (exact equality needs no more clips to tell)."""
     adapter = tiny_en_adapter
+    some = [i for i, r in enumerate(clips) if r.source.startswith(("en-us-", "en-gb-scotland-"))]
     theirs = []
-    for start in range(0, len(clips), 8):
-        features = adapter.features([r.load(LIMITS) for r in clips[start : start + 8]])["input_features"]
+    for start in range(0, len(some), 8):
+        features = adapter.features([clips[i].load(LIMITS) for i in some[start : start + 8]])["input_features"]
         out = adapter.model.generate(features, num_beams=1, do_sample=False, max_new_tokens=128)
         theirs += [t.strip() for t in adapter.tokenizer.batch_decode(out, skip_special_tokens=True)]
-    assert ours == theirs
+    assert [ours[i] for i in some] == theirs and len(some) == 16
     assert len(set(ours)) > 20  # real, varied transcripts, not one string for every clip
 
 
