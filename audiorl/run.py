@@ -29,7 +29,7 @@ import torch
 from audiorl import distributed, progress
 from audiorl.audio import AudioLimits, limits_for
 from audiorl.config import RunConfig, load_config
-from audiorl.data.batching import duration_plan, epoch_batches
+from audiorl.data.batching import Plan, duration_plan, epoch_batches
 from audiorl.data.collate import RecordDataset
 from audiorl.data.mixture import Source, draws_per_source, mixture_order, source_names
 from audiorl.data.records import Record, Rejected, fingerprint, is_webdataset, load_records, shard_paths, text_check_for
@@ -195,8 +195,10 @@ def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
         every = distributed.from_every_rank(([s.count for s in held], own, resume_fp))
         ranks = [counts for counts, _, _ in every]
         run_fp, resume_fp = (hashlib.sha256("|".join(part[i] for part in every).encode()).hexdigest()[:16] for i in (1, 2))
-        if not records:
-            raise DataError(f"train data: rank {runtime.dist.rank}'s shards ({', '.join(map(str, dealt))}) hold no samples")
+        for source, shards, held_source in zip(sources, dealt, held, strict=True):
+            if not held_source.count and (held_source.weight is not None or not records):
+                raise DataError(f"train data ({source}): rank {runtime.dist.rank}'s shards ({', '.join(shards) or 'none'}) hold no "
+                                f"samples; every rank needs some to draw from (write the corpus as more shards of similar size)")
     if streaming_check is not None:
         on = f" on this rank, {sum(map(sum, ranks))} on all {len(ranks)}" if ranks is not None else ""
         console.print(f"train data: {len(records)} records read{on}; each is checked when training reads it (data.streaming)")
@@ -206,21 +208,23 @@ def load_data(cfg: RunConfig, runtime: Runtime) -> RunData:
 
 def _dealt_shards(cfg: RunConfig, runtime: Runtime, sources: list[str]) -> list[list[str]] | None:
     """This rank's shards of each source when training streams WebDataset shards under several
-    ranks: every shard of every source in order, dealt out (`own_shards`). None when every rank
-    reads all the training data: one rank, no streaming, a source that is a manifest (its rows are
-    read by every rank), a weighted mixture or batches by length (they plan over all the records)."""
+    ranks (`own_shards`): every shard of every source in order, dealt out; for a weighted mixture
+    each source's shards dealt on their own, so that every rank draws from every source. None when
+    every rank reads all the training data: one rank, no streaming, or a source that is a manifest
+    (its rows are read by every rank)."""
     if not cfg.data.streaming or runtime.dist.world_size < 2:
         return None
     if not all(cfg.data.format == "webdataset" or (cfg.data.format == "auto" and is_webdataset(s)) for s in sources):
         return None
-    if cfg.data.train_weights() is not None or cfg.data.batch_seconds is not None:
-        why = "a weighted mixture" if cfg.data.train_weights() is not None else "data.batch_seconds"
-        console.print(f"[yellow]train data: every rank reads every shard's headers: {why} plans over all the records[/]")
-        return None
+    rank, world = runtime.dist.rank, runtime.dist.world_size
+    if cfg.data.train_weights() is not None:
+        dealt = [own_shards(shard_paths(source), rank, world, label=f"train data ({source})") for source in sources]
+        console.print(f"train data: each source's WebDataset shards dealt to {world} ranks, "
+                      f"{' + '.join(str(len(mine)) for mine in dealt)} to rank 0; each rank reads its own only")
+        return dealt
     every = [(index, shard) for index, source in enumerate(sources) for shard in shard_paths(source)]
-    mine = own_shards(every, runtime.dist.rank, runtime.dist.world_size)
-    console.print(f"train data: {len(every)} WebDataset shards dealt to {runtime.dist.world_size} ranks, "
-                  f"{len(mine)} to rank 0; each rank reads its own only")
+    mine = own_shards(every, rank, world)
+    console.print(f"train data: {len(every)} WebDataset shards dealt to {world} ranks, {len(mine)} to rank 0; each rank reads its own only")
     return [[shard for index, shard in mine if index == source] for source in range(len(sources))]
 
 
@@ -282,7 +286,7 @@ def _write_skipped(path: Path, skipped: list[Rejected], *, keep_streamed: bool) 
 def _log_sources(cfg: RunConfig, data: RunData, tracker: Tracker) -> None:
     """Per source: its records, and for a mixture its weight's share and the draws it gives in the
     first epoch (the console and MLflow's `data/source/NAME/...` metrics at step 0)."""
-    draws = draws_per_source(data.sources, mixture_order(data.sources, cfg.train.seed, 0)) if data.mixture else {}
+    draws = _first_draws(cfg, data) if data.mixture else {}
     total_weight = sum(s.weight or 0 for s in data.sources)
     metrics: dict[str, float] = {}
     for index, source in enumerate(data.sources):
@@ -295,6 +299,20 @@ def _log_sources(cfg: RunConfig, data: RunData, tracker: Tracker) -> None:
             metrics[f"data/source/{source.name}/draws_per_epoch"] = draws[source.name]
         console.print(line)
     tracker.log_metrics(metrics, step=0)
+
+
+def _first_draws(cfg: RunConfig, data: RunData) -> dict[str, int]:
+    """A mixture's draws per source in the first epoch: of its one order, or, when shards are
+    dealt to ranks, of every rank's own order over its own records (their counts are known here)."""
+    if data.ranks is None:
+        return draws_per_source(data.sources, mixture_order(data.sources, cfg.train.seed, 0))
+    draws = dict.fromkeys((s.name for s in data.sources), 0)
+    for rank, counts in enumerate(data.ranks):
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        own = [Source(s.name, start, count, s.weight) for s, start, count in zip(data.sources, starts, counts, strict=True)]
+        for name, n in draws_per_source(own, mixture_order(own, cfg.train.seed, 0, rank=rank)).items():
+            draws[name] += n
+    return draws
 
 
 def build_method(cfg: RunConfig, data: RunData, runtime: Runtime) -> tuple[Step, object]:
@@ -334,12 +352,22 @@ def fit(cfg: RunConfig, runtime: Runtime, data: RunData, loss_step: Step, collat
 
 def _batches(cfg: RunConfig, runtime: Runtime, data: RunData) -> Callable[[int], list[list[int]]] | None:
     """This rank's micro-batches per epoch when they are not the trainer's slices of one seeded
-    order: each rank's own samples when shards are dealt to ranks, or batches by length
-    (data.batch_seconds); None for batches of a fixed count, also when the model pads every clip
-    to a fixed window, where every clip costs the same (said on the console)."""
-    if data.ranks is not None:
-        return functools.partial(rank_batches, len(data.train), max(map(sum, data.ranks)), cfg.train.per_device_train_batch_size,
-                                 cfg.train.seed, runtime.dist.rank)
+    order: each rank's own records when shards are dealt to ranks (`rank_batches`, every rank as
+    many as the rank with the most), or batches by length (data.batch_seconds); None for batches
+    of a fixed count over all the records."""
+    dealt = data.ranks is not None
+    plan = _duration_plan(cfg, data, 1 if dealt else runtime.dist.world_size)
+    if dealt:
+        own = functools.partial(rank_batches, data.sources, cfg.train.per_device_train_batch_size, cfg.train.seed, runtime.dist.rank,
+                                plan=plan)
+        return functools.partial(own, length=max(distributed.from_every_rank(len(own(0)))))
+    return functools.partial(epoch_batches, plan, cfg.train.seed, runtime.dist.rank) if plan is not None else None
+
+
+def _duration_plan(cfg: RunConfig, data: RunData, world_size: int) -> Plan | None:
+    """Batches by length of this rank's records (data.batch_seconds), grouped `world_size` at a
+    time; None without data.batch_seconds, or when the model pads every clip to a fixed window,
+    where every clip costs the same (said on the console)."""
     if cfg.data.batch_seconds is None:
         return None
     window = data.adapter.window_seconds
@@ -348,11 +376,12 @@ def _batches(cfg: RunConfig, runtime: Runtime, data: RunData) -> Callable[[int],
                       f"every clip costs the same; batches stay at train.per_device_train_batch_size="
                       f"{cfg.train.per_device_train_batch_size} clips[/]")
         return None
-    plan = duration_plan([record.duration() for record in data.train], cfg.data.batch_seconds, runtime.dist.world_size)
+    plan = duration_plan([record.duration() for record in data.train], cfg.data.batch_seconds, world_size)
     sizes = [len(micro) for group in plan for micro in group]
-    console.print(f"batches by length (data.batch_seconds={cfg.data.batch_seconds:g}): {len(plan)} batches per epoch, "
+    own = " of this rank's records" if data.ranks is not None else ""
+    console.print(f"batches by length (data.batch_seconds={cfg.data.batch_seconds:g}){own}: {len(plan)} batches per epoch, "
                   f"{min(sizes)}-{max(sizes)} clips per device batch")
-    return functools.partial(epoch_batches, plan, cfg.train.seed, runtime.dist.rank)
+    return plan
 
 
 def _bad_records(cfg: RunConfig, runtime: Runtime, data: RunData, tracker: Tracker) -> BadRecords | None:

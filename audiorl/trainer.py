@@ -435,6 +435,8 @@ class Trainer:
         target = self.resume()
         if target is not None:
             result.resumed_from = str(target)
+            if self.dist.is_main:
+                print(f"resumed from {target.name}: step {self.step} of {self.total_steps}", file=sys.stderr, flush=True)
         if self.evaluate and cfg.eval_before_training and self.step == 0:
             self._run_eval(result)
         accum = cfg.gradient_accumulation_steps

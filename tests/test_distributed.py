@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,8 +127,6 @@ def test_fsdp2_two_ranks_follow_one_rank_and_resume_on_one(tmp_path, tiny_whispe
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
     # resume the 2-rank run's step-2 checkpoint in one process with the same global batch
-    import shutil
-
     shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "checkpoint-4")
     shutil.rmtree(tmp_path / "fsdp" / "final")
     rc, _, err = _run(two, 1, "objective.loss_type=[sigmoid]", "train.per_device_train_batch_size=6", "train.resume=auto",
@@ -223,6 +222,98 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights_on_shards_dealt_to_
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
     assert len((tmp_path / "killed" / "skipped_records.jsonl").read_text().splitlines()) == 1
+
+
+def _transcript_shards(root, speech_dir, per_shard=2):
+    """The speech corpus's transcripts as shards of `per_shard` clips (KEY.wav, KEY.txt); their paths."""
+    import io
+    import tarfile
+
+    rows = [json.loads(line) for line in (speech_dir / "transcripts.jsonl").read_text().splitlines()]
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for start in range(0, len(rows), per_shard):
+        paths.append(root / f"train-{start // per_shard:06d}.tar")
+        with tarfile.open(paths[-1], "w") as tar:
+            for i, row in enumerate(rows[start : start + per_shard], start=start):
+                for name, data in ((f"utt{i:04d}.wav", (speech_dir / row["audio"]).read_bytes()), (f"utt{i:04d}.txt", row["text"].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return paths
+
+
+def test_a_mixture_of_shard_sources_deals_each_source_to_every_rank_and_resumes_the_same(tmp_path, tiny_whisper, speech_dir):
+    """Two WebDataset sources (4 shards of hard cases, 2 of replay with weight 3), streamed by 2
+    ranks: each rank gets shards of both sources and draws its own mixture from them; the small
+    replay source is drawn more than it holds; a run resumed from its step-3 checkpoint ends on the
+    uninterrupted run's weights."""
+    _transcript_shards(tmp_path / "shards", speech_dir)
+    hard, replay = (str(tmp_path / "shards" / f"train-{{{a:06d}..{b:06d}}}.tar") for a, b in ((0, 3), (4, 5)))
+    config = write_config(tmp_path / "mix.yaml", {
+        "model": {"name_or_path": str(tiny_whisper)},
+        "data": {"train": [{"path": hard, "weight": 1}, {"path": replay, "weight": 3}], "streaming": True, "max_audio_seconds": 5},
+        "objective": {"name": "sft"},
+        "train": {"output_dir": str(tmp_path / "mix"), "per_device_train_batch_size": 2, "max_steps": 6, "save_steps": 3,
+                  "learning_rate": 1e-3, "logging_steps": 1, "resume": "auto", "num_threads": 1, "eval_before_training": False},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "mix"},
+    })
+    rc, out, err = _run(config, 2)
+    assert rc == 0, err[-3000:]
+    said = " ".join((out + err).split())
+    assert "each source's WebDataset shards dealt to 2 ranks, 2 + 1 to rank 0" in said
+    assert "6 records read on this rank, 12 on all 2" in said
+    from mlflow.tracking import MlflowClient
+
+    from audiorl.data.mixture import source_names
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("mix").experiment_id])
+    metrics = run.data.metrics
+    hard_name, replay_name = source_names([hard, replay])
+    assert (metrics[f"data/source/{hard_name}/records"], metrics[f"data/source/{replay_name}/records"]) == (8, 4)
+    hard_draws, replay_draws = (metrics[f"data/source/{name}/draws_per_epoch"] for name in (hard_name, replay_name))
+    assert hard_draws + replay_draws == 12 and replay_draws > 4  # the replay source, weighted 3, repeats
+    straight = load_file(str(tmp_path / "mix" / "final" / "model.safetensors"))
+
+    shutil.rmtree(tmp_path / "mix" / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(tmp_path / "mix" / "final")
+    rc, out, err = _run(config, 2)
+    assert rc == 0, err[-3000:]
+    assert "resumed from checkpoint-3: step 3 of 6" in err
+    assert len(client.search_runs([client.get_experiment_by_name("mix").experiment_id])) == 1  # the same MLflow run, continued
+    resumed = load_file(str(tmp_path / "mix" / "final" / "model.safetensors"))
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_batches_by_length_on_shards_dealt_to_ranks_plan_each_rank_over_its_own_clips(tmp_path, tiny_models, speech_dir):
+    """An audio LLM (its cost grows with the clip) batched by length on 6 shards streamed by 2
+    ranks: each rank cuts its batches from its own 3 shards' clips, and one epoch is as many steps
+    as the rank with more batches has."""
+    from audiorl.data.batching import duration_plan
+    from audiorl.data.records import read_records
+
+    shards = _transcript_shards(tmp_path / "shards", speech_dir)
+    durations = {rank: [r.duration() for shard in shards[rank::2] for r in read_records(str(shard), "transcript")] for rank in (0, 1)}
+    budget = 2.5 * max(max(d) for d in durations.values())
+    steps = max(len(duration_plan(durations[rank], budget)) for rank in (0, 1))
+    config = write_config(tmp_path / "len.yaml", {
+        "model": {"family": "qwen3_asr", "name_or_path": str(tiny_models["qwen3_asr"])},
+        "data": {"train": str(tmp_path / "shards" / "train-{000000..000005}.tar"), "streaming": True, "max_audio_seconds": 5,
+                 "batch_seconds": budget},
+        "objective": {"name": "sft"},
+        "train": {"output_dir": str(tmp_path / "len"), "num_train_epochs": 1, "max_steps": None, "learning_rate": 1e-3,
+                  "logging_steps": 1, "save_steps": None, "resume": "never", "num_threads": 1, "eval_before_training": False},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "len"},
+    })
+    rc, out, err = _run(config, 2)
+    assert rc == 0, err[-3000:]
+    said = " ".join((out + err).split())
+    assert "6 WebDataset shards dealt to 2 ranks, 3 to rank 0" in said
+    assert f"batches by length (data.batch_seconds={budget:g}) of this rank's records: {len(duration_plan(durations[0], budget))} " \
+        "batches per epoch" in said
+    assert len(_losses(tmp_path, "len")) == steps
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_matches(tmp_path, tiny_whisper, speech_dir):

@@ -114,21 +114,35 @@ def test_bad_records_are_grouped_by_what_is_wrong_not_where(reason, kind):
 
 
 def test_shards_are_dealt_to_ranks_and_each_rank_batches_its_own_samples():
+    from audiorl.data.batching import duration_plan
+    from audiorl.data.mixture import Source, draws_per_source
     from audiorl.data.streaming import own_shards, rank_batches
 
     shards = [f"train-{i:06d}.tar" for i in range(5)]
     dealt = [own_shards(shards, rank, 2) for rank in range(2)]
     assert sorted(dealt[0] + dealt[1]) == shards and not set(dealt[0]) & set(dealt[1])
-    with pytest.raises(DataError, match=r"2 WebDataset shard\(s\) for 4 ranks: .* give at least 4"):
-        own_shards(shards[:2], 0, 4)
+    with pytest.raises(DataError, match=r"replay.tar: 2 WebDataset shard\(s\) for 4 ranks: .* give at least 4"):
+        own_shards(shards[:2], 0, 4, label="replay.tar")
     # rank 0 holds 8 records, rank 1 five: both take ceil(8 / 3) = 3 batches an epoch, full ones
-    plans = {rank: rank_batches(count, 8, 3, seed=7, rank=rank, epoch=0) for rank, count in ((0, 8), (1, 5))}
+    mine_sources, their_sources = [Source("a", 0, 8)], [Source("a", 0, 5)]
+    plans = {0: rank_batches(mine_sources, 3, seed=7, rank=0, epoch=0), 1: rank_batches(their_sources, 3, seed=7, rank=1, epoch=0, length=3)}
     assert [len(b) for b in plans[0]] == [len(b) for b in plans[1]] == [3, 3, 3]
     mine = [i for batch in plans[0] for i in batch]
     assert sorted(set(mine)) == list(range(8)) and len(mine) == 9  # every record once, the first again to fill
     theirs = [i for batch in plans[1] for i in batch]
     assert sorted(set(theirs)) == list(range(5)) and theirs[5:] == theirs[:4]  # the short rank starts its order again
     # the same plan again (resume), another one the next epoch and on the other rank
-    assert rank_batches(8, 8, 3, seed=7, rank=0, epoch=0) == plans[0]
-    assert rank_batches(8, 8, 3, seed=7, rank=0, epoch=1) != plans[0]
-    assert rank_batches(8, 8, 3, seed=7, rank=1, epoch=0) != plans[0]
+    assert rank_batches(mine_sources, 3, seed=7, rank=0, epoch=0) == plans[0]
+    assert rank_batches(mine_sources, 3, seed=7, rank=0, epoch=1) != plans[0]
+    assert rank_batches(mine_sources, 3, seed=7, rank=1, epoch=0) != plans[0]
+    # a weighted mixture of the rank's own two sources: drawn by weight, the small one repeating
+    mixed = [Source("hard", 0, 40, weight=1.0), Source("replay", 40, 4, weight=3.0)]
+    draws = [i for batch in rank_batches(mixed, 4, seed=7, rank=1, epoch=0) for i in batch]
+    assert len(draws) == 44 and 25 < draws_per_source(mixed, draws)["replay"] < 40 and set(draws) <= set(range(44))
+    # batches by length over the rank's own clips: the plan's batches, repeated to the length asked
+    durations = [1.0, 1.2, 3.0, 3.1, 0.9, 2.0, 2.2]
+    plan = duration_plan(durations, 4.5)
+    by_length = rank_batches([], 4, seed=7, rank=0, epoch=0, plan=plan)
+    assert sorted(tuple(b) for b in by_length) == sorted(tuple(group[0]) for group in plan)
+    longer = rank_batches([], 4, seed=7, rank=0, epoch=0, plan=plan, length=len(plan) + 2)
+    assert longer == by_length + by_length[:2]

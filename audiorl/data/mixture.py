@@ -36,11 +36,13 @@ def source_names(paths: list[str]) -> list[str]:
     return [f"{i}-{stem}" if counts[stem] > 1 else stem for i, stem in enumerate(stems)]
 
 
-def mixture_order(sources: list[Source], seed: int, epoch: int) -> list[int]:
-    """The joined dataset's indices for one epoch of a weighted mixture (see the module)."""
+def mixture_order(sources: list[Source], seed: int, epoch: int, rank: int | None = None) -> list[int]:
+    """The joined dataset's indices for one epoch of a weighted mixture (see the module). With
+    `rank`, the draws of a rank that reads shards of its own (`sources` are its records), seeded
+    by its rank too."""
     total = sum(s.count for s in sources)
     weights = np.array([s.weight for s in sources], dtype=np.float64)
-    rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng([seed, epoch] if rank is None else [seed, epoch, rank])
     picks = rng.choice(len(sources), size=total, p=weights / weights.sum())
     order: list[int] = []
     queues: list[list[int]] = [[] for _ in sources]

@@ -13,7 +13,8 @@ same and stop at the same step; rank 0 writes and logs them.
 
 WebDataset shards under several ranks are dealt out (`own_shards`): each rank reads the headers
 and the audio of its own shards only, never the others', and draws its batches from its own
-samples (`rank_batches`), so no rank fetches the whole corpus.
+samples (`rank_batches`: a seeded order, a weighted mixture's draws or batches by length, over
+its own records), so no rank fetches the whole corpus.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from typing import Any
 import numpy as np
 
 from audiorl.audio import AudioLimits
+from audiorl.data.batching import Plan, epoch_batches
 from audiorl.data.collate import RecordDataset
+from audiorl.data.mixture import Source, mixture_order
 from audiorl.data.records import Record, check_record
 from audiorl.errors import DataError
 from audiorl.secrets import redact
@@ -96,22 +99,35 @@ def streamed_rows(path: Path) -> list[dict[str, Any]]:
     return [row for row in rows if row.get("streamed")]
 
 
-def own_shards(shards: list, rank: int, world_size: int) -> list:
+def own_shards(shards: list, rank: int, world_size: int, label: str = "train data") -> list:
     """The shards rank `rank` reads: every `world_size`-th of the list, from its rank on."""
     if len(shards) < world_size:
-        raise DataError(f"{len(shards)} WebDataset shard(s) for {world_size} ranks: with data.streaming each rank reads shards of its "
-                        f"own, so give at least {world_size} (write the corpus as more, smaller shards), or turn data.streaming off")
+        raise DataError(f"{label}: {len(shards)} WebDataset shard(s) for {world_size} ranks: with data.streaming each rank reads "
+                        f"shards of its own, so give at least {world_size} (write the corpus as more, smaller shards), or turn "
+                        f"data.streaming off")
     return shards[rank::world_size]
 
 
-def rank_batches(count: int, longest: int, batch_size: int, seed: int, rank: int, epoch: int) -> list[list[int]]:
-    """A rank's micro-batches for an epoch over its own `count` records: a permutation seeded by
-    the seed, the epoch and the rank, cut into `ceil(longest / batch_size)` batches (`longest`: the
-    most records any rank holds, so that every rank takes as many steps); a rank with fewer
-    records continues from its permutation's start, as a short last batch does."""
-    size = math.ceil(longest / batch_size) * batch_size
-    order = np.random.default_rng([seed, epoch, rank]).permutation(count)
-    order = np.tile(order, math.ceil(size / count))[:size].tolist()
+def rank_batches(sources: list[Source], batch_size: int, seed: int, rank: int, epoch: int, *, length: int | None = None,
+                 plan: Plan | None = None) -> list[list[int]]:
+    """A rank's micro-batches for an epoch over its own records (`sources`: where each source's
+    records lie among them, and its weight). By length when `plan` is given (`duration_plan` of
+    its own records, in the epoch's seeded order); otherwise its records in an order seeded by the
+    seed, the epoch and the rank (a weighted mixture's draws when the sources have weights), cut
+    into batches of `batch_size`. `length` is how many batches (the most any rank has, so that
+    every rank takes as many steps; None: its own number): a rank with fewer begins its order
+    again to fill them, as it fills a short last batch."""
+    if plan is not None:
+        own = epoch_batches(plan, seed, 0, epoch)
+        length = length or len(own)
+        return (own * math.ceil(length / len(own)))[:length]
+    total = sum(s.count for s in sources)
+    if any(s.weight is not None for s in sources):
+        order = mixture_order(sources, seed, epoch, rank=rank)
+    else:
+        order = np.random.default_rng([seed, epoch, rank]).permutation(total).tolist()
+    size = (length or math.ceil(total / batch_size)) * batch_size
+    order = (order * math.ceil(size / total))[:size]
     return [order[start : start + batch_size] for start in range(0, size, batch_size)]
 
 
