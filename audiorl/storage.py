@@ -181,6 +181,22 @@ def open_text(path: str | Path, where: str | None = None) -> IO[str]:
         raise _failure(exc, str(path), where) from None
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file, here or at a URL (the filesystem's credentials, as for reading)."""
+    if not is_url(str(path)):
+        try:
+            _local(path).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise DataError(f"{path}: cannot write it ({exc.strerror})") from None
+        return
+    fs, inner = _filesystem(str(path), str(path))
+    try:
+        with fs.open(inner, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except Exception as exc:  # noqa: BLE001 - each filesystem raises its own
+        raise _failure(exc, str(path), str(path)) from None
+
+
 def _ask(path: str | Path, where: str | None, local, remote: str) -> bool:
     """A yes/no question about a location: `local(Path)` here, the filesystem's `remote` method there."""
     if not is_url(str(path)):

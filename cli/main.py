@@ -374,6 +374,19 @@ def data_check(
     out.print("no problems found")
 
 
+@data_app.command("index")
+def data_index(
+    shards: Annotated[list[str], typer.Argument(help="WebDataset tar shards, or ranges such as 'train-{000000..000099}.tar' (paths or URLs).")],
+) -> None:
+    """Write each shard's index next to it (SHARD.index.json), so that training reads that instead of scanning the shard."""
+    from audiorl.data.builders import index_shards
+
+    done = index_shards(shards)
+    for shard, index, samples in done:
+        _echo(f"{shard}: {samples} samples -> {index}")
+    _out().print(f"{len(done)} shard(s) indexed, {sum(n for _, _, n in done)} samples")
+
+
 @app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="Where the model, speech, pairs, run and config go.")] = Path("audiorl-quickstart"),

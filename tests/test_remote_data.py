@@ -210,3 +210,19 @@ def test_webdataset_shards_on_s3_read_each_sample_from_its_place(s3, speech_dir,
     local = read_records(speech_dir / "pairs.jsonl", "preference")
     for remote, here in zip(records, local):
         np.testing.assert_array_equal(remote.load(LIMITS), here.load(LIMITS))
+    # indexed in place on S3: the index objects sit beside the shards, and the records are the scan's
+    from audiorl.data.builders import index_shards
+
+    done = index_shards([f"s3://{BUCKET}/shards/train-{{000000..000002}}.tar"])
+    assert [(index, n) for _, index, n in done] == [(f"s3://{BUCKET}/shards/train-00000{i}.tar.index.json", 4) for i in range(3)]
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="shards/")["Contents"]}
+    assert {f"shards/train-00000{i}.tar.index.json" for i in range(3)} <= keys
+    _fresh_filesystems()
+    indexed = read_records(f"s3://{BUCKET}/shards/train-{{000000..000002}}.tar", "preference")
+    assert [(r.source, r.audio, r.chosen) for r in indexed] == [(r.source, r.audio, r.chosen) for r in records]
+    np.testing.assert_array_equal(indexed[4].load(LIMITS), local[4].load(LIMITS))
+    # a shard uploaded again with other contents: its index no longer fits
+    client.upload_file(str(tmp_path / "shards" / "train-000000.tar"), BUCKET, "shards/train-000001.tar")
+    _fresh_filesystems()
+    with pytest.raises(DataError, match=r"train-000001.tar.index.json: written for another version of s3://speech/shards/train-000001.tar"):
+        read_records(f"s3://{BUCKET}/shards/train-{{000000..000002}}.tar", "preference")

@@ -99,3 +99,48 @@ def test_a_run_trains_on_shards_with_streaming_and_the_cli_checks_them(tmp_path,
                              capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0, checked.stderr[-2000:]
     assert "12 records" in checked.stdout and "no problems found" in checked.stdout
+
+
+def _records(location, kind="preference"):
+    return [(r.source, r.audio, r.chosen, r.rejected, r.extra) for r in read_records(location, kind)]
+
+
+def test_an_indexed_shard_is_read_from_its_index_and_a_stale_index_is_named(tmp_path, speech_dir):
+    """`audiorl data index` writes SHARD.index.json beside each shard; the records read through
+    the indexes are the scan's, the shards' headers are not read again, and an index that no
+    longer fits its shard (another size) or is damaged is an error that says how to rebuild it."""
+    write_shards(tmp_path / "shards", speech_dir)
+    with tarfile.open(tmp_path / "shards" / "train-000003.tar", "w") as tar:  # a bad sample: its error is the same either way
+        _add(tar, "odd.wav", (speech_dir / "clips" / "en-us-0.wav").read_bytes())
+        _add(tar, "odd.json", b'{"chosen": "caf\xe9"}')
+    pattern = str(tmp_path / "shards" / "train-{000000..000002}.tar")
+    scanned = _records(pattern)
+    with pytest.raises(DataError) as scan_error:
+        read_records(str(tmp_path / "shards" / "train-000003.tar"), "preference")
+    out = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "data", "index", pattern, str(tmp_path / "shards" / "train-000003.tar")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    said = " ".join(out.stdout.split())
+    assert "4 shard(s) indexed, 13 samples" in said and f"{tmp_path / 'shards' / 'train-000001.tar'}: 4 samples ->" in said
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.index.json")) == [f"train-00000{i}.tar.index.json" for i in range(4)]
+    assert _records(pattern) == scanned
+    with pytest.raises(DataError) as index_error:
+        read_records(str(tmp_path / "shards" / "train-000003.tar"), "preference")
+    assert str(index_error.value) == str(scan_error.value)
+    # the headers are not read once indexed: blank the first one (the size stays) and the records stay the same
+    first = tmp_path / "shards" / "train-000000.tar"
+    data = bytearray(first.read_bytes())
+    data[:512] = bytes(512)
+    first.write_bytes(bytes(data))
+    assert _records(pattern) == scanned
+    (tmp_path / "shards" / "train-000000.tar.index.json").unlink()
+    with pytest.raises(DataError, match=r"train-000000.tar: the tar ends at byte 0 of \d+ \(a header of zeros there, data after it\)"):
+        read_records(pattern, "preference")  # the scan meets the blanked header: named, not read as an empty shard
+    # a shard written again (another size): its index is stale, and the error says how to rebuild it
+    write_shards(tmp_path / "shards", speech_dir, per_shard=5)
+    with pytest.raises(DataError, match=r"train-000001.tar.index.json: written for another version of .*train-000001.tar .*"
+                                        r"rebuild it with `audiorl data index .*train-000001.tar`, or delete it"):
+        read_records(pattern, "preference")
+    (tmp_path / "shards" / "train-000001.tar.index.json").write_text('{"audiorl_shard_index": 1, "samples": [')
+    with pytest.raises(DataError, match=r"train-000001.tar.index.json: not a readable shard index \(JSONDecodeError"):
+        read_records(pattern, "preference")

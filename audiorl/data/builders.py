@@ -1,5 +1,5 @@
 """Dataset builders that run a model: preference pairs from sampled N-best lists, hard-case
-(reward-shaping) sets, and a record-by-record manifest check.
+(reward-shaping) sets, a record-by-record manifest check, and WebDataset shard indexes.
 
 Pairs follow the correctness recipe of the MPO paper's data pipeline mapped to ASR: sample N
 hypotheses, rank them against the reference, keep pairs with a clear margin. The DropoutNTP
@@ -25,7 +25,18 @@ import torch
 from audiorl import storage
 from audiorl.audio import AudioLimits, header
 from audiorl.config import TextNormalization
-from audiorl.data.records import Format, Kind, Record, check_record, detect_format, is_webdataset, iter_manifest, read_records
+from audiorl.data.records import (
+    Format,
+    Kind,
+    Record,
+    check_record,
+    detect_format,
+    is_webdataset,
+    iter_manifest,
+    read_records,
+    shard_paths,
+    write_shard_index,
+)
 from audiorl.errors import DataError
 from audiorl.models.base import ModelAdapter
 from audiorl.progress import progress_bar
@@ -354,3 +365,20 @@ def check_manifest(path: str | Path, kind: Kind, limits: AudioLimits, format: Fo
     if report.records == 0:
         report.problems.append(f"{path}: manifest has no records")
     return report
+
+
+def index_shards(locations: list[str]) -> list[tuple[str, str, int]]:
+    """Write the index of every shard the locations name (`train-{000000..000099}.tar` is a
+    range), next to each shard: (shard, its index, its samples) per shard."""
+    shards = [shard for location in locations for shard in shard_paths(str(location))]
+    for shard in shards:
+        if not str(shard).endswith(".tar"):
+            raise DataError(f"{shard}: not a tar shard (a WebDataset shard's name ends in .tar)")
+    done: list[tuple[str, str, int]] = []
+    stats = storage.Stats()
+    with progress_bar("indexing shards", total=len(shards)) as advance:
+        for shard in shards:
+            index, samples = write_shard_index(str(shard), stats)
+            done.append((str(shard), index, samples))
+            advance()
+    return done

@@ -19,7 +19,8 @@ Sources, told apart by their content or named by `format`:
 - `webdataset`: tar shards (`train-000000.tar`, or `train-{000000..000099}.tar` for a range),
   a sample per key: its audio member (`KEY.wav`, `.flac`, `.mp3`, `.ogg`) and its fields in
   `KEY.json` (or its transcript in `KEY.txt`); only the tar headers and the small text members are
-  read up front, the audio is read from its place in the shard when it is used.
+  read up front (or the shard's index, `SHARD.index.json` from `write_shard_index`, when it has
+  one), the audio is read from its place in the shard when it is used.
 Any JSONL may be gzipped (`.gz`). Each record remembers where it came from (`file:line`,
 `file:line (cut ID)`, `dataset[row]` or `shard.tar:KEY`), so every later error can point at it.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import re
 import tarfile
@@ -305,7 +307,15 @@ def is_webdataset(path: str | Path) -> bool:
     return text.endswith(".tar") and (_SHARD_RANGE.search(text) is not None or not storage.is_dir(text))
 
 
-def _shard_samples(shard: str) -> dict[str, dict[str, Any]]:
+INDEX_SUFFIX = ".index.json"  # a shard's index, next to it: `train-000000.tar.index.json`
+_INDEX_VERSION = 1
+
+
+def shard_index_path(shard: str) -> str:
+    return f"{shard}{INDEX_SUFFIX}"
+
+
+def _scan_shard(shard: str) -> dict[str, dict[str, Any]]:
     """key -> {"audio": (member, offset, size), "json"/"txt": bytes, "other": [extensions]} for
     a tar shard, reading its headers and its small text members only."""
     samples: dict[str, dict[str, Any]] = {}
@@ -325,9 +335,55 @@ def _shard_samples(shard: str) -> dict[str, dict[str, Any]]:
                     entry["audio"] = (member.name, member.offset_data, member.size)
                 else:
                     entry.setdefault("other", []).append(extension or "(none)")
+            # tar ends at a block of zeros, and tarfile stops reading there: anything but zeros
+            # after it (the end marker's padding) is a header damaged into zeros, with samples behind it
+            handle.seek(tar.offset)
+            while chunk := handle.read(1 << 16):
+                if chunk.count(0) != len(chunk):
+                    raise DataError(f"{shard}: the tar ends at byte {tar.offset} of {handle.seek(0, io.SEEK_END)} (a header of zeros "
+                                    f"there, data after it): a damaged shard; write it again")
     except (tarfile.TarError, EOFError) as exc:
         raise DataError(f"{shard}: not a readable tar shard ({exc})") from None
     return samples
+
+
+def write_shard_index(shard: str, stats: storage.Stats | None = None) -> tuple[str, int]:
+    """Scan a shard once and write its index next to it (`SHARD.index.json`: each sample's audio
+    byte range and its text members, and the shard's size and version); (the index, its samples).
+    A run then reads that one small file instead of the shard's headers: for a remote shard the
+    scan otherwise fetches the whole shard (read-ahead covers the audio between the headers)."""
+    version = (stats or storage.Stats()).of(shard, mtime=False)
+    samples = _scan_shard(shard)
+    text = {"json", "txt"}
+    body = {key: {k: (v.decode("utf-8", "surrogateescape") if k in text else v) for k, v in entry.items()} for key, entry in samples.items()}
+    index = shard_index_path(shard)
+    storage.write_text(index, json.dumps({"audiorl_shard_index": _INDEX_VERSION, "shard": version, "samples": body}))
+    return index, len(samples)
+
+
+def _read_shard_index(shard: str, index: str, stats: storage.Stats) -> dict[str, dict[str, Any]]:
+    rebuild = f"rebuild it with `audiorl data index {shard}`, or delete it"
+    try:
+        with storage.open_text(index) as handle:
+            data = json.load(handle)
+        if data.get("audiorl_shard_index") != _INDEX_VERSION:
+            raise ValueError(f"not a version-{_INDEX_VERSION} shard index")
+        samples = {key: {k: (tuple(v) if k == "audio" else v.encode("utf-8", "surrogateescape") if k in ("json", "txt") else v)
+                         for k, v in entry.items()} for key, entry in data["samples"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeError) as exc:
+        raise DataError(f"{index}: not a readable shard index ({type(exc).__name__}: {exc}); {rebuild}") from None
+    now = stats.of(shard, mtime=False)
+    if now is None:
+        raise DataError(f"{shard}: tar shard not found (its index {index} is there)")
+    if data.get("shard") != now:
+        raise DataError(f"{index}: written for another version of {shard} (size|version {data.get('shard')}, now {now}); {rebuild}")
+    return samples
+
+
+def _shard_samples(shard: str, stats: storage.Stats) -> dict[str, dict[str, Any]]:
+    """A shard's samples (as `_scan_shard` gives them), from its index when it has one."""
+    index = shard_index_path(shard)
+    return _read_shard_index(shard, index, stats) if stats.of(index, mtime=False) is not None else _scan_shard(shard)
 
 
 def _webdataset_record(shard: str, key: str, entry: dict[str, Any], kind: Kind) -> Record:
@@ -354,9 +410,10 @@ def _webdataset_record(shard: str, key: str, entry: dict[str, Any], kind: Kind) 
 def iter_webdataset(path: str | Path | list[str], kind: Kind) -> Iterator[tuple[str, list[Record] | DataError]]:
     """(`shard:KEY`, the sample's record, or the DataError that says what is wrong with it) for
     every sample of every shard `path` names (or of the shards listed)."""
+    stats = storage.Stats()  # one listing per folder for the index checks, not one request per shard
     for shard in path if isinstance(path, list) else shard_paths(str(path)):
         try:
-            samples = _shard_samples(shard)
+            samples = _shard_samples(shard, stats)
         except DataError as exc:
             yield shard, exc
             continue
