@@ -197,7 +197,7 @@ def test_on_kubernetes_the_credentials_travel_by_reference():
                                 "job": {"env": {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI"}}}), name="remote", run_id="r1")
 
 
-def test_webdataset_shards_on_s3_read_each_sample_from_its_place(s3, speech_dir, tmp_path):
+def test_webdataset_shards_on_s3_read_each_sample_from_its_place(s3, speech_dir, tmp_path, capsys):
     from tests.test_webdataset import write_shards
 
     client, _ = s3
@@ -206,6 +206,8 @@ def test_webdataset_shards_on_s3_read_each_sample_from_its_place(s3, speech_dir,
         client.upload_file(str(shard), BUCKET, f"shards/{shard.name}")
     records = read_records(f"s3://{BUCKET}/shards/train-{{000000..000002}}.tar", "preference")
     assert [r.chosen for r in records] == [r["chosen"] for r in rows]
+    said = " ".join("".join(capsys.readouterr()).split())
+    assert "3 remote shard(s) without an index (s3://speech/shards/train-000000.tar, ...) were scanned" in said and "audiorl data index" in said
     assert records[4].source == f"s3://{BUCKET}/shards/train-000001.tar:utt0004"
     local = read_records(speech_dir / "pairs.jsonl", "preference")
     for remote, here in zip(records, local):
@@ -218,7 +220,9 @@ def test_webdataset_shards_on_s3_read_each_sample_from_its_place(s3, speech_dir,
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="shards/")["Contents"]}
     assert {f"shards/train-00000{i}.tar.index.json" for i in range(3)} <= keys
     _fresh_filesystems()
+    capsys.readouterr()
     indexed = read_records(f"s3://{BUCKET}/shards/train-{{000000..000002}}.tar", "preference")
+    assert "without an index" not in "".join(capsys.readouterr())
     assert [(r.source, r.audio, r.chosen) for r in indexed] == [(r.source, r.audio, r.chosen) for r in records]
     np.testing.assert_array_equal(indexed[4].load(LIMITS), local[4].load(LIMITS))
     # a shard uploaded again with other contents: its index no longer fits

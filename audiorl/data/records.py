@@ -380,10 +380,13 @@ def _read_shard_index(shard: str, index: str, stats: storage.Stats) -> dict[str,
     return samples
 
 
-def _shard_samples(shard: str, stats: storage.Stats) -> dict[str, dict[str, Any]]:
-    """A shard's samples (as `_scan_shard` gives them), from its index when it has one."""
+def _shard_samples(shard: str, stats: storage.Stats) -> tuple[dict[str, dict[str, Any]], bool]:
+    """A shard's samples (as `_scan_shard` gives them), from its index when it has one; and
+    whether they came from the index."""
     index = shard_index_path(shard)
-    return _read_shard_index(shard, index, stats) if stats.of(index, mtime=False) is not None else _scan_shard(shard)
+    if stats.of(index, mtime=False) is not None:
+        return _read_shard_index(shard, index, stats), True
+    return _scan_shard(shard), False
 
 
 def _webdataset_record(shard: str, key: str, entry: dict[str, Any], kind: Kind) -> Record:
@@ -411,9 +414,12 @@ def iter_webdataset(path: str | Path | list[str], kind: Kind) -> Iterator[tuple[
     """(`shard:KEY`, the sample's record, or the DataError that says what is wrong with it) for
     every sample of every shard `path` names (or of the shards listed)."""
     stats = storage.Stats()  # one listing per folder for the index checks, not one request per shard
+    scanned: list[str] = []
     for shard in path if isinstance(path, list) else shard_paths(str(path)):
         try:
-            samples = _shard_samples(shard, stats)
+            samples, indexed = _shard_samples(shard, stats)
+            if not indexed and storage.is_url(shard):
+                scanned.append(shard)
         except DataError as exc:
             yield shard, exc
             continue
@@ -422,6 +428,9 @@ def iter_webdataset(path: str | Path | list[str], kind: Kind) -> Iterator[tuple[
                 yield f"{shard}:{key}", [_webdataset_record(shard, key, entry, kind)]
             except DataError as exc:
                 yield f"{shard}:{key}", exc
+    if scanned:
+        console.print(f"[yellow]{len(scanned)} remote shard(s) without an index ({scanned[0]}, ...) were scanned, which reads each whole; "
+                      f"`audiorl data index` writes indexes that later reads take instead[/]")
 
 
 def iter_manifest(path: str | Path, kind: Kind, format: str) -> Iterator[tuple[str, list[Record] | DataError]]:
