@@ -4,7 +4,7 @@ indexes that `audiorl data index` writes (one small object per shard), interleav
 The store is moto's S3 server on 127.0.0.1, so there is no network latency or bandwidth limit in
 it: against a real object store the scan costs more, since it fetches every shard whole.
 
-    python bench/shard_index.py                        # 8 shards of 400 espeak-ng clips, 3 rounds
+    python bench/shard_index.py                        # 8 shards of 400 espeak-ng clips, 5 rounds
     python bench/shard_index.py --shards 4 --per-shard 100 --rounds 2
 """
 
@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--per-shard", type=int, default=400)
-    add_arguments(parser, rounds=3, warmup=1)
+    add_arguments(parser, rounds=5, warmup=1)
     args = parser.parse_args()
     os.environ.setdefault("AUDIORL_NO_PROGRESS", "1")
     import boto3
