@@ -286,6 +286,7 @@ _ROW_READERS = {"audiorl": _audiorl_row, "nemo": _nemo_row, "lhotse": _lhotse_ro
 
 _SHARD_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _AUDIO_MEMBERS = ("wav", "flac", "mp3", "ogg")
+_TEXT_MEMBERS = ("json", "txt")  # read up front (and kept in a shard index), as bytes
 
 
 def shard_paths(path: str) -> list[str]:
@@ -329,7 +330,7 @@ def _scan_shard(shard: str) -> dict[str, dict[str, Any]]:
                 key = f"{folder}/{stem}" if folder else stem
                 entry = samples.setdefault(key, {})
                 extension = extension.lower()
-                if extension in ("json", "txt"):
+                if extension in _TEXT_MEMBERS:
                     entry[extension] = tar.extractfile(member).read()
                 elif extension in _AUDIO_MEMBERS and "audio" not in entry:
                     entry["audio"] = (member.name, member.offset_data, member.size)
@@ -354,8 +355,7 @@ def write_shard_index(shard: str, stats: storage.Stats | None = None) -> tuple[s
     scan otherwise fetches the whole shard (read-ahead covers the audio between the headers)."""
     version = (stats or storage.Stats()).of(shard, mtime=False)
     samples = _scan_shard(shard)
-    text = {"json", "txt"}
-    body = {key: {k: (v.decode("utf-8", "surrogateescape") if k in text else v) for k, v in entry.items()} for key, entry in samples.items()}
+    body = {key: {k: (v.decode("utf-8", "surrogateescape") if k in _TEXT_MEMBERS else v) for k, v in entry.items()} for key, entry in samples.items()}
     index = shard_index_path(shard)
     storage.write_text(index, json.dumps({"audiorl_shard_index": _INDEX_VERSION, "shard": version, "samples": body}))
     return index, len(samples)
@@ -368,7 +368,7 @@ def _read_shard_index(shard: str, index: str, stats: storage.Stats) -> dict[str,
             data = json.load(handle)
         if data.get("audiorl_shard_index") != _INDEX_VERSION:
             raise ValueError(f"not a version-{_INDEX_VERSION} shard index")
-        samples = {key: {k: (tuple(v) if k == "audio" else v.encode("utf-8", "surrogateescape") if k in ("json", "txt") else v)
+        samples = {key: {k: (tuple(v) if k == "audio" else v.encode("utf-8", "surrogateescape") if k in _TEXT_MEMBERS else v)
                          for k, v in entry.items()} for key, entry in data["samples"].items()}
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeError) as exc:
         raise DataError(f"{index}: not a readable shard index ({type(exc).__name__}: {exc}); {rebuild}") from None
@@ -392,7 +392,7 @@ def _shard_samples(shard: str, stats: storage.Stats) -> tuple[dict[str, dict[str
 def _webdataset_record(shard: str, key: str, entry: dict[str, Any], kind: Kind) -> Record:
     where = f"{shard}:{key}"
     if "audio" not in entry:
-        found = ", ".join(sorted(set(entry.get("other", [])) | {e for e in ("json", "txt") if e in entry})) or "nothing"
+        found = ", ".join(sorted(set(entry.get("other", [])) | {e for e in _TEXT_MEMBERS if e in entry})) or "nothing"
         raise DataError(f"{where}: the sample has no audio member ({key}.wav, .flac, .mp3 or .ogg; found: {found})")
     row: dict[str, Any] = {}
     try:
