@@ -335,7 +335,8 @@ def fit(cfg: RunConfig, runtime: Runtime, data: RunData, loss_step: Step, collat
         cfg.train, loss_step, data.dataset, collate, device=runtime.device,
         num_workers=cfg.data.num_workers, evaluate=evaluator if evaluator and runtime.strategy.evaluates_in_loop else None,
         log=tracker.log_metrics, fingerprint=cfg.fingerprint(runtime.dist.world_size), dist_info=runtime.dist,
-        order=functools.partial(mixture_order, data.sources, cfg.train.seed) if data.mixture else None,
+        # a mixture over all the records; on dealt shards each rank draws its own, through `batches`
+        order=functools.partial(mixture_order, data.sources, cfg.train.seed) if data.mixture and data.ranks is None else None,
         data_fingerprint=data.resume_fingerprint,
         inspect_batch=_bad_records(cfg, runtime, data, tracker),
         batches=_batches(cfg, runtime, data),
