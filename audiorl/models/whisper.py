@@ -386,22 +386,37 @@ class WhisperAdapter(ModelAdapter):
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
         past = None
+        grouped = False
         was_training = core.training
         core.eval()
         try:
             for step in range(max_new_tokens):
-                out = core(
-                    encoder_outputs=encoder_outputs,
-                    decoder_input_ids=step_input,
-                    cache=past,
-                    use_cache=True,
-                )
+                if grouped:
+                    # the group's samples read their clip's cross-attention keys and values as one
+                    # longer query (_grouped_attention): no copy of them per sample
+                    _INNER_ATTENTION.append(core.config._attn_implementation)
+                    core.config._attn_implementation = "audiorl_grouped_cross_attention"
+                try:
+                    out = core(
+                        encoder_outputs=encoder_outputs,
+                        decoder_input_ids=step_input,
+                        cache=past,
+                        use_cache=True,
+                    )
+                finally:
+                    if grouped:
+                        core.config._attn_implementation = _INNER_ATTENTION.pop()
                 past = out.cache
                 logits = out.logits[:, -1, :].float()
                 if step == 0 and group > 1:
                     logits = logits.repeat_interleave(group, dim=0)
-                    past.batch_repeat_interleave(group)
                     encoder_outputs = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(group, dim=0))
+                    if isinstance(past, EncoderDecoderCache) and not getattr(core, "is_activation_checkpointing", False):
+                        # each sample its own self-attention history, the cross-attention once per clip
+                        past.self_attention_cache.batch_repeat_interleave(group)
+                        grouped = True
+                    else:
+                        past.batch_repeat_interleave(group)
                 if suppress.numel():
                     logits[:, suppress] = float("-inf")
                 if step == 0 and not prefix and begin_suppress.numel():
