@@ -112,7 +112,7 @@ def test_quickstart_tunes_the_real_tiny_en(tmp_path):
     assert (config["d_model"], config["vocab_size"]) == (384, 51864)  # the real tiny.en, not the toy
     for name, steps in history.items():
         assert set(steps) == {0, 20, 40}
-        # 40 steps lower WER on held-out sentences by over 15% on both sets (measured: -31%, -35%)
+        # 40 steps lower WER on held-out sentences by over 15% on both sets (measured: -32%, -37%)
         assert steps[40] < 0.85 * steps[0], (name, steps)
 
 
