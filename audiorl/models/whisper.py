@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,21 @@ def _grouped_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 AttentionInterface.register("audiorl_grouped_cross_attention", _grouped_attention)
+
+
+@contextmanager
+def _grouped_cross_attention(core: nn.Module, on: bool = True):
+    """While open (and `on`), the decoder runs `_grouped_attention`: its cross-attention keys and
+    values hold one row per clip, its queries several targets per clip."""
+    if not on:
+        yield
+        return
+    _INNER_ATTENTION.append(core.config._attn_implementation)
+    core.config._attn_implementation = "audiorl_grouped_cross_attention"
+    try:
+        yield
+    finally:
+        core.config._attn_implementation = _INNER_ATTENTION.pop()
 
 
 def _shared_cross_attention(core: nn.Module, hidden: torch.Tensor, clips: torch.Tensor) -> EncoderDecoderCache | None:
@@ -315,13 +331,9 @@ class WhisperAdapter(ModelAdapter):
         if cross is None:
             hidden = core.model.decoder(input_ids=inputs, encoder_hidden_states=context.hidden_states, use_cache=False).last_hidden_state
         else:
-            _INNER_ATTENTION.append(core.config._attn_implementation)
-            core.config._attn_implementation = "audiorl_grouped_cross_attention"
-            try:
+            with _grouped_cross_attention(core):
                 hidden = core.model.decoder(input_ids=inputs, encoder_hidden_states=context.hidden_states, cache=cross,
                                             use_cache=True).last_hidden_state
-            finally:
-                core.config._attn_implementation = _INNER_ATTENTION.pop()
         scored = score_tokens(core.proj_out(hidden[:, n_prefix - 1 :]), labels, mask)
         if groups is not None:
             back = torch.argsort(groups[0]).to(mask.device)
@@ -391,21 +403,15 @@ class WhisperAdapter(ModelAdapter):
         core.eval()
         try:
             for step in range(max_new_tokens):
-                if grouped:
-                    # the group's samples read their clip's cross-attention keys and values as one
-                    # longer query (_grouped_attention): no copy of them per sample
-                    _INNER_ATTENTION.append(core.config._attn_implementation)
-                    core.config._attn_implementation = "audiorl_grouped_cross_attention"
-                try:
+                # once grouped, the group's samples read their clip's cross-attention keys and
+                # values as one longer query: no copy of them per sample
+                with _grouped_cross_attention(core, grouped):
                     out = core(
                         encoder_outputs=encoder_outputs,
                         decoder_input_ids=step_input,
                         cache=past,
                         use_cache=True,
                     )
-                finally:
-                    if grouped:
-                        core.config._attn_implementation = _INNER_ATTENTION.pop()
                 past = out.cache
                 logits = out.logits[:, -1, :].float()
                 if step == 0 and group > 1:
