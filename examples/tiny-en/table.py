@@ -204,7 +204,7 @@ def print_targets(rows: dict[str, list[dict]]) -> None:
     # (name, metric key, whether higher is better)
     axes = [("noisy WER", "eval/heldout-noisy/wer", False), ("hotword recall", "eval/hotwords/hotword_recall", True),
             ("no-speech output", "eval/no-speech/no_speech_output_rate", False)]
-    print("\nagainst the targets (means over each row's seeds; relative to SFT, better is negative for WER and output, positive for recall):")
+    print("\nagainst the targets (means over each row's seeds; each axis relative to SFT's mean, better or worse):")
     print("| method | hard sets against the base | " + " | ".join(f"{name} against SFT" for name, _, _ in axes)
           + " | beats SFT by 10% on one, within 2% on the others | general cost | silent on no-speech | all met |")
     print("|---|---|" + "---|" * (len(axes) + 4))
@@ -222,7 +222,7 @@ def print_targets(rows: dict[str, list[dict]]) -> None:
         silent = 1 - mean(runs, "eval/no-speech/no_speech_output_rate")
         met = hard_ok and beats and cost <= GENERAL_BUDGET and silent >= 1 - SILENCE_TARGET
         print(f"| {method} | " + " / ".join(f"{d:+.0%}" for d in drops) + (" (yes)" if hard_ok else " (no)")
-              + " | " + " | ".join(f"{'+' if g >= 0 else '-'}{abs(g):.0%} {'better' if g >= 0 else 'worse'}" for g in gains)
+              + " | " + " | ".join(f"{abs(g):.1%} {'better' if g >= 0 else 'worse'}" for g in gains)
               + f" | {'yes' if beats else 'no'} | {cost:+.0%} | {silent:.0%} | {'**yes**' if met else 'no'} |")
 
 
