@@ -188,6 +188,11 @@ class DistributedConfig(Section):
 class TrainConfig(Section):
     output_dir: str = "runs/audiorl"
     seed: int = 42
+    deterministic: bool = Field(
+        True,
+        description="torch's deterministic kernels: the same seed, data and machine give the same weights (GRPO's sampling "
+        "turns a last-bit difference into a different run); false trades that for speed where it costs any",
+    )
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides num_train_epochs")
     per_device_train_batch_size: int = Field(4, gt=0)

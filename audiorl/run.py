@@ -42,7 +42,7 @@ from audiorl.models.base import ModelAdapter
 from audiorl.models.registry import load_adapter
 from audiorl.plots import wer_chart
 from audiorl.progress import console
-from audiorl.runtime import resolve_device, seed_everything
+from audiorl.runtime import resolve_device, seed_everything, set_deterministic
 from audiorl.secrets import redact
 from audiorl.tracking import Tracker, run_tags
 from audiorl.trainer import Preempted, Trainer, TrainResult, resume_target
@@ -142,6 +142,7 @@ def train(config: RunConfig | str | Path, overrides: list[str] | None = None) ->
 def set_up_runtime(cfg: RunConfig) -> Runtime:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    set_deterministic(cfg.train.deterministic)  # here, before anything can touch cuBLAS (Trainer.train sets it too)
     device = resolve_device(cfg.train.device)
     info = distributed.init(device, cfg.train.distributed.timeout_s)
     device = distributed.rank_device(device, info)

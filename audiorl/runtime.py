@@ -4,6 +4,7 @@ family, a method or the training loop."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -32,3 +33,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def set_deterministic(on: bool) -> None:
+    """Turn torch's deterministic kernels on or off for this process.
+
+    On CPU the op that needs it is the gradient of an indexed lookup (Whisper's decoder positions,
+    any `weight[ids]`): with more than one thread its accumulation order varies from run to run.
+    Where torch has no deterministic kernel for an op it warns and runs the usual one. On CUDA,
+    cuBLAS is deterministic only with a fixed workspace, which this sets when it is not set already
+    (it must be, before the first cuBLAS call)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)

@@ -49,7 +49,7 @@ from audiorl.distributed import Dist, barrier, mean_across_ranks, strategy_for
 from audiorl.errors import TrainingError
 from audiorl.methods.base import Step
 from audiorl.progress import make_progress
-from audiorl.runtime import seed_everything
+from audiorl.runtime import seed_everything, set_deterministic
 from audiorl.safe_load import CheckpointError, load_dcp, load_pt
 from audiorl.secrets import redact
 
@@ -431,6 +431,7 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.config
         seed_everything(cfg.seed)
+        set_deterministic(cfg.deterministic)
         result = TrainResult(global_step=0)
         target = self.resume()
         if target is not None:

@@ -345,3 +345,35 @@ def test_ld_dpo_and_wpo_weigh_the_same_with_a_precomputed_reference(tmp_path, ti
     assert [p.name for p in (out.output_dir / "cache").glob("reference-logps-*-ld0.5.pt")]
     plain = final_weights(audiorl.train(make_config(tmp_path / "d", tiny_whisper, speech_dir, train={"max_steps": 3, "save_steps": None})))
     assert any(not torch.allclose(a[name], plain[name]) for name in a)  # the options change what is learned
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_train_deterministic_makes_the_gradient_the_same_every_time(tmp_path, tiny_whisper, speech_dir, deterministic):
+    # the gradient of the decoder's position lookup, 48 rows of 32 tokens on two threads: torch
+    # sums it in an order that varies from call to call unless train.deterministic (the default)
+    # asks for its deterministic kernel; GRPO's sampling turns such a last-bit difference into
+    # different rollouts, and so into a different run
+    from audiorl.audio import AudioLimits
+    from audiorl.data.collate import RecordDataset, TranscriptCollator
+    from audiorl.data.records import read_records
+    from audiorl.models.registry import load_adapter
+    from audiorl.run import set_up_runtime
+
+    cfg = make_config(tmp_path, tiny_whisper, speech_dir, train={"num_threads": 2, "deterministic": deterministic})
+    set_up_runtime(cfg)
+    assert torch.are_deterministic_algorithms_enabled() is deterministic
+    if not deterministic:
+        return  # the other way is torch's to decide, and it usually differs; the run only has to ask
+    adapter = load_adapter(cfg.model)
+    dataset = RecordDataset(read_records(speech_dir / "transcripts.jsonl", "transcript")[:3], AudioLimits(max_seconds=5))
+    batch = TranscriptCollator(adapter)([dataset[i] for i in range(3)])
+    with torch.no_grad():
+        context = adapter.encode(batch["features"])
+    targets, index = [list(range(5, 37))] * 48, torch.arange(3).repeat_interleave(16)
+    positions = adapter.model.model.decoder.embed_positions.weight
+    seen = set()
+    for _ in range(10):
+        positions.grad = None
+        adapter.sequence_logps(context, targets, index).token_logps.sum().backward()
+        seen.add(positions.grad.numpy().tobytes())
+    assert len(seen) == 1
