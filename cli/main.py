@@ -428,25 +428,30 @@ def promote(
     ] = None,
     margin: Annotated[float, typer.Option(help="Least relative WER improvement on every gate set (0.02 = 2%).")] = 0.0,
     tolerance: Annotated[float, typer.Option(help="Largest relative WER increase allowed on a check set.")] = 0.0,
+    no_speech_tolerance: Annotated[float, typer.Option(
+        help="On a set with clips without speech (empty references): the largest rise allowed in the share of them written on "
+             "(0.05 = 5 points).")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Clips per prediction call.")] = 8,
     normalizer: NormalizerOption = "plain",
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns).")] = None,
 ) -> None:
-    """Promote NAME@challenger to NAME@champion if it beats the champion on the gate sets."""
+    """Promote NAME@challenger to NAME@champion if it beats the champion on the gate sets (and writes no more often on clips
+    without speech)."""
     from rich.table import Table
 
+    from audiorl.tracking.promotion import NO_SPEECH
     from audiorl.tracking.promotion import promote as run_promote
 
     decision = run_promote(name, _test_sets(gate), _test_sets(check or []), margin=margin, tolerance=tolerance,
-                           tracking_uri=tracking_uri, batch_size=batch_size, log=_echo,
+                           no_speech_tolerance=no_speech_tolerance, tracking_uri=tracking_uri, batch_size=batch_size, log=_echo,
                            normalizer=_normalization(normalizer).normalizer)
     table = Table(title=f"{name}: champion v{decision.champion_version or '-'} vs challenger v{decision.challenger_version}")
-    for column in ("test set", "role", "champion WER", "challenger WER", "change", "ok"):
+    for column in ("test set", "measure", "role", "champion", "challenger", "change", "ok"):
         table.add_column(column)
     for row in decision.rows:
-        change = row.relative_change
-        table.add_row(row.test_set, row.role, "-" if row.champion is None else f"{row.champion:.4f}", f"{row.challenger:.4f}",
-                      "-" if change is None else f"{change:+.1%}", "yes" if row.passed else "NO")
+        shown = "{:.1%}" if row.measure == NO_SPEECH else "{:.4f}"
+        table.add_row(row.test_set, row.measure, row.role, "-" if row.champion is None else shown.format(row.champion),
+                      shown.format(row.challenger), row.change, "yes" if row.passed else "NO")
     out = _out()
     out.print(table)
     verdict = "promoted" if decision.promote else "not promoted"

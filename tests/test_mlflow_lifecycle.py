@@ -128,11 +128,33 @@ def test_the_gate_rule():
     assert not same.promote  # no gain is no reason to switch
 
 
+def test_the_gate_refuses_a_challenger_that_writes_on_silence_more_often():
+    # a check set of speech and silent clips whose WER barely moves when the challenger writes a
+    # word on every silent clip: the share of those clips written on decides
+    rule = {"margin": 0.1, "tolerance": 0.05}
+    louder = decide({"a": 0.5, "mixed": 0.20}, {"a": 0.3, "mixed": 0.205}, ["a"], **rule,
+                    champion_no_speech={"mixed": 0.25}, challenger_no_speech={"mixed": 1.0})
+    assert not louder.promote
+    assert "mixed: writes on 100.0% of the clips without speech where the champion wrote on 25.0% (+75.0 points)" in louder.reason
+    assert [(r.measure, r.passed) for r in louder.rows if r.test_set == "mixed"] == [("WER", True), ("no-speech output", False)]
+    assert decide({"a": 0.5, "mixed": 0.20}, {"a": 0.3, "mixed": 0.205}, ["a"], **rule, no_speech_tolerance=0.75,
+                  champion_no_speech={"mixed": 0.25}, challenger_no_speech={"mixed": 1.0}).promote
+    quieter = decide({"a": 0.5, "mixed": 0.20}, {"a": 0.3, "mixed": 0.19}, ["a"], **rule,
+                     champion_no_speech={"mixed": 0.25}, challenger_no_speech={"mixed": 0.0})
+    assert quieter.promote, quieter.reason
+
+
 def test_promote_moves_the_champion_only_for_a_better_challenger(tmp_path, client, tiny_whisper, speech_dir):
     name = "gate"
     sft = {"name": "sft"}
     gate = tmp_path / "gate.jsonl"
     gate.write_text((speech_dir / "transcripts.jsonl").read_text().replace('"clips/', f'"{speech_dir}/clips/'))
+    # a check set with two clips without speech beside two with speech
+    mixed = [json.loads(line) for line in gate.read_text().splitlines()[:2]]
+    for i, level in enumerate((0.0, 0.01)):
+        sf.write(tmp_path / f"silent-{i}.wav", level * np.random.default_rng(i).standard_normal(16000), 16000)
+        mixed.append({"audio": str(tmp_path / f"silent-{i}.wav"), "text": "", "no_speech": True})
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
 
     def register(run, **train):
         cfg = _config(tmp_path, tiny_whisper, speech_dir, run, objective=sft, **train)
@@ -142,7 +164,8 @@ def test_promote_moves_the_champion_only_for_a_better_challenger(tmp_path, clien
         return client.get_model_version_by_alias(name, "challenger").version
 
     def promote(*extra):
-        out = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "promote", name, "--gate", f"all={gate}", "--margin", "0.05", *extra],
+        out = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "promote", name, "--gate", f"all={gate}", "--margin", "0.05",
+                              "--check", f"mixed={tmp_path / 'mixed.jsonl'}", "--tolerance", "1", "--no-speech-tolerance", "1", *extra],
                              capture_output=True, text=True, env={**os.environ}, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout
@@ -164,7 +187,9 @@ def test_promote_moves_the_champion_only_for_a_better_challenger(tmp_path, clien
     assert "promoted" in second and tags["audiorl.promotion.decision"] == "promoted", second
     assert client.get_model_version_by_alias(name, "champion").version == trained
     assert float(tags["audiorl.eval.all.wer"]) < float(client.get_model_version(name, untrained).tags["audiorl.eval.all.wer"])
-    assert "champion WER" in second and "challenger WER" in second  # the side-by-side table
+    assert "challenger" in second and "no-speech" in second  # the side-by-side table, with the silent clips' row
+    rate = tags["audiorl.eval.mixed.no_speech_output_rate"]  # measured on the 2 silent clips of 4, and kept
+    assert tags["audiorl.eval.mixed.no_speech_clips"] == "2" and rate in ("0.0", "0.5", "1.0")
     assert "already the champion" in promote()  # safe to run twice
 
     worse = register("worse-again", max_steps=1, learning_rate=1e-12)

@@ -342,10 +342,10 @@ def test_imported_model_registers_in_mlflow_and_the_gate_scores_it_as_audiorl_de
 
     manifest = tmp_path / "gate.jsonl"
     manifest.write_text("".join(json.dumps({"audio": r.audio, "text": r.text}) + "\n" for r in some))
-    wers = score_version(MlflowClient(), "tiny-en", str(info.registered_model_version), {"gate": manifest},
-                         normalizer="whisper_english", log=lambda *_: None)
-    assert wers["gate"] == pytest.approx(score(references, ours[:16], norm).wer)
-    assert wers["gate"] != pytest.approx(score(references, heard, norm).wer)
+    scores = score_version(MlflowClient(), "tiny-en", str(info.registered_model_version), {"gate": manifest},
+                           normalizer="whisper_english", log=lambda *_: None)
+    assert scores["gate"].wer == pytest.approx(score(references, ours[:16], norm).wer)
+    assert scores["gate"].wer != pytest.approx(score(references, heard, norm).wer)
 
 
 def test_sampled_rollouts_honour_the_checkpoints_suppressed_tokens(tiny_en_adapter):

@@ -10,8 +10,11 @@ Scores are kept on each version as tags (`audiorl.eval.<set>.wer`, with the test
 version is evaluated once per test set, and running the gate twice decides the same way.
 
 The rule: the challenger must lower WER on every gate set by at least `margin` (relative), and
-may raise it on no other set by more than `tolerance` (relative). With no champion yet, the
-challenger becomes champion.
+may raise it on no other set by more than `tolerance` (relative). On every set, gate or check,
+that holds clips without speech (an empty reference), it may also write on no larger a share of
+those clips than the champion, give or take `no_speech_tolerance` (a share: 0.05 = 5 points):
+a word written on silence is one insertion in a whole set's WER, so WER alone barely sees a model
+that starts writing on every silent clip. With no champion yet, the challenger becomes champion.
 """
 
 from __future__ import annotations
@@ -38,7 +41,21 @@ evaluation: Any = on_first_use("audiorl.evaluation")
 _WER_TAG = "audiorl.eval.{}.wer"
 _CER_TAG = "audiorl.eval.{}.cer"
 _DATA_TAG = "audiorl.eval.{}.data"
+_NO_SPEECH_CLIPS_TAG = "audiorl.eval.{}.no_speech_clips"
+_NO_SPEECH_TAG = "audiorl.eval.{}.no_speech_output_rate"
 _DECODER = "+audiorl-decoder"
+
+
+WER = "WER"
+NO_SPEECH = "no-speech output"  # the share of a set's clips without speech that get any output
+
+
+@dataclass
+class SetScore:
+    """One version on one test set."""
+
+    wer: float
+    no_speech_output_rate: float | None = None  # None: the set has no clip without speech
 
 
 @dataclass
@@ -48,6 +65,7 @@ class Row:
     champion: float | None
     challenger: float
     passed: bool
+    measure: str = WER
 
     @property
     def relative_change(self) -> float | None:
@@ -56,6 +74,15 @@ class Row:
         if self.champion == 0:
             return 0.0 if self.challenger == 0 else float("inf")
         return (self.challenger - self.champion) / self.champion
+
+    @property
+    def change(self) -> str:
+        """The change as the rule reads it: relative for WER, in points for a share of clips."""
+        if self.champion is None:
+            return "-"
+        if self.measure == NO_SPEECH:
+            return f"{100 * (self.challenger - self.champion):+.1f} points"
+        return f"{self.relative_change:+.1%}"
 
 
 @dataclass
@@ -69,8 +96,10 @@ class Decision:
 
 
 def decide(champion: Mapping[str, float] | None, challenger: Mapping[str, float], gate: list[str], *, margin: float,
-           tolerance: float) -> Decision:
-    """The gate's rule on WERs per test set (pure: no MLflow)."""
+           tolerance: float, champion_no_speech: Mapping[str, float] | None = None,
+           challenger_no_speech: Mapping[str, float] | None = None, no_speech_tolerance: float = 0.0) -> Decision:
+    """The gate's rule (pure: no MLflow) on WERs per test set, and on the share of clips without
+    speech written on, per set that has such clips (`*_no_speech`: set -> share)."""
     rows = []
     for name in challenger:
         role = "gate" if name in gate else "check"
@@ -83,35 +112,45 @@ def decide(champion: Mapping[str, float] | None, challenger: Mapping[str, float]
         else:
             passed = new <= old * (1 + tolerance) + 1e-12
         rows.append(Row(name, role, old, new, passed))
+    for name, new in (challenger_no_speech or {}).items():
+        old = None if champion is None else (champion_no_speech or {})[name]
+        passed = old is None or new <= old + no_speech_tolerance + 1e-12
+        rows.append(Row(name, "gate" if name in gate else "check", old, new, passed, NO_SPEECH))
     if champion is None:
         return Decision(True, "no champion yet: the first version becomes champion", rows)
     failed = [r for r in rows if not r.passed]
     if not failed:
-        return Decision(True, f"WER lower by at least {margin:.1%} on every gate set, no other set worse by more than {tolerance:.1%}", rows)
+        return Decision(True, f"WER lower by at least {margin:.1%} on every gate set, no other set worse by more than {tolerance:.1%}, "
+                              f"no set's clips without speech written on more often (by more than {100 * no_speech_tolerance:.1f} points)", rows)
     parts = []
     for r in failed:
-        change = r.relative_change
-        if r.role == "gate":
-            parts.append(f"{r.test_set}: {r.champion:.4f} -> {r.challenger:.4f} ({change:+.1%}), needs at least -{margin:.1%}")
+        if r.measure == NO_SPEECH:
+            parts.append(f"{r.test_set}: writes on {r.challenger:.1%} of the clips without speech where the champion wrote on "
+                         f"{r.champion:.1%} ({r.change}), more than the +{100 * no_speech_tolerance:.1f} points allowed")
+        elif r.role == "gate":
+            parts.append(f"{r.test_set}: {r.champion:.4f} -> {r.challenger:.4f} ({r.change}), needs at least -{margin:.1%}")
         else:
-            parts.append(f"{r.test_set}: {r.champion:.4f} -> {r.challenger:.4f} ({change:+.1%}), more than the +{tolerance:.1%} allowed")
+            parts.append(f"{r.test_set}: {r.champion:.4f} -> {r.challenger:.4f} ({r.change}), more than the +{tolerance:.1%} allowed")
     return Decision(False, "; ".join(parts), rows)
 
 
 def score_version(client, name: str, version: str, sets: Mapping[str, str | Path], *, batch_size: int = 8, log=print,
-                  normalizer: str = "plain") -> dict[str, float]:
-    """WER of one registered version on each test set: from its tags when they were measured on
-    the same data, normaliser and decoder, else by transcribing with the version's weights (and saved as tags)."""
+                  normalizer: str = "plain") -> dict[str, SetScore]:
+    """WER (and the share of clips without speech written on) of one registered version on each
+    test set: from its tags when they were measured on the same data, normaliser and decoder, else
+    by transcribing with the version's weights (and saved as tags)."""
     tags = client.get_model_version(name, version).tags
-    wers: dict[str, float] = {}
+    scores: dict[str, SetScore] = {}
     loaded = None
     with tempfile.TemporaryDirectory(prefix="audiorl-promote-") as workdir:  # the version's weights, while they are used
         for set_name, path in sets.items():
             records = read_records(path, "transcript")
             # keyed by the decoder too: a score stored when promote decoded through the pipeline is not reused
             data_fp = (fingerprint(records) if normalizer == "plain" else f"{fingerprint(records)}+{normalizer}") + _DECODER
-            if tags.get(_DATA_TAG.format(set_name)) == data_fp and _WER_TAG.format(set_name) in tags:
-                wers[set_name] = float(tags[_WER_TAG.format(set_name)])
+            # (a version scored before the no-speech count was kept is scored again)
+            if tags.get(_DATA_TAG.format(set_name)) == data_fp and _NO_SPEECH_CLIPS_TAG.format(set_name) in tags:
+                rate = tags.get(_NO_SPEECH_TAG.format(set_name))
+                scores[set_name] = SetScore(float(tags[_WER_TAG.format(set_name)]), None if rate is None else float(rate))
                 continue
             if loaded is None:
                 log(f"loading {name} version {version}")
@@ -124,11 +163,16 @@ def score_version(client, name: str, version: str, sets: Mapping[str, str | Path
             hypotheses = evaluation.transcribe(adapter, records, limits, batch_size=batch_size, max_new_tokens=max_new_tokens)
             result = score([r.reference for r in records], hypotheses, TextNormalization(normalizer=normalizer),
                            sources=[r.source for r in records])
-            log(f"{name} v{version} on {set_name}: WER {result.wer:.4f} ({result.num_utterances} utterances)")
-            for tag, value in ((_WER_TAG, result.wer), (_CER_TAG, result.cer), (_DATA_TAG, data_fp)):
+            silent = "" if result.no_speech_output_rate is None else \
+                f", wrote on {result.no_speech_output_rate:.1%} of {result.no_speech_clips} clips without speech"
+            log(f"{name} v{version} on {set_name}: WER {result.wer:.4f} ({result.num_utterances} utterances{silent})")
+            stored = [(_WER_TAG, result.wer), (_CER_TAG, result.cer), (_NO_SPEECH_CLIPS_TAG, result.no_speech_clips)]
+            if result.no_speech_output_rate is not None:
+                stored.append((_NO_SPEECH_TAG, result.no_speech_output_rate))
+            for tag, value in [*stored, (_DATA_TAG, data_fp)]:  # the fingerprint last: it vouches for the others
                 client.set_model_version_tag(name, version, tag.format(set_name), str(value))
-            wers[set_name] = result.wer
-    return wers
+            scores[set_name] = SetScore(result.wer, result.no_speech_output_rate)
+    return scores
 
 
 def _version_by_alias(client, name: str, alias: str):
@@ -140,9 +184,17 @@ def _version_by_alias(client, name: str, alias: str):
         return None
 
 
+def _decide(old: dict[str, SetScore] | None, new: dict[str, SetScore], gate: list[str], **rule) -> Decision:
+    def no_speech(scores):
+        return {k: v.no_speech_output_rate for k, v in scores.items() if v.no_speech_output_rate is not None}
+
+    return decide(None if old is None else {k: v.wer for k, v in old.items()}, {k: v.wer for k, v in new.items()}, gate,
+                  champion_no_speech=None if old is None else no_speech(old), challenger_no_speech=no_speech(new), **rule)
+
+
 def promote(name: str, gate: Mapping[str, str | Path], checks: Mapping[str, str | Path] | None = None, *, margin: float = 0.0,
-            tolerance: float = 0.0, tracking_uri: str | None = None, batch_size: int = 8, log=print,
-            normalizer: str = "plain") -> Decision:
+            tolerance: float = 0.0, no_speech_tolerance: float = 0.0, tracking_uri: str | None = None, batch_size: int = 8,
+            log=print, normalizer: str = "plain") -> Decision:
     """Compare the `challenger` version of `name` with its `champion` on the gate (and check) sets,
     move `champion` if the challenger wins, and record the decision on the challenger's tags."""
     from mlflow.tracking import MlflowClient
@@ -158,13 +210,14 @@ def promote(name: str, gate: Mapping[str, str | Path], checks: Mapping[str, str 
         raise AudioRLError(f"registered model {name!r} has no version with the alias {CHALLENGER!r} (training registers one)")
     champion = _version_by_alias(client, name, CHAMPION)
     sets = {**gate, **(checks or {})}
+    rule = {"margin": margin, "tolerance": tolerance, "no_speech_tolerance": no_speech_tolerance}
     if champion is not None and champion.version == challenger.version:
-        wers = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log, normalizer=normalizer)
-        decision = decide(None, wers, list(gate), margin=margin, tolerance=tolerance)
+        scores = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log, normalizer=normalizer)
+        decision = _decide(None, scores, list(gate), **rule)
         return Decision(False, f"version {challenger.version} is already the champion", decision.rows, challenger.version, champion.version)
     new = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log, normalizer=normalizer)
     old = score_version(client, name, champion.version, sets, batch_size=batch_size, log=log, normalizer=normalizer) if champion else None
-    decision = decide(old, new, list(gate), margin=margin, tolerance=tolerance)
+    decision = _decide(old, new, list(gate), **rule)
     decision.challenger_version = challenger.version
     decision.champion_version = champion.version if champion else None
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -175,6 +228,7 @@ def promote(name: str, gate: Mapping[str, str | Path], checks: Mapping[str, str 
         "audiorl.promotion.gate_sets": ",".join(gate),
         "audiorl.promotion.margin": str(margin),
         "audiorl.promotion.tolerance": str(tolerance),
+        "audiorl.promotion.no_speech_tolerance": str(no_speech_tolerance),
         "audiorl.promotion.decided_at": stamp,
     }
     for key, value in record.items():
