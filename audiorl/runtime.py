@@ -38,7 +38,7 @@ def seed_everything(seed: int) -> None:
 def set_deterministic(on: bool) -> None:
     """Turn torch's deterministic kernels on or off for this process.
 
-    On CPU the op that needs it is the gradient of an indexed lookup (Whisper's decoder positions,
+    On CPU the op that needs it is the gradient of an indexed lookup (a decoder's learned positions,
     any `weight[ids]`): with more than one thread its accumulation order varies from run to run.
     Where torch has no deterministic kernel for an op it warns and runs the usual one. On CUDA,
     cuBLAS is deterministic only with a fixed workspace, which this sets when it is not set already
