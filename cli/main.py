@@ -439,7 +439,6 @@ def promote(
     without speech)."""
     from rich.table import Table
 
-    from audiorl.tracking.promotion import NO_SPEECH
     from audiorl.tracking.promotion import promote as run_promote
 
     decision = run_promote(name, _test_sets(gate), _test_sets(check or []), margin=margin, tolerance=tolerance,
@@ -449,9 +448,8 @@ def promote(
     for column in ("test set", "measure", "role", "champion", "challenger", "change", "ok"):
         table.add_column(column)
     for row in decision.rows:
-        shown = "{:.1%}" if row.measure == NO_SPEECH else "{:.4f}"
-        table.add_row(row.test_set, row.measure, row.role, "-" if row.champion is None else shown.format(row.champion),
-                      shown.format(row.challenger), row.change, "yes" if row.passed else "NO")
+        table.add_row(row.test_set, row.measure, row.role, row.show(row.champion), row.show(row.challenger), row.change,
+                      "yes" if row.passed else "NO")
     out = _out()
     out.print(table)
     verdict = "promoted" if decision.promote else "not promoted"

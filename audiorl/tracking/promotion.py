@@ -75,6 +75,12 @@ class Row:
             return 0.0 if self.challenger == 0 else float("inf")
         return (self.challenger - self.champion) / self.champion
 
+    def show(self, value: float | None) -> str:
+        """A value of this row's measure as the table prints it: WER to four places, a share of clips in percent."""
+        if value is None:
+            return "-"
+        return f"{value:.1%}" if self.measure == NO_SPEECH else f"{value:.4f}"
+
     @property
     def change(self) -> str:
         """The change as the rule reads it: relative for WER, in points for a share of clips."""
