@@ -348,7 +348,7 @@ def test_ld_dpo_and_wpo_weigh_the_same_with_a_precomputed_reference(tmp_path, ti
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_train_deterministic_makes_the_gradient_the_same_every_time(tmp_path, tiny_whisper, speech_dir, deterministic):
+def test_train_deterministic_makes_the_gradient_the_same_every_time(tmp_path, tiny_whisper, speech_dir, deterministic, request):
     # the gradient of the decoder's position lookup, 48 rows of 32 tokens on two threads: torch
     # sums it in an order that varies from call to call unless train.deterministic (the default)
     # asks for its deterministic kernel; GRPO's sampling turns such a last-bit difference into
@@ -358,7 +358,9 @@ def test_train_deterministic_makes_the_gradient_the_same_every_time(tmp_path, ti
     from audiorl.data.records import read_records
     from audiorl.models.registry import load_adapter
     from audiorl.run import set_up_runtime
+    from audiorl.runtime import set_deterministic
 
+    request.addfinalizer(lambda: set_deterministic(True))  # the process-wide switch back to the default for later tests
     cfg = make_config(tmp_path, tiny_whisper, speech_dir, train={"num_threads": 2, "deterministic": deterministic})
     set_up_runtime(cfg)
     assert torch.are_deterministic_algorithms_enabled() is deterministic
