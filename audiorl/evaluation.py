@@ -27,7 +27,7 @@ from audiorl.audio import AudioLimits
 from audiorl.config import TextNormalization
 from audiorl.data.records import Record, fingerprint
 from audiorl.lazy import on_first_use
-from audiorl.models.base import ModelAdapter, model_source
+from audiorl.models.base import ModelAdapter, model_source, weights_digest
 from audiorl.progress import progress_bar
 from audiorl.scoring import EvalResult, pooled, score
 
@@ -85,20 +85,6 @@ def evaluate(
 def score_transcripts(records: list[Record], hypotheses: list[str], normalization: TextNormalization | None) -> EvalResult:
     return score([r.reference for r in records], hypotheses, normalization, sources=[r.source for r in records],
                  hotwords=[r.extra.get("hotwords") for r in records])
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's state: every tensor's name, dtype, shape and bytes, in name order
-    (an entry that is not a plain tensor, such as a module's extra state, by its repr)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.is_quantized:
-            digest.update(f"{name}|{tensor!r}".encode())
-            continue
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 @dataclass

@@ -434,6 +434,9 @@ def promote(
     batch_size: Annotated[int, typer.Option(help="Clips per prediction call.")] = 8,
     normalizer: NormalizerOption = "plain",
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns).")] = None,
+    encoder_cache_dir: Annotated[Path | None, typer.Option(
+        help="Encoder states kept by frozen-encoder runs (their model.encoder_cache_dir): versions with the same encoder weights "
+             "read them instead of encoding the clips again.")] = None,
 ) -> None:
     """Promote NAME@challenger to NAME@champion if it beats the champion on the gate sets (and writes no more often on clips
     without speech)."""
@@ -443,7 +446,7 @@ def promote(
 
     decision = run_promote(name, _test_sets(gate), _test_sets(check or []), margin=margin, tolerance=tolerance,
                            no_speech_tolerance=no_speech_tolerance, tracking_uri=tracking_uri, batch_size=batch_size, log=_echo,
-                           normalizer=_normalization(normalizer).normalizer)
+                           normalizer=_normalization(normalizer).normalizer, encoder_cache_dir=encoder_cache_dir)
     table = Table(title=f"{name}: champion v{decision.champion_version or '-'} vs challenger v{decision.challenger_version}")
     for column in ("test set", "measure", "role", "champion", "challenger", "change", "ok"):
         table.add_column(column)

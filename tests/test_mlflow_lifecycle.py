@@ -200,6 +200,35 @@ def test_promote_moves_the_champion_only_for_a_better_challenger(tmp_path, clien
     assert promote().splitlines()[-1] == third.splitlines()[-1]  # the same decision, from the stored scores
 
 
+def test_promote_reads_the_encoder_states_a_frozen_encoder_run_left(tmp_path, client, tiny_whisper, speech_dir):
+    """A version tuned with its encoder frozen has its starting model's encoder weights, so
+    `promote --encoder-cache-dir` finds every clip's states where the run's evaluation left them,
+    and scores as it does without them."""
+    from audiorl.tracking.promotion import score_version
+
+    states = tmp_path / "states"
+    gate = tmp_path / "gate.jsonl"
+    gate.write_text((speech_dir / "transcripts.jsonl").read_text().replace('"clips/', f'"{speech_dir}/clips/'))
+    cfg = _config(tmp_path, tiny_whisper, speech_dir, "frozen", objective={"name": "sft"}, max_steps=3, learning_rate=3e-3)
+    cfg.model.freeze_encoder, cfg.model.encoder_cache_dir = True, str(states)
+    cfg.data.eval = str(gate)
+    audiorl.train(cfg)
+    version = client.get_model_version_by_alias("frozen", "challenger").version
+    kept = sorted(states.glob("*.pt"))
+    clips = len(gate.read_text().splitlines())
+    assert len(kept) >= clips
+
+    out = subprocess.run([sys.executable, "-m", "audiorl_cli.main", "promote", "frozen", "--gate", f"all={gate}",
+                          "--encoder-cache-dir", str(states)], capture_output=True, text=True, env={**os.environ}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(states.glob("*.pt")) == kept  # not one clip encoded again: no new entry
+    cached = float(client.get_model_version("frozen", version).tags["audiorl.eval.all.wer"])
+    fresh = tmp_path / "fresh-states"
+    plain = score_version(client, "frozen", version, {"again": gate}, log=lambda *_: None, encoder_cache_dir=fresh)
+    assert len(list(fresh.glob("*.pt"))) == clips  # an empty folder: every clip encoded once
+    assert plain["again"].wer == cached
+
+
 def test_a_resumed_run_keeps_its_run_and_logs_no_step_twice(tmp_path, tiny_whisper, speech_dir):
     from audiorl.trainer import checkpoint_dirs
 

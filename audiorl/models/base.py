@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -288,6 +289,20 @@ def model_source(adapter: ModelAdapter) -> dict[str, Any]:
         parts["model"] = str(local.resolve())  # the same folder however a config spells its path
         parts["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir() if p.is_file())
     return parts
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state: every tensor's name, dtype, shape and bytes, in name order
+    (an entry that is not a plain tensor, such as a module's extra state, by its repr)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.is_quantized:
+            digest.update(f"{name}|{tensor!r}".encode())
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def save_whole(obj: Any, path: Path) -> None:

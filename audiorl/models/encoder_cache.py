@@ -5,11 +5,12 @@ the policy and the reference, in evaluation and in rollouts. A pretrained Whispe
 to 30 s, so its encoder is most of the cost of a step: computing it once per clip for the whole
 run takes that cost out of every later visit.
 
-A clip's entry is keyed by the model (its source, revision, dtype and weight files) and by the
-bytes of the clip's input features, so a changed clip, a different model or a different feature
-setting never hits a stale entry. Entries live in memory up to a size bound (least recently used
-go first) and, with a directory, on disk as well, where other runs and processes (pair building,
-other ranks) find them.
+A clip's entry is keyed by the encoder's weights (their names, dtypes and bytes) and by the bytes
+of the clip's input features, so a changed clip, a different encoder or a different feature
+setting never hits a stale entry, while models that share an encoder (a base and what it became
+with its encoder frozen) share the entries. Entries live in memory up to a size bound (least
+recently used go first) and, with a directory, on disk as well, where other runs and processes
+(pair building, other ranks, `audiorl promote`) find them.
 """
 
 from __future__ import annotations

@@ -8,8 +8,6 @@ its hidden states, and `sequence_logps` indexes them for every target scored aga
 
 from __future__ import annotations
 
-import hashlib
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,8 +30,8 @@ from audiorl.models.base import (
     SequenceLogps,
     apply_trainable_settings,
     load_pretrained,
-    model_source,
     score_tokens,
+    weights_digest,
 )
 from audiorl.models.encoder_cache import EncoderCache
 from audiorl.models.sampling import next_tokens
@@ -211,8 +209,11 @@ class WhisperAdapter(ModelAdapter):
         return adapter
 
     def enable_encoder_cache(self, directory: str | None = None, max_bytes: int = 4 * 2**30) -> None:
-        """Reuse each clip's encoder states while the encoder does not train (see encoder_cache.py)."""
-        key = hashlib.sha256(json.dumps(model_source(self), sort_keys=True, default=str).encode()).hexdigest()
+        """Reuse each clip's encoder states while the encoder does not train (see encoder_cache.py).
+
+        Keyed by the encoder's own weights: a model tuned with its encoder frozen (a table run's
+        output, a registered version) finds the states its starting model left."""
+        key = f"{self.family}:{weights_digest(_core(self.model).model.encoder)}"
         self.encoder_cache = EncoderCache(key, WhisperContext, max_bytes=max_bytes, directory=directory)
 
 

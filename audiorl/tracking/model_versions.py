@@ -28,7 +28,7 @@ import numpy as np
 from audiorl.audio import limits_for
 from audiorl.config import ModelConfig
 from audiorl.data.records import Record
-from audiorl.errors import ModelError
+from audiorl.errors import ConfigError, ModelError
 from audiorl.lazy import on_first_use
 
 # `audiorl promote` reads versions through this module and must not import torch: the model code
@@ -147,24 +147,38 @@ def write_out(uri: str, workdir: str | Path) -> Path:
     return Path(workdir)
 
 
-def load_version(uri: str, workdir: str | Path, *, device: str = "auto"):
+def load_version(uri: str, workdir: str | Path, *, device: str = "auto", encoder_cache_dir: str | Path | None = None):
     """The logged model at `uri` as an AudioRL adapter, and the most new tokens it was logged to
     write. A transformers-flavor model is written out to `workdir` (which must outlive the
     adapter's use) and loaded through its family's adapter, with the language and task it was
-    logged with; an AudioRL pyfunc already holds an adapter."""
+    logged with; an AudioRL pyfunc already holds an adapter.
+
+    With `encoder_cache_dir` the encoder's states are read from (and kept in) that folder: a
+    version tuned with its encoder frozen finds the states its runs left there."""
     flavors = _flavors(uri)
     if "transformers" not in flavors:
         transcriber = mlflow.pyfunc.load_model(uri).unwrap_python_model()
         if not isinstance(transcriber, Transcriber):
             raise ModelError(f"{uri}: neither a transformers model nor one AudioRL logged; AudioRL cannot decode it")
-        return transcriber.adapter, transcriber.max_new_tokens
+        adapter, max_new_tokens = transcriber.adapter, transcriber.max_new_tokens
+    else:
+        adapter, max_new_tokens = _load_transformers_version(uri, flavors, workdir, device, encoder_cache_dir)
+    if encoder_cache_dir and adapter.encoder_cache is None:
+        raise ConfigError(f"{uri}: a {adapter.family} model, whose family has no encoder cache; leave out the encoder cache folder")
+    return adapter, max_new_tokens
+
+
+def _load_transformers_version(uri: str, flavors: dict, workdir: str | Path, device: str, encoder_cache_dir: str | Path | None):
     write_out(uri, workdir)
     family = registry.detect_family(str(workdir))
     if family is None:
         raise ModelError(f"{uri}: its model is of no family AudioRL knows (config.json in {workdir})")
     generate = (flavors.get("python_function", {}).get("config") or {}).get("generate_kwargs", {})
+    # decoding trains nothing: the encoder is frozen anyway, and so its states may be cached
+    cache = {"freeze_encoder": True, "encoder_cache_dir": str(encoder_cache_dir)} if encoder_cache_dir else {}
     # an English-only model was logged with neither language nor task
-    config = ModelConfig(family=family, name_or_path=str(workdir), language=generate.get("language"), task=generate.get("task", "transcribe"))
+    config = ModelConfig(family=family, name_or_path=str(workdir), language=generate.get("language"), task=generate.get("task", "transcribe"),
+                         **cache)
     return registry.load_adapter(config, runtime.resolve_device(device)), int(generate.get("max_new_tokens", 128))
 
 

@@ -141,10 +141,11 @@ def decide(champion: Mapping[str, float] | None, challenger: Mapping[str, float]
 
 
 def score_version(client, name: str, version: str, sets: Mapping[str, str | Path], *, batch_size: int = 8, log=print,
-                  normalizer: str = "plain") -> dict[str, SetScore]:
+                  normalizer: str = "plain", encoder_cache_dir: str | Path | None = None) -> dict[str, SetScore]:
     """WER (and the share of clips without speech written on) of one registered version on each
     test set: from its tags when they were measured on the same data, normaliser and decoder, else
-    by transcribing with the version's weights (and saved as tags)."""
+    by transcribing with the version's weights (and saved as tags). With `encoder_cache_dir`, the
+    encoder states of clips already encoded by the same encoder weights are read from there."""
     tags = client.get_model_version(name, version).tags
     scores: dict[str, SetScore] = {}
     loaded = None
@@ -162,7 +163,7 @@ def score_version(client, name: str, version: str, sets: Mapping[str, str | Path
                 log(f"loading {name} version {version}")
                 # models:/ resolves through the process-wide registry: point it at this client's server
                 with using_tracking_uri(client.tracking_uri):
-                    loaded = load_version(f"models:/{name}/{version}", workdir)
+                    loaded = load_version(f"models:/{name}/{version}", workdir, encoder_cache_dir=encoder_cache_dir)
             adapter, max_new_tokens = loaded
             # no length limit of its own, but a clip over the model's input window is refused, not cut off
             limits = limits_for(adapter.sampling_rate, float("inf"), adapter.window_seconds)
@@ -200,9 +201,11 @@ def _decide(old: dict[str, SetScore] | None, new: dict[str, SetScore], gate: lis
 
 def promote(name: str, gate: Mapping[str, str | Path], checks: Mapping[str, str | Path] | None = None, *, margin: float = 0.0,
             tolerance: float = 0.0, no_speech_tolerance: float = 0.0, tracking_uri: str | None = None, batch_size: int = 8,
-            log=print, normalizer: str = "plain") -> Decision:
+            log=print, normalizer: str = "plain", encoder_cache_dir: str | Path | None = None) -> Decision:
     """Compare the `challenger` version of `name` with its `champion` on the gate (and check) sets,
-    move `champion` if the challenger wins, and record the decision on the challenger's tags."""
+    move `champion` if the challenger wins, and record the decision on the challenger's tags.
+    `encoder_cache_dir`: a folder of encoder states (a frozen-encoder run's `model.encoder_cache_dir`)
+    to read them from instead of encoding the clips again."""
     from mlflow.tracking import MlflowClient
 
     if not gate:
@@ -217,12 +220,16 @@ def promote(name: str, gate: Mapping[str, str | Path], checks: Mapping[str, str 
     champion = _version_by_alias(client, name, CHAMPION)
     sets = {**gate, **(checks or {})}
     rule = {"margin": margin, "tolerance": tolerance, "no_speech_tolerance": no_speech_tolerance}
+
+    def scores(version: str) -> dict[str, SetScore]:
+        return score_version(client, name, version, sets, batch_size=batch_size, log=log, normalizer=normalizer,
+                             encoder_cache_dir=encoder_cache_dir)
+
     if champion is not None and champion.version == challenger.version:
-        scores = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log, normalizer=normalizer)
-        decision = _decide(None, scores, list(gate), **rule)
+        decision = _decide(None, scores(challenger.version), list(gate), **rule)
         return Decision(False, f"version {challenger.version} is already the champion", decision.rows, challenger.version, champion.version)
-    new = score_version(client, name, challenger.version, sets, batch_size=batch_size, log=log, normalizer=normalizer)
-    old = score_version(client, name, champion.version, sets, batch_size=batch_size, log=log, normalizer=normalizer) if champion else None
+    new = scores(challenger.version)
+    old = scores(champion.version) if champion else None
     decision = _decide(old, new, list(gate), **rule)
     decision.challenger_version = challenger.version
     decision.champion_version = champion.version if champion else None
