@@ -24,13 +24,15 @@ Run from the repository root after the data commands in the README (the quicksta
    write on at most 10% of the clips without speech) is made the `challenger` of the registered
    model `tiny-en-table`, the base tiny.en its `champion`, and `audiorl promote` decides with the
    hard sets as the gate and the general and no-speech sets as checks (the challenger may write on
-   no more of the no-speech set's silent clips than the champion);
+   no more of the no-speech set's silent clips than the champion); both versions have the base's
+   encoder, so promote reads the clips' encoder states where the runs left them;
 6. the winner is exported to faster-whisper (`audiorl model export`, whatever the gate decided) and
    scored with faster-whisper itself on the hard sets and the no-speech set beside the original
    tiny.en, and SFT's seed-42 run on the no-speech set (faster-whisper skips what it judges to be
    no speech, which AudioRL's decoder does not), at the table's 32-token cap, in a process of its own.
 
-Everything is read back from MLflow (experiment `tiny-en-table`). `--report` prints the table
+The runs run in this process, one after another (each prints the `audiorl train` command that
+runs it alone, with the same result). Everything is read back from MLflow (experiment `tiny-en-table`). `--report` prints the table
 from the runs that have finished and runs nothing. A run that already finished (its MLflow run
 FINISHED, its final model written) is read, not run again.
 """
@@ -109,10 +111,13 @@ def train(recipe: str, name: str, *overrides: str) -> dict:
     if finished is None and REPORT_ONLY:
         return {}
     if finished is None:
-        command = ["audiorl", "train", f"examples/tiny-en/{recipe}.yaml", "--set", f"train.output_dir={out}",
-                   "--set", f"tracking.run_name={name}", *[part for o in overrides for part in ("--set", o)]]
-        print("$", " ".join(command), flush=True)
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        import audiorl
+
+        settings = [f"train.output_dir={out}", f"tracking.run_name={name}", *overrides]
+        # the run in this process (15 runs would spend about 1.5 minutes importing torch, transformers
+        # and MLflow again); printed as the command that runs it alone
+        print("$ audiorl train", f"examples/tiny-en/{recipe}.yaml", *(f"--set {s}" for s in settings), flush=True)
+        audiorl.train(audiorl.load_config(f"examples/tiny-en/{recipe}.yaml", settings))
         finished = _finished_run(out)
         if finished is None:
             raise SystemExit(f"{out}: the run ended without a finished MLflow run")
@@ -265,9 +270,14 @@ def promote_and_deploy(winner: str, rates: dict[str, str], run: dict) -> None:
     # the checks: general speech, and the clips without speech, where promote also holds the share
     # of silent clips written on to the champion's (--no-speech-tolerance 0)
     checks = [part for s in ("general", "no-speech") for part in ("--check", f"{s}={MANIFESTS[s]}")]
+    # both versions have the base's encoder (every recipe freezes it), so their clips' encoder
+    # states are where the runs' evaluations left them
+    from audiorl import load_config
+
+    states = load_config(f"examples/tiny-en/{winner}.yaml").model.encoder_cache_dir
     command = ["audiorl", "promote", REGISTERED, *gates, *checks, "--tolerance", str(GENERAL_BUDGET),
                "--no-speech-tolerance", "0", "--normalizer", "whisper_english",
-               "--tracking-uri", pointer["tracking_uri"]]
+               "--tracking-uri", pointer["tracking_uri"], "--encoder-cache-dir", states]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
     # the winner goes out to faster-whisper whatever the gate said: the check is whether its gain
