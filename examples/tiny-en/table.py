@@ -32,9 +32,10 @@ Run from the repository root after the data commands in the README (the quicksta
    no speech, which AudioRL's decoder does not), at the table's 32-token cap, in a process of its own.
 
 The runs run in this process, one after another (each prints the `audiorl train` command that
-runs it alone, with the same result). Everything is read back from MLflow (experiment `tiny-en-table`). `--report` prints the table
-from the runs that have finished and runs nothing. A run that already finished (its MLflow run
-FINISHED, its final model written) is read, not run again.
+runs it alone, with the same result). Everything is read back from MLflow (experiment
+`tiny-en-table`). `--report` prints the table from the runs that have finished and runs nothing.
+A run that already finished (its MLflow run FINISHED, its final model written) is read, not run
+again.
 """
 
 from __future__ import annotations
