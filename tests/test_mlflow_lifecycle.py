@@ -17,7 +17,7 @@ import soundfile as sf
 from mlflow.tracking import MlflowClient
 
 import audiorl
-from audiorl.errors import DataError
+from audiorl.errors import ConfigError, DataError
 from audiorl.tracking.promotion import decide
 from tests.conftest import write_config
 from tests.mlflow_server import MlflowServer
@@ -84,6 +84,12 @@ def test_a_training_run_registers_a_challenger_that_transcribes(tmp_path, client
     # the registered model transcribes exactly as the trained model does in AudioRL's own evaluation
     ours = audiorl.evaluate(outcome.final_model_dir, speech_dir / "transcripts.jsonl", max_new_tokens=12, family=family)
     assert [str(s).strip() for s in served] == [u.hypothesis.strip() for u in ours.utterances[:3]]
+    # an encoder cache folder for a family that has none is refused by name, not ignored
+    from audiorl.tracking.model_versions import load_version
+
+    if family == "qwen2_audio":
+        with pytest.raises(ConfigError, match=rf"models:/{name}@challenger: a qwen2_audio model, whose family has no encoder cache"):
+            load_version(f"models:/{name}@challenger", tmp_path / "written", encoder_cache_dir=tmp_path / "states")
 
 
 def test_eval_logs_a_nested_run_per_test_set_with_the_worst_first(tmp_path, server, client, tiny_whisper, speech_dir):
