@@ -24,7 +24,7 @@ from audiorl.lazy import on_first_use
 from audiorl.methods import method_for
 from audiorl.models.base import ModelAdapter
 from audiorl.models.ct2 import export_ct2, import_ct2
-from audiorl.models.registry import detect_family, load_adapter
+from audiorl.models.registry import detect_family, encoder_cache_settings, load_adapter, require_encoder_cache
 from audiorl.rollout import SamplingSettings
 from audiorl.run import TrainOutcome, build_step, train
 from audiorl.runtime import resolve_device
@@ -143,12 +143,9 @@ def _load_model(model: str | Path, family: str | None, language: str | None, dev
 
 
 def _load_for_building(model, data, *, family, language, device, max_audio_seconds, on_bad_record, encoder_cache_dir=None):
-    # with a cache folder the encoder states land on disk, where a frozen-encoder run on the same
-    # clips finds them (building trains nothing, so the encoder is frozen here anyway)
-    cache = {"freeze_encoder": True, "encoder_cache_dir": str(encoder_cache_dir)} if encoder_cache_dir else {}
-    adapter = _load_model(model, family, language, device, **cache)
-    if encoder_cache_dir and adapter.encoder_cache is None:
-        raise ConfigError(f"--encoder-cache-dir: the {adapter.family} family has no encoder cache")
+    # with a cache folder the encoder states land on disk, where a frozen-encoder run on the same clips finds them
+    adapter = _load_model(model, family, language, device, **encoder_cache_settings(encoder_cache_dir))
+    require_encoder_cache(adapter, encoder_cache_dir, str(model))
     limits = limits_for(adapter.sampling_rate, max_audio_seconds, adapter.window_seconds)
     records, _ = load_records(str(data), adapter, limits, "transcript", on_bad=on_bad_record, max_tokens=None, label="input data")
     return adapter, limits, records

@@ -112,6 +112,19 @@ def check_model_files(path: Path, name: str) -> None:
             raise ModelError(f"{shard}: not a complete safetensors file ({exc}); the copy may be truncated: copy it again or {redo}") from None
 
 
+def encoder_cache_settings(directory: str | Path | None) -> dict[str, object]:
+    """Model settings that keep a decoding model's encoder states in `directory` (none without a
+    folder): decoding and sampling train nothing, so the encoder is frozen anyway, and a
+    frozen-encoder run on the same clips and encoder weights finds the states there."""
+    return {"freeze_encoder": True, "encoder_cache_dir": str(directory)} if directory else {}
+
+
+def require_encoder_cache(adapter: ModelAdapter, directory: str | Path | None, what: str) -> None:
+    """A folder of encoder states asked of a family that keeps none is refused, not ignored."""
+    if directory and adapter.encoder_cache is None:
+        raise ConfigError(f"{what}: a {adapter.family} model, whose family has no encoder cache; leave out the encoder cache folder")
+
+
 def load_adapter(config: ModelConfig, device: torch.device | str = "cpu") -> ModelAdapter:
     """Load the model named by `config` through its family's adapter."""
     check_model_source(config.name_or_path)

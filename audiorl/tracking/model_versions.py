@@ -28,7 +28,7 @@ import numpy as np
 from audiorl.audio import limits_for
 from audiorl.config import ModelConfig
 from audiorl.data.records import Record
-from audiorl.errors import ConfigError, ModelError
+from audiorl.errors import ModelError
 from audiorl.lazy import on_first_use
 
 # `audiorl promote` reads versions through this module and must not import torch: the model code
@@ -163,8 +163,7 @@ def load_version(uri: str, workdir: str | Path, *, device: str = "auto", encoder
         adapter, max_new_tokens = transcriber.adapter, transcriber.max_new_tokens
     else:
         adapter, max_new_tokens = _load_transformers_version(uri, flavors, workdir, device, encoder_cache_dir)
-    if encoder_cache_dir and adapter.encoder_cache is None:
-        raise ConfigError(f"{uri}: a {adapter.family} model, whose family has no encoder cache; leave out the encoder cache folder")
+    registry.require_encoder_cache(adapter, encoder_cache_dir, uri)
     return adapter, max_new_tokens
 
 
@@ -174,11 +173,9 @@ def _load_transformers_version(uri: str, flavors: dict, workdir: str | Path, dev
     if family is None:
         raise ModelError(f"{uri}: its model is of no family AudioRL knows (config.json in {workdir})")
     generate = (flavors.get("python_function", {}).get("config") or {}).get("generate_kwargs", {})
-    # decoding trains nothing: the encoder is frozen anyway, and so its states may be cached
-    cache = {"freeze_encoder": True, "encoder_cache_dir": str(encoder_cache_dir)} if encoder_cache_dir else {}
     # an English-only model was logged with neither language nor task
     config = ModelConfig(family=family, name_or_path=str(workdir), language=generate.get("language"), task=generate.get("task", "transcribe"),
-                         **cache)
+                         **registry.encoder_cache_settings(encoder_cache_dir))
     return registry.load_adapter(config, runtime.resolve_device(device)), int(generate.get("max_new_tokens", 128))
 
 
